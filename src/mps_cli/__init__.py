@@ -1,0 +1,44 @@
+"""MPS (Multi-dimensional Preference Score) for text-to-image generations.
+
+``from mps_cli import load_scorer``; heavy modules (torch, open_clip) load on first use so
+that importing the package, and ``mps --help``, stay instant.
+"""
+
+from __future__ import annotations
+
+from .constants import CONDITIONS, DIMENSIONS
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    FetchError,
+    ImageError,
+    InputError,
+    MPSError,
+    PromptError,
+    UnsafePickleError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_scorer": "scorer", "Scorer": "scorer", "ScoreResult": "scorer", "Comparison": "scorer",
+    "PairResult": "scorer", "preference_probability": "scorer", "compare_scores": "scorer",
+    "ModelConfig": "config", "read_config": "config", "builtin_config": "config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CONDITIONS", "DIMENSIONS", "CheckpointError", "ConfigError", "DeviceError", "FetchError",
+    "ImageError", "InputError", "MPSError", "PromptError", "UnsafePickleError", "__version__",
+    *_LAZY,
+]

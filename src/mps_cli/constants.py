@@ -1,0 +1,50 @@
+"""Every number and string that decides a score or a default lives here, once."""
+
+from __future__ import annotations
+
+#: Condition texts, exactly as the original evaluation used them (mps-model.md §4).
+CONDITIONS: dict[str, str] = {
+    "overall": (
+        "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, "
+        "limbs, structure, instance, texture, quantity, attributes, position, number, "
+        "location, word, things."
+    ),
+    "aesthetics": "light, color, clarity, tone, style, ambiance, artistry",
+    "detail": "shape, face, hair, hands, limbs, structure, instance, texture",
+    "alignment": "quantity, attributes, position, number, location",
+}
+DIMENSIONS: tuple[str, ...] = tuple(CONDITIONS)
+#: Result key of a user-supplied condition text.
+CUSTOM_KEY = "custom"
+DEFAULT_MASK_THRESHOLD = 0.3
+
+# CLIP image normalisation (OpenAI statistics, as in the original processor).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# CLIP byte-level BPE special ids; padding is EOT, not 0 (mps-model.md §2).
+SOT_ID = 49406
+EOT_ID = 49407
+CONTEXT_LENGTH = 77
+
+# PIL's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS): bigger images are
+# refused from their header, before any pixel is allocated.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# Where the published weights live (mps-model.md §5).
+DEFAULT_REPO = "DiffSynth-Studio/QualityMetric_reward_pretrained"
+DEFAULT_WEIGHTS_FILE = "MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors"
+DEFAULT_CONFIG_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K/config.json"
+
+#: Short names accepted by ``--weights``: name -> (repo, file in repo, config file or None).
+KNOWN_SOURCES: dict[str, tuple[str, str, str | None]] = {
+    "mps-overall": (DEFAULT_REPO, DEFAULT_WEIGHTS_FILE, DEFAULT_CONFIG_FILE),
+    "mpsv1": ("RE-N-Y/mpsv1", "model.safetensors", None),
+}
+DEFAULT_SOURCE = "mps-overall"
+WEIGHTS_ENV = "MPS_WEIGHTS"
+
+#: The paper's published accuracies for MPS (mps-model.md §6), in percent.
+PUBLISHED_ACCURACY = {"imagereward": 67.5, "hpdv2": 83.5}

@@ -1,0 +1,39 @@
+"""Typed errors. The library raises these; only the CLI turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class MPSError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(MPSError):
+    """An architecture config is unreadable or inconsistent."""
+
+
+class CheckpointError(MPSError):
+    """A weights file is unreadable, truncated, or does not fit the architecture."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle asked to run code or to import something that is not plain data."""
+
+
+class DeviceError(MPSError):
+    """A requested device or dtype is unknown or unavailable."""
+
+
+class InputError(MPSError):
+    """A bad image, prompt or prompt file: affects one input, not the run."""
+
+
+class ImageError(InputError):
+    """An image could not be read."""
+
+
+class PromptError(InputError):
+    """A prompt or prompt file could not be read."""
+
+
+class FetchError(MPSError):
+    """Weights could not be fetched (network, missing file, offline without cache)."""

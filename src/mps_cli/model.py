@@ -1,0 +1,201 @@
+"""The MPS network: open_clip's CLIP towers plus our condition-masked cross model (mps-model.md §3)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CrossConfig, ModelConfig, TowerConfig
+
+
+def _tower_kwargs(cfg: TowerConfig) -> dict:
+    from open_clip.transformer import LayerNorm, QuickGELU
+
+    return dict(
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_width / cfg.width,
+        act_layer=QuickGELU if cfg.act == "quick_gelu" else nn.GELU,
+        norm_layer=partial(LayerNorm, eps=cfg.eps),
+    )
+
+
+class _LayerNorm(nn.Module):
+    """LayerNorm with a learned weight and a stored (normally zero) bias buffer."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("bias", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
+
+
+def _swiglu(u: torch.Tensor) -> torch.Tensor:
+    val, gate = u.chunk(2, dim=-1)
+    return F.silu(gate) * val
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Image tokens attend to the prompt's tokens through the condition mask; a parallel SwiGLU FF."""
+
+    def __init__(self, cfg: CrossConfig):
+        super().__init__()
+        inner = cfg.heads * cfg.head_dim
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.norm = _LayerNorm(cfg.width)
+        self.to_q = nn.Linear(cfg.width, inner, bias=False)
+        self.to_kv = nn.Linear(cfg.width, 2 * cfg.head_dim, bias=False)
+        self.to_out = nn.Linear(inner, cfg.width, bias=False)
+        self.ff_in = nn.Linear(cfg.width, 2 * cfg.cross_ff, bias=False)
+        self.ff_out = nn.Linear(cfg.cross_ff, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: B x N x D image tokens; text: B x 77 x D; mask: B x 77 additive (0 or -inf)."""
+        n = self.norm(x)
+        q = _heads_first(self.to_q(n), self.heads)
+        k, v = self.to_kv(text).chunk(2, dim=-1)
+        b, h = q.shape[:2]
+        k = k.unsqueeze(1).expand(b, h, -1, -1)
+        v = v.unsqueeze(1).expand(b, h, -1, -1)
+        attn_mask = mask[:, None, None, :].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5)
+        return self.to_out(_merge_heads(out)) + self.ff_out(_swiglu(self.ff_in(n)))
+
+
+class ParallelBlock(nn.Module):
+    """PaLM-style parallel self-attention (multi-query, rotary) and SwiGLU feed-forward."""
+
+    def __init__(self, cfg: CrossConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        inner = cfg.heads * cfg.head_dim
+        self.split = (inner, cfg.head_dim, cfg.head_dim, 2 * cfg.parallel_ff)
+        self.norm = _LayerNorm(cfg.width)
+        self.fused = nn.Linear(cfg.width, sum(self.split), bias=False)
+        self.attn_out = nn.Linear(inner, cfg.width, bias=False)
+        self.ff_out = nn.Linear(cfg.parallel_ff, cfg.width, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2))
+        self._rotary_cache: dict = {}
+
+    def _rotary(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, like.device, like.dtype)
+        if key not in self._rotary_cache:
+            # Angles in fp32 whatever the model dtype: positions up to 256 lose bits in fp16.
+            pos = torch.arange(n, device=like.device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(torch.float32))
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._rotary_cache[key] = (angles.cos().to(like.dtype), angles.sin().to(like.dtype))
+        return self._rotary_cache[key]
+
+    @staticmethod
+    def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+    def forward(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """Residual update of ``x``; with ``class_token_only`` only token 0's output is computed.
+
+        Keys and values always come from every token; the saving is the queries and the
+        feed-forward of the other tokens, whose outputs nobody reads after the last layer.
+        """
+        b, n_tok, _ = x.shape
+        inner, d, _, _ = self.split
+        n = self.norm(x)
+        weight = self.fused.weight
+        if class_token_only:
+            kv = F.linear(n, weight[inner:inner + 2 * d])
+            n0 = n[:, :1]
+            q = F.linear(n0, weight[:inner])
+            f = F.linear(n0, weight[inner + 2 * d:])
+            x = x[:, :1]
+        else:
+            fused = self.fused(n)
+            q, kv, f = fused.split((inner, 2 * d, self.split[3]), dim=-1)
+        k, v = kv.chunk(2, dim=-1)
+        cos, sin = self._rotary(n_tok, x)
+        q = _heads_first(q, self.heads)
+        q = self._rotate(q, cos[: q.shape[2]], sin[: q.shape[2]])
+        k = self._rotate(k, cos, sin)
+        h = self.heads
+        k = k.unsqueeze(1).expand(b, h, -1, -1)
+        v = v.unsqueeze(1).expand(b, h, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+        return x + self.attn_out(_merge_heads(out)) + self.ff_out(_swiglu(f))
+
+
+class CrossModel(nn.Module):
+    """L layers of (condition-masked cross-attention, parallel block), each residual."""
+
+    def __init__(self, cfg: CrossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cross = nn.ModuleList(CrossAttentionBlock(cfg) for _ in range(cfg.layers))
+        self.parallel = nn.ModuleList(ParallelBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The class token of the cross model's output, B x D."""
+        last = self.cfg.layers - 1
+        for i in range(self.cfg.layers):
+            x = x + self.cross[i](x, text, mask)
+            x = self.parallel[i](x, class_token_only=i == last)
+        return x[:, 0]
+
+
+class MPSModel(nn.Module):
+    """CLIP text and vision towers (open_clip modules) plus the MPS cross model."""
+
+    def __init__(self, cfg: ModelConfig, cross: CrossConfig):
+        super().__init__()
+        from open_clip.transformer import TextTransformer, VisionTransformer
+
+        self.cfg = cfg
+        self.text = TextTransformer(
+            context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
+            output_dim=cfg.embed_dim, **_tower_kwargs(cfg.text),
+        )
+        self.visual = VisionTransformer(
+            image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
+            output_dim=cfg.embed_dim, **_tower_kwargs(cfg.vision),
+        )
+        # MPS reads all vision tokens before ln_post; the checkpoint's post_layernorm is unused.
+        self.visual.ln_post = nn.Identity()
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.cross = CrossModel(cross)
+
+    def finish_loading(self, device: torch.device) -> None:
+        """Rebuild non-persistent buffers that were created on the meta device."""
+        self.text.attn_mask = torch.full(
+            (self.cfg.text.context_length,) * 2, float("-inf"), device=device
+        ).triu_(1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Projected features of all token positions, B x 77 x D."""
+        t = self.text
+        x = t.token_embedding(ids) + t.positional_embedding
+        x = t.transformer(x, attn_mask=t.attn_mask.to(x.dtype))
+        return t.ln_final(x) @ t.text_projection
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected features of all image tokens (class token first), without ln_post, B x N x D."""
+        v = self.visual
+        x = v.conv1(pixels).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat((cls, x), dim=1) + v.positional_embedding
+        x = v.transformer(v.ln_pre(x))
+        return x @ v.proj

@@ -1,0 +1,54 @@
+"""Shared test fixtures. The golden fixture lives in ../shared (CI has it there too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MPS_SHARED", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "mps-tiny"
+WEIGHTS = FIXTURE / "mps-tiny.safetensors"
+IMAGES = FIXTURE / "images"
+ORIGINAL = FIXTURE / "original-format"
+
+
+def pytest_configure(config):
+    if not WEIGHTS.is_file():
+        raise pytest.UsageError(f"golden fixture not found at {FIXTURE}; set MPS_SHARED to the shared/ folder")
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict:
+    return json.loads((FIXTURE / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    """The fixture checkpoint loaded once, fp32 on CPU."""
+    from mps_cli import load_scorer
+
+    return load_scorer(WEIGHTS, device="cpu", dtype="fp32")
+
+
+def mps_executable() -> list[str]:
+    """The installed console script, as users run it."""
+    exe = shutil.which("mps", path=str(Path(sys.executable).parent)) or shutil.which("mps")
+    assert exe, "the mps console script is not installed (pip install -e '.[test]')"
+    return [exe]
+
+
+def run_mps(*args: str, env: dict | None = None, input: str | None = None, cwd=None, timeout: float = 300):
+    """Run the real console script in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("MPS_WEIGHTS", None) if env is None or "MPS_WEIGHTS" not in env else None
+    return subprocess.run(
+        [*mps_executable(), *args], capture_output=True, text=True, env=full_env, input=input,
+        cwd=cwd, timeout=timeout,
+    )
