@@ -1,0 +1,3 @@
+from mps_cli.cli import main
+
+main()

@@ -1,0 +1,163 @@
+"""The Typer app, the options commands share, and the one place errors become messages and exit codes.
+
+Nothing here imports torch: ``mps --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Iterator, List, Optional
+
+import typer
+
+from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, WEIGHTS_ENV
+from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError
+
+DIMENSION_NOTE = (
+    "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
+    "and alignment are that model read through their condition masks."
+)
+
+app = typer.Typer(
+    name="mps",
+    help="Score text-to-image generations with MPS, the Multi-dimensional Preference Score "
+    "(CVPR 2024): how much people would prefer an image for its prompt.\n\n" + DIMENSION_NOTE,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Exit(IntEnum):
+    OK = 0
+    PARTIAL = 1  # some inputs failed; the rest were scored and printed
+    USAGE = 2  # bad flag value, unknown dimension, bad device, no prompt source
+    WEIGHTS = 3  # weights or config unreadable or mismatched
+    FETCH = 4  # network, Hub or offline-cache problem
+    INTERRUPTED = 130
+
+
+def say(message: str) -> None:
+    """One line on stderr (never stdout, which carries results only)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: Exit) -> typer.Exit:
+    say(f"mps: error: {message}")
+    return typer.Exit(int(code))
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    """Map the library's typed errors to one stderr line and an exit code; never a traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except DeviceError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    except (CheckpointError, ConfigError) as exc:
+        raise fail(str(exc), Exit.WEIGHTS) from None
+    except FetchError as exc:
+        raise fail(str(exc), Exit.FETCH) from None
+    except InputError as exc:
+        raise fail(str(exc), Exit.PARTIAL) from None
+    except MPSError as exc:
+        raise fail(str(exc), Exit.PARTIAL) from None
+    except KeyboardInterrupt:
+        say("mps: interrupted")
+        raise typer.Exit(int(Exit.INTERRUPTED)) from None
+    except MemoryError:
+        raise fail("out of memory: try a smaller --batch-size or --dtype bf16", Exit.PARTIAL) from None
+
+
+def _check_dims(values: Optional[List[str]]) -> Optional[List[str]]:
+    for v in values or []:
+        if v != "all" and v not in DIMENSIONS:
+            raise typer.BadParameter(f"{v!r} is not one of {', '.join(DIMENSIONS)}, all")
+    return values
+
+
+def _check_threshold(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"{value} is not in [0, 1)")
+    return value
+
+
+def _check_batch(value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise typer.BadParameter("must be at least 1")
+    return value
+
+
+def _check_device(value: str) -> str:
+    v = value.strip().lower()
+    base = v.split(":", 1)[0]
+    if base not in ("auto", "cpu", "cuda", "mps") or (":" in v and (base != "cuda" or not v.split(":", 1)[1].isdigit())):
+        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
+def _check_dtype(value: str) -> str:
+    v = value.strip().lower()
+    if v not in ("auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"):
+        raise typer.BadParameter(f"{value!r}: use auto, fp32, fp16 or bf16")
+    return v
+
+
+_KNOWN = ", ".join(KNOWN_SOURCES)
+
+Weights = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", envvar=WEIGHTS_ENV, show_envvar=True, rich_help_panel="Model",
+    help=f"Weights: a local .safetensors (or original .pth) file, hf://OWNER/REPO/PATH[@REV], "
+    f"or a known name ({_KNOWN}). Default: the published MPS overall checkpoint.")]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", rich_help_panel="Model",
+    help="Architecture config.json (transformers CLIPConfig). Default: the one beside the weights, "
+    "else the built-in ViT-H-14.")]
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", rich_help_panel="Model", help="Hub revision (commit, branch or tag) to pin.")]
+Offline = Annotated[bool, typer.Option(
+    "--offline", rich_help_panel="Model",
+    help="Never touch the network; use cached weights only (also HF_HUB_OFFLINE=1).")]
+Device = Annotated[str, typer.Option(
+    "--device", callback=_check_device, rich_help_panel="Model",
+    help="auto (CUDA, then Apple mps, then CPU), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option(
+    "--dtype", callback=_check_dtype, rich_help_panel="Model",
+    help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16.")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
+    help="Images per forward pass (default: 8 on CPU, 32 on GPU).")]
+Dims = Annotated[Optional[List[str]], typer.Option(
+    "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
+    help="Dimension to score, repeatable: overall (default), aesthetics, detail, alignment, or all. "
+    + DIMENSION_NOTE)]
+Condition = Annotated[Optional[str], typer.Option(
+    "--condition", rich_help_panel="Scoring",
+    help="A custom condition text (comma-separated attribute words); its score is keyed 'custom'.")]
+MaskThreshold = Annotated[float, typer.Option(
+    "--mask-threshold", callback=_check_threshold, rich_help_panel="Scoring",
+    help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
+
+DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
+
+
+def load_scorer_for_cli(weights: Optional[str], config: Optional[Path], device: str, dtype: str,
+                        revision: Optional[str] = None, offline: bool = False,
+                        batch_size: Optional[int] = None):
+    """Load the scorer with a status line on stderr when it is a terminal."""
+    from ..scorer import load_scorer
+
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status("loading MPS weights…"):
+            return load_scorer(weights, config, device, dtype, revision=revision,
+                               offline=offline or None, batch_size=batch_size)
+    return load_scorer(weights, config, device, dtype, revision=revision, offline=offline or None,
+                       batch_size=batch_size)

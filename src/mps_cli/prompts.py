@@ -1,0 +1,294 @@
+"""Where prompts come from: a prompts file, caption sidecars, or the metadata generators embed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import PromptError
+
+SIDECAR_SUFFIXES = (".txt", ".caption")
+_SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+_CONDITIONING_INPUTS = ("positive", "conditioning", "conditioning_to", "conditioning_1", "conditioning_from",
+                        "conditioning_2", "guider", "base_positive")
+_STRING_INPUTS = ("text", "string", "value", "text_g", "prompt", "positive", "text_positive", "wildcard_text",
+                  "populated_text")
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    """One line of a prompts file: the image as written, where it is, and its prompt (or an error)."""
+
+    image: str
+    path: Path | None
+    prompt: str | None
+    error: str | None = None
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[PromptEntry]:
+    """Read a JSONL (``{"image", "prompt"}`` per line) or CSV (``image``, ``prompt`` columns) prompts file.
+
+    Relative image paths resolve against the file's folder. A bad line becomes an entry with
+    ``error`` set; a file that cannot be read at all raises :class:`PromptError`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise PromptError(f"{path}: prompts file not found") from None
+    except IsADirectoryError:
+        raise PromptError(f"{path}: is a directory, not a prompts file") from None
+    except UnicodeDecodeError:
+        raise PromptError(f"{path}: not UTF-8 text; save the prompts file as UTF-8") from None
+    except OSError as exc:
+        raise PromptError(f"{path}: cannot read prompts file ({exc.strerror or exc})") from None
+    base = path.parent
+    if path.suffix.lower() in (".csv", ".tsv"):
+        entries = _read_csv(path, text, base, "\t" if path.suffix.lower() == ".tsv" else ",")
+    else:
+        entries = _read_jsonl(path, text, base)
+    if not entries:
+        raise PromptError(f"{path}: no entries (expected JSONL lines or CSV rows with image and prompt)")
+    return entries
+
+
+def _entry(base: Path, image, prompt, where: str) -> PromptEntry:
+    if not isinstance(image, str) or not image.strip():
+        return PromptEntry(image=where, path=None, prompt=None, error=f"{where}: missing 'image'")
+    if not isinstance(prompt, str):
+        what = "missing 'prompt'" if prompt is None else "'prompt' is not a string"
+        return PromptEntry(image=image, path=base / image, prompt=None, error=f"{where}: {what}")
+    return PromptEntry(image=image, path=base / os.path.expanduser(image), prompt=prompt)
+
+
+def _read_jsonl(path: Path, text: str, base: Path) -> list[PromptEntry]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            out.append(PromptEntry(image=where, path=None, prompt=None, error=f"{where}: bad JSON ({exc.msg})"))
+            continue
+        if not isinstance(obj, dict):
+            out.append(PromptEntry(image=where, path=None, prompt=None,
+                                   error=f"{where}: expected an object with image and prompt"))
+            continue
+        out.append(_entry(base, obj.get("image"), obj.get("prompt"), where))
+    return out
+
+
+def _read_csv(path: Path, text: str, base: Path, delimiter: str) -> list[PromptEntry]:
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    fields = [f.strip() for f in reader.fieldnames or []]
+    missing = [c for c in ("image", "prompt") if c not in fields]
+    if missing:
+        raise PromptError(
+            f"{path}: missing column {', '.join(repr(m) for m in missing)} "
+            f"(found: {', '.join(fields) or 'no header'}); the header needs image and prompt"
+        )
+    out = []
+    for n, row in enumerate(reader, 2):
+        row = {(k or "").strip(): v for k, v in row.items()}
+        out.append(_entry(base, row.get("image"), row.get("prompt"), f"{path}:{n}"))
+    return out
+
+
+def sidecar_prompt(image: str | os.PathLike) -> str:
+    """The caption beside an image, as training datasets keep them: same stem, ``.txt`` or ``.caption``."""
+    p = Path(image)
+    for suffix in SIDECAR_SUFFIXES:
+        cand = p.with_suffix(suffix)
+        if cand.is_file():
+            try:
+                text = cand.read_text(encoding="utf-8-sig").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PromptError(f"{cand}: cannot read caption ({exc})") from None
+            if not text:
+                raise PromptError(f"{cand}: caption file is empty")
+            return text
+    raise PromptError(f"{image}: no caption file beside it ({p.stem}.txt or {p.stem}.caption)")
+
+
+def metadata_prompt(image: str | os.PathLike) -> str:
+    """The prompt a generator embedded in the image.
+
+    Understands AUTOMATIC1111/Forge ``parameters`` (PNG text or EXIF UserComment in JPEG/WebP),
+    ComfyUI's ``prompt`` graph, InvokeAI, Fooocus and NovelAI metadata.
+    """
+    try:
+        with Image.open(image) as img:
+            info = dict(img.info)
+            exif = img.getexif()
+            user_comment = exif.get_ifd(0x8769).get(0x9286) if exif else None
+            description = exif.get(0x010E) if exif else None
+    except FileNotFoundError:
+        raise PromptError(f"{image}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise PromptError(f"{image}: cannot read metadata ({exc})") from None
+    found = _prompt_from_info(info, user_comment, description)
+    if found is None or not found.strip():
+        raise PromptError(
+            f"{image}: no generator prompt in its metadata (looked for A1111 parameters, ComfyUI, "
+            "InvokeAI, Fooocus, NovelAI); use --prompt, --prompts FILE or --prompt-from sidecar"
+        )
+    return found.strip()
+
+
+def _text(value) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def _prompt_from_info(info: dict, user_comment, description) -> str | None:
+    params = _text(info.get("parameters"))
+    if params and params.strip():
+        if params.lstrip().startswith("{"):
+            try:
+                data = json.loads(params)
+                if isinstance(data, dict) and isinstance(data.get("prompt"), str):
+                    return data["prompt"]  # Fooocus writes its parameters as JSON
+            except json.JSONDecodeError:
+                pass
+        return a1111_prompt(params)
+    comfy = _text(info.get("prompt"))
+    if comfy:
+        found = comfy_prompt(comfy)
+        if found:
+            return found
+    invoke = _text(info.get("invokeai_metadata"))
+    if invoke:
+        found = _json_field(invoke, ("positive_prompt",))
+        if found:
+            return found
+    legacy = _text(info.get("sd-metadata"))
+    if legacy:
+        try:
+            p = json.loads(legacy).get("image", {}).get("prompt")
+            if isinstance(p, list):
+                p = " ".join(x.get("prompt", "") for x in p if isinstance(x, dict))
+            if isinstance(p, str) and p:
+                return p
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    comment = _text(info.get("Comment"))
+    if comment:
+        found = _json_field(comment, ("prompt",))
+        if found:
+            return found
+    if _text(info.get("Description")):
+        return _text(info.get("Description"))
+    if user_comment:
+        text = decode_user_comment(user_comment)
+        if text and text.strip():
+            return a1111_prompt(text)
+    return _text(description)
+
+
+def _json_field(raw: str, keys: tuple[str, ...]) -> str | None:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, dict):
+        for k in keys:
+            if isinstance(data.get(k), str) and data[k]:
+                return data[k]
+    return None
+
+
+def a1111_prompt(parameters: str) -> str:
+    """AUTOMATIC1111's ``parameters`` text: the prompt is everything before ``Negative prompt:``
+    (or, without one, before the final ``Steps:`` settings line)."""
+    lines = parameters.replace("\r\n", "\n").split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("Negative prompt:"):
+            return "\n".join(lines[:i]).strip()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Steps: "):
+            return "\n".join(lines[:i]).strip()
+    return parameters.strip()
+
+
+def decode_user_comment(raw) -> str | None:
+    """EXIF UserComment: an 8-byte charset prefix (UNICODE, ASCII) then the text."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):
+        # Writers disagree on byte order; the zero high bytes of ASCII text tell which.
+        even_zeros = body[0::2].count(0)
+        odd_zeros = body[1::2].count(0)
+        return body.decode("utf-16-be" if even_zeros >= odd_zeros else "utf-16-le", "replace").rstrip("\x00")
+    return body.decode("utf-8", "replace").rstrip("\x00")
+
+
+def comfy_prompt(raw: str) -> str | None:
+    """The positive text of the first sampler's conditioning in a ComfyUI API ``prompt`` graph."""
+    try:
+        graph = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(graph, dict):
+        return None
+
+    def node(ref):
+        if isinstance(ref, list) and ref:
+            return graph.get(str(ref[0]))
+        return None
+
+    def string_of(value, depth=0):
+        if isinstance(value, str):
+            return value
+        n = node(value)
+        if n is None or depth > 20:
+            return None
+        inputs = n.get("inputs", {})
+        for key in _STRING_INPUTS:
+            if key in inputs:
+                s = string_of(inputs[key], depth + 1)
+                if s:
+                    return s
+        return None
+
+    def text_of(ref, depth=0):
+        n = node(ref)
+        if n is None or depth > 20:
+            return None
+        inputs = n.get("inputs", {})
+        for key in ("text", "text_g", "text_l", "prompt"):
+            if key in inputs:
+                s = string_of(inputs[key])
+                if s:
+                    return s
+        for key in _CONDITIONING_INPUTS:
+            if key in inputs:
+                s = text_of(inputs[key], depth + 1)
+                if s:
+                    return s
+        return None
+
+    def order(k: str):
+        return (0, int(k)) if k.isdigit() else (1, k)
+
+    for key in sorted(graph, key=order):
+        n = graph[key]
+        if not isinstance(n, dict) or n.get("class_type") not in _SAMPLERS:
+            continue
+        inputs = n.get("inputs", {})
+        for k in ("positive", "guider"):
+            if k in inputs:
+                found = text_of(inputs[k])
+                if found:
+                    return found
+    return None
