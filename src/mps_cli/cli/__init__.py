@@ -1,0 +1,14 @@
+"""The ``mps`` command line: a thin layer over :mod:`mps_cli`."""
+
+from __future__ import annotations
+
+from .app import app
+from . import scoring  # noqa: F401  (registers score, compare, rank)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]
