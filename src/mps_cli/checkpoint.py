@@ -74,6 +74,10 @@ _QKV = re.compile(r"^self_attn\.([qkv])_proj$")
 # score (bf16 would move it by up to 3%), and rotary angles need the precision.
 _KEEP_FP32 = re.compile(r"^(logit_scale|cross\.parallel\.\d+\.inv_freq)$")
 
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
 _ST_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -92,12 +96,15 @@ class TensorSource(Protocol):
 
 @dataclass
 class SafetensorsFile:
-    """A validated ``.safetensors`` file; tensors are read lazily through safetensors' mmap."""
+    """A validated ``.safetensors`` file whose tensors are read one at a time.
+
+    Tensors are read with plain file reads into fresh buffers rather than through a memory
+    map, so the file's pages never count towards the process's resident memory.
+    """
 
     path: Path
     header: dict = field(repr=False)
     header_size: int = 0
-    _handle: object = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -113,14 +120,24 @@ class SafetensorsFile:
         return {k: tuple(v["shape"]) for k, v in self.header.items()}
 
     def get(self, key: str):
-        if self._handle is None:
-            from safetensors import safe_open
+        import torch
 
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own untyped errors
-                raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
-        return self._handle.get_tensor(key)
+        info = self.header[key]
+        dtype = getattr(torch, _TORCH_DTYPES.get(info["dtype"], ""), None)
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        data = bytearray(stop - start)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(8 + self.header_size + start)
+                if f.readinto(data) != len(data):
+                    raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
+        if not data:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).view(info["shape"])
 
 
 @dataclass
@@ -322,13 +339,14 @@ def check_against_model(plan: RemapPlan, source_shapes: Mapping[str, tuple[int, 
     for target, (op, srcs) in sorted(plan.targets.items()):
         if target not in expected or any(s not in source_shapes for s in srcs):
             continue
-        src_shapes = [source_shapes[s] for s in srcs]
-        if op == "cat" and len({s[1:] for s in src_shapes}) > 1:
-            got = tuple(src_shapes)
-        else:
-            got = _target_shape(op, src_shapes)
         want = tuple(expected[target])
-        if got != want:
+        if op == "cat":
+            # q, k and v are stored apart: name each one that is off, with its own expected shape.
+            part = (want[0] // len(srcs), *want[1:])
+            mismatched.extend(f"{s} {tuple(source_shapes[s])} (model expects {part})"
+                              for s in srcs if tuple(source_shapes[s]) != part)
+            continue
+        if _target_shape(op, [source_shapes[srcs[0]]]) != want:
             shown = _target_shape(op, [want]) if op == "t" else want
             mismatched.append(f"{srcs[0]} {tuple(source_shapes[srcs[0]])} (model expects {shown})")
 
@@ -344,7 +362,9 @@ def check_against_model(plan: RemapPlan, source_shapes: Mapping[str, tuple[int, 
     listing("wrong shape", mismatched)
     if problems:
         hint = ""
-        if mismatched and not missing_published:
+        if mismatched:
+            # Shapes that disagree mean another architecture (a smaller or larger CLIP), even
+            # when its layer count also leaves tensors missing.
             hint = f"; the architecture ({config_source}) does not fit these weights: pass their config.json with --config"
         raise CheckpointError(f"{name}: weights do not match the model: " + "; ".join(problems) + hint)
 
