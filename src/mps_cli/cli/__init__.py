@@ -10,6 +10,10 @@ from . import eval_cmd  # noqa: F401
 
 def main() -> None:
     """Console-script entry point."""
+    import warnings
+
+    # Images between PIL's warning and refusal sizes are decoded; the warning would only be noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     app()
 
 
