@@ -1,0 +1,112 @@
+"""Convert an MPS checkpoint (the authors' pickles, or safetensors under a prefix) to the published layout.
+
+The output is the layout of the published safetensors (mps-model.md §5): the same key
+names with no ``mps.``/``module.`` prefix, every tensor kept except the ``position_ids``
+buffers. It is written under a temporary name beside the destination and renamed only
+once it has been read back and checked, so a failed conversion leaves no output file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import cross_config_from_shapes, detect_prefix, plan_remap, read_safetensors_header
+from .errors import CheckpointError
+
+_DROPPED = re.compile(r"(^|\.)position_ids$")
+_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+           "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert_checkpoint` wrote."""
+
+    dst: Path
+    tensors: int
+    bytes: int
+    dtype: str  # fp32, fp16, bf16, or "mixed" when the floating tensors differ
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None) -> ConvertResult:
+    """Write ``src`` (``.pth``/``.pt``/``.bin`` pickle or ``.safetensors``) to ``dst`` in the published layout.
+
+    ``dtype`` (fp32, fp16 or bf16) casts the floating-point tensors; None keeps them as they are.
+    """
+    import torch
+
+    from .weights import open_local
+
+    src, dst = Path(src), Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{dst}: the output must be a .safetensors file")
+    target = None
+    if dtype is not None:
+        if dtype.strip().lower() not in _DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
+        target = getattr(torch, _DTYPES[dtype.strip().lower()])
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst}: folder {dst.parent} does not exist")
+
+    source = open_local(src).source
+    shapes = source.shapes()
+    prefix = detect_prefix(shapes, str(src))
+    stray = sorted(k for k in shapes if not k.startswith(prefix))
+    if stray:
+        raise CheckpointError(f"{src}: tensors outside the '{prefix}' prefix: {', '.join(stray[:5])}")
+    kept = {k[len(prefix):]: k for k in shapes if not _DROPPED.search(k)}
+    plan = plan_remap(kept, "")
+    if plan.unexpected:
+        shown = ", ".join(plan.unexpected[:6]) + (f", ... ({len(plan.unexpected)} in all)" if len(plan.unexpected) > 6 else "")
+        raise CheckpointError(f"{src}: tensors that are not part of an MPS checkpoint: {shown}")
+    cross_config_from_shapes({k: shapes[v] for k, v in kept.items()}, "", str(src))
+
+    tensors = {}
+    seen_storage: set[int] = set()
+    for name, original in sorted(kept.items()):
+        t = source.get(original)
+        if target is not None and t.is_floating_point():
+            t = t.to(target)
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:
+            # safetensors refuses tensors that share memory; a pickle may tie weights together.
+            t = t.clone()
+        seen_storage.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+
+    floating = {str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}
+    label = _SHORT.get(next(iter(floating)), next(iter(floating))) if len(floating) == 1 else "mixed"
+    _write_atomically(tensors, dst, src)
+    return ConvertResult(dst=dst, tensors=len(tensors), bytes=dst.stat().st_size, dtype=label)
+
+
+def _write_atomically(tensors: dict, dst: Path, src: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        # Created like any new file (umask applies), and never over an existing one.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
+    try:
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": src.name})
+        except OSError as exc:
+            raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+        except Exception as exc:  # safetensors raises untyped errors
+            raise CheckpointError(f"{dst}: cannot write ({exc})") from None
+        header, _ = read_safetensors_header(tmp)
+        if set(header) != set(tensors):
+            raise CheckpointError(f"{dst}: the written file does not hold the {len(tensors)} tensors it should")
+        if detect_prefix(header, str(dst)) != "":
+            raise CheckpointError(f"{dst}: the written file is not in the published layout")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
