@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -86,8 +87,12 @@ def _read_jsonl(path: Path, text: str, base: Path) -> list[PromptEntry]:
 
 
 def _read_csv(path: Path, text: str, base: Path, delimiter: str) -> list[PromptEntry]:
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    fields = [f.strip() for f in reader.fieldnames or []]
+    # A StringIO, not splitlines(): a quoted prompt may span lines, and its line breaks are part of it.
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    try:
+        fields = [f.strip() for f in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise PromptError(f"{path}: not valid CSV ({exc})") from None
     missing = [c for c in ("image", "prompt") if c not in fields]
     if missing:
         raise PromptError(
@@ -95,9 +100,12 @@ def _read_csv(path: Path, text: str, base: Path, delimiter: str) -> list[PromptE
             f"(found: {', '.join(fields) or 'no header'}); the header needs image and prompt"
         )
     out = []
-    for n, row in enumerate(reader, 2):
-        row = {(k or "").strip(): v for k, v in row.items()}
-        out.append(_entry(base, row.get("image"), row.get("prompt"), f"{path}:{n}"))
+    try:
+        for row in reader:
+            row = {(k or "").strip(): v for k, v in row.items()}
+            out.append(_entry(base, row.get("image"), row.get("prompt"), f"{path}:{reader.line_num}"))
+    except csv.Error as exc:
+        raise PromptError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     return out
 
 

@@ -382,6 +382,8 @@ def compare(
                 _emit(json.dumps({"image": r.image, "error": r.error}, ensure_ascii=False) + "\n")
             say(f"mps: error: {r.error}")
         raise typer.Exit(int(Exit.PARTIAL))
+    if ra.prompt_truncated:
+        say("mps: warning: the prompt is longer than 77 tokens; the model reads only the first 77")
     results = {k: compare_scores(ra.scores[k], rb.scores[k]) for k in keys}
     doc = {"prompt": prompt, "a": a, "b": b,
            "results": {k: {"a": v.a, "b": v.b, "p_a": v.p_a, "winner": v.winner} for k, v in results.items()}}

@@ -1,0 +1,327 @@
+"""The ``mps`` command line as people and pipelines use it: the JSON contract checked against
+the original implementation's scores (expected.json), rank/compare semantics, pipes, Ctrl-C
+and help. Scoring runs go through the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import FIXTURE, IMAGES, WEIGHTS, mps_executable, run_mps
+
+FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
+CUBES = "three blue cubes stacked on top of a wooden table"
+CAFE = "A cozy café interior — warm light, plants & books"
+FISHER = "portrait of an old fisherman with weathered hands, 35mm photo"
+ALL_DIMS = ("overall", "aesthetics", "detail", "alignment")
+FIXTURE_IMAGES = ("sunset.png", "portrait.jpg", "alpha.png", "gray.png", "palette.gif", "wide.webp", "crop.png")
+TOL = 1e-3
+
+
+def table(expected: dict) -> dict:
+    """expected.json's rows as {(image, prompt, dim): score}."""
+    return {(r["image"], r["prompt"], r["dim"]): r["score"] for r in expected["scores"]}
+
+
+def clean_stderr(proc) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def jsonl(stdout: str) -> list[dict]:
+    """Every stdout line must be one complete JSON object (stdout carries results only)."""
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def flat(text: str) -> str:
+    """Help text with Rich's box drawing and wrapping removed."""
+    return " ".join(re.sub(r"[│╭╮╰╯─┃━]", " ", text).split())
+
+
+DIMENSION_NOTE = "Only a checkpoint trained on overall preference has been published"
+
+
+# --------------------------------------------------------------------------- score
+
+
+def test_score_json_all_dims_matches_expected_and_echoes_paths_as_given(expected):
+    exp = table(expected)
+    # Paths in several spellings: the output must echo each exactly, not a resolved form.
+    args = ["images/sunset.png", "./images/gray.png", str(IMAGES / "wide.webp"), "images/palette.gif",
+            "images/portrait.jpg", "images/alpha.png", "images/crop.png"]
+    proc = run_mps("score", *args, "--prompt", FOX, "--dim", "all", "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert isinstance(doc, list) and [d["image"] for d in doc] == args
+    for d, arg in zip(doc, args):
+        assert set(d) == {"image", "prompt", "scores"}
+        assert d["prompt"] == FOX
+        assert list(d["scores"]) == list(ALL_DIMS)
+        name = os.path.basename(arg)
+        for dim in ALL_DIMS:
+            assert d["scores"][dim] == pytest.approx(exp[(name, FOX, dim)], abs=TOL), (name, dim)
+
+
+def test_score_csv_with_paths_from_stdin(expected):
+    exp = table(expected)
+    names = ["crop.png", "portrait.jpg", "wide.webp"]
+    stdin = "".join(f"images/{n}\n" for n in names) + "\n"  # a blank line is not a path
+    proc = run_mps("score", "-", "--prompt", CAFE, "--dim", "overall", "--dim", "detail", "--csv",
+                   "-w", str(WEIGHTS), cwd=FIXTURE, input=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [r["image"] for r in rows] == [f"images/{n}" for n in names]
+    for r, name in zip(rows, names):
+        assert r["prompt"] == CAFE  # non-ASCII and a comma survive CSV quoting
+        assert r["error"] == ""
+        for dim in ("overall", "detail"):
+            assert float(r[dim]) == pytest.approx(exp[(name, CAFE, dim)], abs=TOL), (name, dim)
+
+
+# --------------------------------------------------------------------------- rank
+
+
+def _gallery(tmp_path, sub_image: str | None = None):
+    """A folder of fixture copies with mixed-case extensions, non-image files, and a sub-folder."""
+    g = tmp_path / "gallery"
+    g.mkdir()
+    names = {"sunset.png": "Sunset.PNG", "portrait.jpg": "portrait.JpG", "gray.png": "gray.png",
+             "palette.gif": "palette.GIF", "wide.webp": "wide.webp", "alpha.png": "alpha.png",
+             "crop.png": "crop.png"}
+    (g / "sub").mkdir()
+    for src, dst in names.items():
+        shutil.copy(IMAGES / src, (g / "sub" / dst) if src == sub_image else (g / dst))
+    (g / "notes.txt").write_text("not an image\n")
+    (g / "README").write_text("no extension\n")
+    (g / "sunset.png.bak").write_bytes((IMAGES / "sunset.png").read_bytes())
+    return g, names
+
+
+def test_rank_folder_and_stdin_by_dimension_with_failed_input_last(tmp_path, expected):
+    exp = table(expected)
+    _, names = _gallery(tmp_path, sub_image="alpha.png")
+    # alpha.png sits in sub/ (not recursed into) but arrives by its own path on stdin.
+    outside = str(IMAGES / "alpha.png")
+    proc = run_mps("rank", "gallery", "nothere.png", "-", "--prompt", FOX, "--by", "alignment", "--jsonl",
+                   "-w", str(WEIGHTS), cwd=tmp_path, input=outside + "\n")
+    assert proc.returncode == 1, proc.stderr
+    clean_stderr(proc)
+    # Non-image files are skipped silently; the one failure is reported once.
+    assert len(proc.stderr.splitlines()) == 1 and "nothere.png" in proc.stderr
+    rows = jsonl(proc.stdout)
+    label = {s: outside if s == "alpha.png" else os.path.join("gallery", names[s]) for s in names}
+    want = sorted(names, key=lambda s: -exp[(s, FOX, "alignment")])
+    scored, failed = rows[:-1], rows[-1]
+    assert [r["image"] for r in scored] == [label[s] for s in want]
+    assert [r["rank"] for r in scored] == list(range(1, len(want) + 1))
+    for r, src in zip(scored, want):
+        assert r["scores"]["alignment"] == pytest.approx(exp[(src, FOX, "alignment")], abs=TOL)
+        # --by adds its dimension to the default one.
+        assert r["scores"]["overall"] == pytest.approx(exp[(src, FOX, "overall")], abs=TOL)
+    assert set(failed) == {"image", "error"} and failed["image"] == "nothere.png"
+    assert "nothere.png" in failed["error"]
+
+
+def test_rank_recursive_top_k_json(tmp_path, expected):
+    exp = table(expected)
+    # Put the best image for this prompt in the sub-folder: without --recursive it could not lead.
+    best = max(FIXTURE_IMAGES, key=lambda s: exp[(s, CUBES, "overall")])
+    _, names = _gallery(tmp_path, sub_image=best)
+    proc = run_mps("rank", "gallery", "--recursive", "--top", "3", "--prompt", CUBES, "--json",
+                   "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    want = sorted(FIXTURE_IMAGES, key=lambda s: -exp[(s, CUBES, "overall")])[:3]
+    label = {s: os.path.join("gallery", "sub", names[s]) if s == best else os.path.join("gallery", names[s])
+             for s in FIXTURE_IMAGES}
+    assert [d["image"] for d in doc] == [label[s] for s in want]
+    assert [d["rank"] for d in doc] == [1, 2, 3]
+    for d, src in zip(doc, want):
+        assert d["prompt"] == CUBES
+        assert d["scores"]["overall"] == pytest.approx(exp[(src, CUBES, "overall")], abs=TOL)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_json_per_dimension(expected):
+    exp = table(expected)
+    proc = run_mps("compare", "images/sunset.png", "images/palette.gif", "--prompt", FOX, "--dim", "all",
+                   "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert (doc["prompt"], doc["a"], doc["b"]) == (FOX, "images/sunset.png", "images/palette.gif")
+    assert list(doc["results"]) == list(ALL_DIMS)
+    for dim in ALL_DIMS:
+        sa, sb = exp[("sunset.png", FOX, dim)], exp[("palette.gif", FOX, dim)]
+        p_a = math.exp(sa) / (math.exp(sa) + math.exp(sb))
+        got = doc["results"][dim]
+        assert got["a"] == pytest.approx(sa, abs=TOL)
+        assert got["b"] == pytest.approx(sb, abs=TOL)
+        assert got["p_a"] == pytest.approx(p_a, abs=TOL)
+        assert got["winner"] == ("a" if sa > sb else "b")
+
+
+def test_compare_warns_once_about_a_long_prompt():
+    from mps_cli.cli import app
+
+    long_prompt = FOX + " " + " ".join(f"word{i}" for i in range(100))
+    res = CliRunner().invoke(app, ["compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt",
+                                   long_prompt, "--json", "-w", str(WEIGHTS), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["prompt"] == long_prompt
+    assert len([line for line in res.stderr.splitlines() if "77 tokens" in line]) == 1, res.stderr
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def test_jsonl_into_head_ends_quietly(tmp_path):
+    for i in range(20):
+        shutil.copy(IMAGES / "sunset.png", tmp_path / f"img{i:02d}.png")
+    mps = mps_executable()[0]
+    # The missing last path would print an error to stderr if mps kept going after head left.
+    script = (
+        "set +o pipefail\n"
+        f"'{mps}' score img*.png zz_missing.png --prompt fox --batch-size 1 --jsonl -w '{WEIGHTS}' | head -1\n"
+        "echo ${PIPESTATUS[0]} > mps_rc\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MPS_WEIGHTS", None)
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.stderr == ""  # no BrokenPipeError, no "Exception ignored" at exit
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["image"] == "img00.png"
+    # Either convention for a closed pipe is quiet: 0, or 128+SIGPIPE.
+    assert int((tmp_path / "mps_rc").read_text()) in (0, 128 + signal.SIGPIPE)
+
+
+def test_ctrl_c_exits_130_and_leaves_whole_lines(tmp_path):
+    paths = []
+    for i in range(30):
+        shutil.copy(IMAGES / "crop.png", tmp_path / f"c{i:02d}.png")
+        paths.append(f"c{i:02d}.png")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MPS_WEIGHTS", None)
+    proc = subprocess.Popen([*mps_executable(), "score", *paths, "--prompt", FOX, "--batch-size", "1",
+                             "--jsonl", "-w", str(WEIGHTS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, env=env)
+    try:
+        first = proc.stdout.readline()
+        assert first, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    lines = (first + rest).splitlines()
+    assert 1 <= len(lines) < 30
+    assert (first + rest).endswith("\n")
+    for line, name in zip(lines, paths):
+        r = json.loads(line)
+        assert r["image"] == name and set(r["scores"]) == {"overall"}
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_console_help_mentions_published_checkpoint():
+    proc = run_mps("--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    text = flat(proc.stdout)
+    assert DIMENSION_NOTE in text
+    for cmd in ("score", "rank", "compare"):
+        assert cmd in text
+
+
+_HELP_PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from mps_cli.cli import app
+runner = CliRunner()
+out = {}
+for args in (["--help"], ["score", "--help"], ["rank", "--help"], ["compare", "--help"]):
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    out[" ".join(args)] = [res.exit_code, res.output]
+heavy = [m for m in ("torch", "open_clip", "safetensors", "huggingface_hub") if m in sys.modules]
+print(json.dumps({"help": out, "heavy": heavy}))
+"""
+
+
+def test_subcommand_help_is_honest_and_imports_no_torch():
+    proc = subprocess.run([sys.executable, "-c", _HELP_PROBE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["heavy"] == []
+    for args, (code, output) in report["help"].items():
+        assert code == 0, (args, output)
+        assert DIMENSION_NOTE in flat(output), args
+    assert "--by" in report["help"]["rank --help"][1]
+    assert "--top" in report["help"]["rank --help"][1]
+    assert "p_a" in flat(report["help"]["compare --help"][1])
+
+
+def test_python_dash_m_help_works_without_importing_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "mps_cli", "--help"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert DIMENSION_NOTE in flat(proc.stdout)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "mps_cli.cli" in imported  # the probe did see the imports
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "open_clip", "safetensors")]
+
+
+# --------------------------------------------------------------------------- parsing (in-process)
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["score", "x.png", "--prompt", "p", "--json", "--jsonl"], "--json and --jsonl"),
+    (["score", "x.png", "--prompt", "p", "--mask-threshold", "1.5"], "--mask-threshold"),
+    (["score", "x.png", "--prompt", "p", "--batch-size", "0"], "--batch-size"),
+    (["score", "x.png", "--prompt", "p", "--dtype", "fp8"], "fp8"),
+    (["score", "x.png", "--prompt", "p", "--prompt-from", "exif"], "exif"),
+    (["score", "x.png", "--prompt", "p", "--prompt-from", "sidecar"], "--prompt and --prompt-from"),
+    (["score", "--prompt", "p"], "no images"),
+    (["rank", "x.png", "--prompt", "p", "--by", "beauty"], "beauty"),
+    (["rank", "x.png", "--prompt", "p", "--by", "custom"], "--condition"),
+    (["rank", "x.png", "--prompt", "p", "--top", "0"], "--top"),
+    (["compare", "a.png", "b.png"], "--prompt"),
+    (["compare", "a.png", "--prompt", "p"], "'b'"),
+])
+def test_usage_errors_exit_2_before_loading_anything(args, culprit):
+    from mps_cli.cli import app
+
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    assert culprit in flat(res.output)
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_prompts_file_with_positional_images_is_a_usage_error(tmp_path):
+    from mps_cli.cli import app
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"image": "a.png", "prompt": "p"}) + "\n")
+    res = CliRunner().invoke(app, ["score", "x.png", "--prompts", str(f)])
+    assert res.exit_code == 2
+    assert "--prompts" in res.output
