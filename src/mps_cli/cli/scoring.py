@@ -365,8 +365,7 @@ def compare(
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
 ) -> None:
-    """Which of two images people would prefer for a prompt: per dimension, both scores,
-    p_a = P(A preferred) = softmax of the pair, and the winner."""
+    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""
     from ..scorer import compare_scores
 
     mode = _output_mode(as_json, as_jsonl, as_csv)
