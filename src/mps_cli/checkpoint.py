@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol
@@ -91,6 +92,8 @@ class TensorSource(Protocol):
 
     def shapes(self) -> dict[str, tuple[int, ...]]: ...
 
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
     def get(self, key: str): ...
 
 
@@ -119,7 +122,54 @@ class SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v["shape"]) for k, v in self.header.items()}
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def read_into(self, key: str, out) -> None:
+        """Fill ``out`` with tensor ``key``, straight from the file when dtypes agree.
+
+        A dtype conversion goes through a small reused buffer, chunk by chunk, so loading
+        never allocates (and fragments the heap with) a second copy of a large tensor.
+        """
+        import ctypes
+
+        import torch
+
+        info = self.header[key]
+        src_dtype = getattr(torch, _TORCH_DTYPES.get(info["dtype"], ""), None)
+        if src_dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        if stop == start:
+            return
+        if out.device.type != "cpu" or not out.is_contiguous():
+            out.copy_(self.get(key))
+            return
+        if out.dtype == src_dtype:
+            self._read(key, start, (ctypes.c_char * (stop - start)).from_address(out.data_ptr()))
+            return
+        flat = out.view(-1)
+        item = stop - start and (stop - start) // flat.numel()
+        buf = _chunk_buffer()
+        per_chunk = buf.numel() // item
+        for first in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - first)
+            view = (ctypes.c_char * (n * item)).from_address(buf.data_ptr())
+            self._read(key, start + first * item, view)
+            flat[first:first + n].copy_(buf[: n * item].view(src_dtype))
+
+    def _read(self, key: str, start: int, buffer) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(8 + self.header_size + start)
+                if f.readinto(buffer) != len(buffer):
+                    raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
+
     def get(self, key: str):
+        import ctypes
+
         import torch
 
         info = self.header[key]
@@ -127,17 +177,10 @@ class SafetensorsFile:
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         start, stop = info["data_offsets"]
-        data = bytearray(stop - start)
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(8 + self.header_size + start)
-                if f.readinto(data) != len(data):
-                    raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
-        if not data:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).view(info["shape"])
+        out = torch.empty(info["shape"], dtype=dtype)
+        if stop > start:
+            self._read(key, start, (ctypes.c_char * (stop - start)).from_address(out.data_ptr()))
+        return out
 
 
 @dataclass
@@ -150,8 +193,23 @@ class TensorDict:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
     def get(self, key: str):
         return self.tensors[key]
+
+
+_local = threading.local()
+
+
+def _chunk_buffer(nbytes: int = 8 << 20):
+    """A per-thread staging buffer for converting reads."""
+    import torch
+
+    if getattr(_local, "buffer", None) is None:
+        _local.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return _local.buffer
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -389,24 +447,71 @@ def _published_name(target: str) -> str:
 
 
 def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype) -> None:
-    """Assign every tensor, converted one at a time to ``dtype`` on ``device``, then check none is left on meta."""
+    """Assign every tensor in its final dtype and layout, then check none is left on meta.
+
+    Each target is allocated once and filled in a single pass (read, or read then one
+    converting copy that also transposes or places a q/k/v slice), a few tensors at a time
+    in threads so file reads overlap conversion.
+    """
     import torch
 
-    state = {}
-    for target, (op, srcs) in plan.targets.items():
+    def build(item):
+        target, (op, srcs) = item
         want = torch.float32 if _KEEP_FP32.match(target) else dtype
-        parts = [source.get(s).to(device=device, dtype=want) for s in srcs]
-        if op == "cat":
-            tensor = torch.cat(parts, dim=0)
-        elif op == "t":
-            tensor = parts[0].t().contiguous()
+        shapes = [source.shape(s) for s in srcs]
+        out = torch.empty(_target_shape(op, shapes), dtype=want, device=device)
+        if op == "t":
+            fill(source, srcs[0], out.t())
         else:
-            tensor = parts[0]
-        state[target] = tensor
+            row = 0
+            for src, shape in zip(srcs, shapes):
+                if op == "cat":
+                    fill(source, src, out[row:row + shape[0]])
+                    row += shape[0]
+                else:
+                    fill(source, src, out)
+        return target, out
+
+    workers = min(4, os.cpu_count() or 1)
+    items = sorted(plan.targets.items(), key=lambda kv: -_numel(source.shape(kv[1][1][0])))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mps-load") as pool:
+            state = dict(pool.map(build, items))
+    else:
+        state = dict(map(build, items))
     model.load_state_dict(state, strict=True, assign=True)
     for module in model.modules():
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)
+    _release_free_memory()
+
+
+def _release_free_memory() -> None:
+    # glibc keeps freed small blocks in its arenas; hand them back so the resident size
+    # after loading is the weights plus the runtime, not plus loading's leftovers.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def fill(source: TensorSource, key: str, out) -> None:
+    """Copy one source tensor into ``out`` (converting dtype/device in the same pass)."""
+    if isinstance(source, SafetensorsFile):
+        source.read_into(key, out)
+    else:
+        out.copy_(source.get(key))
 
 
 def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,

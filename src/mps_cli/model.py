@@ -24,6 +24,25 @@ def _tower_kwargs(cfg: TowerConfig) -> dict:
     )
 
 
+def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """open_clip's residual blocks, with attention through SDPA.
+
+    Same arithmetic as the blocks' own forward, but the fused attention kernels never
+    materialise the (tokens x tokens) weights per head, which keeps peak memory down.
+    """
+    for blk in transformer.resblocks:
+        attn = blk.attn
+        h = blk.ln_1(x)
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        heads = attn.num_heads
+        o = F.scaled_dot_product_attention(
+            _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
+        )
+        x = x + blk.ls_1(attn.out_proj(_merge_heads(o)))
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x
+
+
 class _LayerNorm(nn.Module):
     """LayerNorm with a learned weight and a stored (normally zero) bias buffer."""
 
@@ -179,16 +198,14 @@ class MPSModel(nn.Module):
         self.cross = CrossModel(cross)
 
     def finish_loading(self, device: torch.device) -> None:
-        """Rebuild non-persistent buffers that were created on the meta device."""
-        self.text.attn_mask = torch.full(
-            (self.cfg.text.context_length,) * 2, float("-inf"), device=device
-        ).triu_(1)
+        """Drop the causal-mask buffer built on the meta device; attention is causal by flag."""
+        self.text.attn_mask = None
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Projected features of all token positions, B x 77 x D."""
         t = self.text
         x = t.token_embedding(ids) + t.positional_embedding
-        x = t.transformer(x, attn_mask=t.attn_mask.to(x.dtype))
+        x = _run_tower(t.transformer, x, causal=True)
         return t.ln_final(x) @ t.text_projection
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -197,5 +214,5 @@ class MPSModel(nn.Module):
         x = v.conv1(pixels).flatten(2).transpose(1, 2)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat((cls, x), dim=1) + v.positional_embedding
-        x = v.transformer(v.ln_pre(x))
+        x = _run_tower(v.transformer, v.ln_pre(x))
         return x @ v.proj

@@ -176,7 +176,7 @@ class Scorer:
         self.dtype = dtype
         self.weights = weights
         self.identity = identity
-        self.batch_size = batch_size or (8 if device.type == "cpu" else 32)
+        self.batch_size = batch_size or (4 if device.type == "cpu" else 32)
         self.tokenizer = Tokenizer(config.text.context_length)
         self._prompts: OrderedDict[str, _PromptFeatures] = OrderedDict()
         self._conditions: dict[str, object] = {}

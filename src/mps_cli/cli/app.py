@@ -132,7 +132,7 @@ Dtype = Annotated[str, typer.Option(
     help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16.")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
-    help="Images per forward pass (default: 8 on CPU, 32 on GPU).")]
+    help="Images per forward pass (default: 4 on CPU, 32 on GPU).")]
 Dims = Annotated[Optional[List[str]], typer.Option(
     "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
     help="Dimension to score, repeatable: overall (default), aesthetics, detail, alignment, or all. "
