@@ -446,12 +446,14 @@ def _published_name(target: str) -> str:
     return target
 
 
-def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype) -> None:
+def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
+              transposed: frozenset[str] = frozenset()) -> None:
     """Assign every tensor in its final dtype and layout, then check none is left on meta.
 
     Each target is allocated once and filled in a single pass (read, or read then one
     converting copy that also transposes or places a q/k/v slice), a few tensors at a time
-    in threads so file reads overlap conversion.
+    in threads so file reads overlap conversion. Targets named in ``transposed`` get
+    (in, out) memory under their (out, in) shape.
     """
     import torch
 
@@ -459,7 +461,11 @@ def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype) -> No
         target, (op, srcs) = item
         want = torch.float32 if _KEEP_FP32.match(target) else dtype
         shapes = [source.shape(s) for s in srcs]
-        out = torch.empty(_target_shape(op, shapes), dtype=want, device=device)
+        shape = _target_shape(op, shapes)
+        if target in transposed:
+            out = torch.empty(tuple(reversed(shape)), dtype=want, device=device).t()
+        else:
+            out = torch.empty(shape, dtype=want, device=device)
         if op == "t":
             fill(source, srcs[0], out.t())
         else:
@@ -485,7 +491,6 @@ def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype) -> No
     for module in model.modules():
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)
-    _release_free_memory()
 
 
 def _release_free_memory() -> None:
@@ -527,6 +532,9 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
         model = model_factory(cross)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_against_model(plan, shapes, expected, source.name, config.source)
-    load_into(model, source, plan, device, dtype)
+    transposed = frozenset(model.transposed_weights()) if torch.device(device).type == "cpu" else frozenset()
+    load_into(model, source, plan, device, dtype, transposed)
+    model.finish_loading(torch.device(device))
     model.eval()
+    _release_free_memory()
     return model

@@ -24,6 +24,20 @@ def _tower_kwargs(cfg: TowerConfig) -> dict:
     )
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, except on CPU: a plain matmul then an in-place bias add.
+
+    With the weight stored transposed (see :meth:`MPSModel.transposed_weights`) the CPU
+    matmul reads it without repacking, which oneDNN's bf16 kernels otherwise do on every call.
+    """
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    y = torch.matmul(x, weight.t())
+    if bias is not None:
+        y += bias
+    return y
+
+
 def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """open_clip's residual blocks, with attention through SDPA.
 
@@ -33,13 +47,15 @@ def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) ->
     for blk in transformer.resblocks:
         attn = blk.attn
         h = blk.ln_1(x)
-        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = _linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         heads = attn.num_heads
         o = F.scaled_dot_product_attention(
             _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
         )
-        x = x + blk.ls_1(attn.out_proj(_merge_heads(o)))
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x = x + blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
+        mlp = blk.mlp
+        h = mlp.gelu(_linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
+        x = x + blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
     return x
 
 
@@ -197,8 +213,22 @@ class MPSModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(()))
         self.cross = CrossModel(cross)
 
+    def transposed_weights(self) -> set[str]:
+        """Matrix weights best stored transposed on CPU: (in, out) memory, same logical shape.
+
+        oneDNN's CPU matmul reads that layout without repacking the weight on every call,
+        which its bf16 kernels otherwise do.
+        """
+        names = set()
+        for prefix, module in self.named_modules():
+            attr = "weight" if isinstance(module, nn.Linear) else \
+                "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else None
+            if attr:
+                names.add(f"{prefix}.{attr}")
+        return names
+
     def finish_loading(self, device: torch.device) -> None:
-        """Drop the causal-mask buffer built on the meta device; attention is causal by flag."""
+        """Drop the causal-mask buffer built on the meta device: attention is causal by flag."""
         self.text.attn_mask = None
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:

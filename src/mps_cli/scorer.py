@@ -300,6 +300,14 @@ class Scorer:
                 )
             batch.clear()
 
+        def drain() -> Iterator[ScoreResult]:
+            nonlocal next_out
+            while next_out in ready:
+                if progress:
+                    progress(1)
+                yield ready.pop(next_out)
+                next_out += 1
+
         for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, workers, 2 * batch_size)):
             if error is not None:
                 ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
@@ -307,18 +315,10 @@ class Scorer:
                 batch.append((i, pixels))
                 if len(batch) >= batch_size:
                     flush()
-            while next_out in ready:
-                if progress:
-                    progress(1)
-                yield ready.pop(next_out)
-                next_out += 1
+            yield from drain()
         if batch:
             flush()
-        while next_out in ready:
-            if progress:
-                progress(1)
-            yield ready.pop(next_out)
-            next_out += 1
+        yield from drain()
 
     def score(self, images: Sequence[ImageInput], prompts: PromptInput, dims: Iterable[str] | None = None,
               condition: str | None = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -384,7 +384,6 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     else:
         cfg = builtin_config()
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, dt)
-    model.finish_loading(dev)
     return Scorer(model, cfg, dev, dt, weights=resolved.label, identity=resolved.identity, batch_size=batch_size)
 
 
