@@ -39,10 +39,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """open_clip's residual blocks, with attention through SDPA.
+    """open_clip's residual blocks, with attention through SDPA and residuals added in place.
 
     Same arithmetic as the blocks' own forward, but the fused attention kernels never
-    materialise the (tokens x tokens) weights per head, which keeps peak memory down.
+    materialise the (tokens x tokens) weights per head, and no activation is allocated twice,
+    which keeps peak memory down. ``x`` must be a tensor the caller no longer needs.
     """
     for blk in transformer.resblocks:
         attn = blk.attn
@@ -52,10 +53,11 @@ def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) ->
         o = F.scaled_dot_product_attention(
             _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
         )
-        x = x + blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
+        x += blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
         mlp = blk.mlp
-        h = mlp.gelu(_linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
-        x = x + blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
+        h = _linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
+        h = torch.ops.aten.gelu_(h) if type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none" else mlp.gelu(h)
+        x += blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
     return x
 
 
@@ -73,7 +75,9 @@ class _LayerNorm(nn.Module):
 
 def _swiglu(u: torch.Tensor) -> torch.Tensor:
     val, gate = u.chunk(2, dim=-1)
-    return F.silu(gate) * val
+    out = F.silu(gate)
+    out *= val
+    return out
 
 
 def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -110,7 +114,9 @@ class CrossAttentionBlock(nn.Module):
         v = v.unsqueeze(1).expand(b, h, -1, -1)
         attn_mask = mask[:, None, None, :].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5)
-        return self.to_out(_merge_heads(out)) + self.ff_out(_swiglu(self.ff_in(n)))
+        out = self.to_out(_merge_heads(out))
+        out += self.ff_out(_swiglu(self.ff_in(n)))
+        return out
 
 
 class ParallelBlock(nn.Module):
@@ -171,7 +177,10 @@ class ParallelBlock(nn.Module):
         k = k.unsqueeze(1).expand(b, h, -1, -1)
         v = v.unsqueeze(1).expand(b, h, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
-        return x + self.attn_out(_merge_heads(out)) + self.ff_out(_swiglu(f))
+        out = self.attn_out(_merge_heads(out))
+        out += self.ff_out(_swiglu(f))
+        out += x
+        return out
 
 
 class CrossModel(nn.Module):
@@ -187,6 +196,7 @@ class CrossModel(nn.Module):
         """The class token of the cross model's output, B x D."""
         last = self.cfg.layers - 1
         for i in range(self.cfg.layers):
+            # The caller's image tokens are shared by every condition: never written in place.
             x = x + self.cross[i](x, text, mask)
             x = self.parallel[i](x, class_token_only=i == last)
         return x[:, 0]
