@@ -161,15 +161,19 @@ def _int_list(entry: dict, key: str, where: str, length: int, paths_key: str) ->
     return [int(v) for v in values]
 
 
-def _read_json_list(path: Path) -> list:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BenchmarkError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise BenchmarkError(f"{path}: is a directory, not a benchmark file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BenchmarkError(f"{path}: cannot read ({exc})") from None
+
+
+def _read_json_list(path: Path) -> list:
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -200,14 +204,7 @@ _WINNER_RANKS = {"a": (1, 2), "b": (2, 1), "tie": (1, 1)}
 
 
 def _pair_items(path: Path, root: Path) -> list[BenchmarkItem]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise BenchmarkError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BenchmarkError(f"{path}: is a directory, not a benchmark file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BenchmarkError(f"{path}: cannot read ({exc})") from None
+    lines = _read_text(path).splitlines()
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
