@@ -24,6 +24,18 @@ def pytest_configure(config):
         raise pytest.UsageError(f"golden fixture not found at {FIXTURE}; set MPS_SHARED to the shared/ folder")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Prepared weights go to a per-session folder (inherited by CLI subprocesses), never ~/.cache."""
+    old = os.environ.get("MPS_CACHE_DIR")
+    os.environ["MPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("mps-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MPS_CACHE_DIR", None)
+    else:
+        os.environ["MPS_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def expected() -> dict:
     return json.loads((FIXTURE / "expected.json").read_text())

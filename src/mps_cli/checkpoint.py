@@ -129,8 +129,8 @@ class SafetensorsFile:
         """Fill ``out`` (any layout, dtype or device) with tensor ``key``.
 
         Straight from the file when dtype and layout agree; otherwise a few rows at a time
-        through a small reused buffer, so loading never holds (or fragments the heap with)
-        a second copy of a large tensor.
+        through small reused per-thread buffers, so loading never holds (or fragments the
+        heap with) a second copy of a large tensor.
         """
         import ctypes
 
@@ -146,27 +146,46 @@ class SafetensorsFile:
         if out.device.type == "cpu" and out.is_contiguous() and out.dtype == src_dtype:
             self._read(key, start, (ctypes.c_char * (stop - start)).from_address(out.data_ptr()))
             return
-        buf = _chunk_buffer()
+        raw = _chunk_buffer("raw", _CHUNK_BYTES, torch.uint8)
         rows = out.shape[0] if out.dim() else 1
         row_bytes = (stop - start) // rows
-        if out.dim() == 0 or row_bytes > buf.numel():
+        if out.dim() == 0 or row_bytes > raw.numel():
             out.copy_(self.get(key))
             return
-        per_chunk = buf.numel() // row_bytes
-        for first in range(0, rows, per_chunk):
-            n = min(per_chunk, rows - first)
-            self._read(key, start + first * row_bytes,
-                       (ctypes.c_char * (n * row_bytes)).from_address(buf.data_ptr()))
-            out[first:first + n].copy_(buf[: n * row_bytes].view(src_dtype).view(n, *out.shape[1:]))
+        # torch converts fp16 <-> bf16 element by element, about 3x slower than going
+        # through fp32, which both directions vectorise; the fp32 stage stays in cache.
+        staged = out.device.type == "cpu" and {src_dtype, out.dtype} == {torch.float16, torch.bfloat16}
+        per_chunk = raw.numel() // row_bytes
+        with self._opened(key) as f:
+            for first in range(0, rows, per_chunk):
+                n = min(per_chunk, rows - first)
+                view = raw[: n * row_bytes]
+                self._readinto(f, key, start + first * row_bytes,
+                               (ctypes.c_char * (n * row_bytes)).from_address(view.data_ptr()))
+                src = view.view(src_dtype).view(n, *out.shape[1:])
+                if staged:
+                    stage = _chunk_buffer("stage", _CHUNK_BYTES * 2, torch.float32)
+                    src = stage[: src.numel()].view(src.shape).copy_(src)
+                out[first:first + n].copy_(src)
 
-    def _read(self, key: str, start: int, buffer) -> None:
+    def _opened(self, key: str):
         try:
-            with open(self.path, "rb") as f:
-                f.seek(8 + self.header_size + start)
-                if f.readinto(buffer) != len(buffer):
-                    raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+            return open(self.path, "rb", buffering=0)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
+
+    def _readinto(self, f, key: str, start: int, buffer) -> None:
+        try:
+            f.seek(8 + self.header_size + start)
+            got = f.readinto(buffer)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read weights ({exc})") from None
+        if got != len(buffer):
+            raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+
+    def _read(self, key: str, start: int, buffer) -> None:
+        with self._opened(key) as f:
+            self._readinto(f, key, start, buffer)
 
     def get(self, key: str):
         import ctypes
@@ -202,15 +221,20 @@ class TensorDict:
 
 
 _local = threading.local()
+# Converting reads go through this many bytes at a time: small enough that the raw rows
+# and their fp32 stage stay in a core's L2 cache.
+_CHUNK_BYTES = 512 << 10
 
 
-def _chunk_buffer(nbytes: int = 8 << 20):
-    """A per-thread staging buffer for converting reads."""
+def _chunk_buffer(name: str, nbytes: int, dtype):
+    """A per-thread reusable buffer for converting reads."""
     import torch
 
-    if getattr(_local, "buffer", None) is None:
-        _local.buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return _local.buffer
+    buf = getattr(_local, name, None)
+    if buf is None:
+        buf = torch.empty(nbytes // dtype.itemsize, dtype=dtype)
+        setattr(_local, name, buf)
+    return buf
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -447,26 +471,20 @@ def _published_name(target: str) -> str:
     return target
 
 
-def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
-              transposed: frozenset[str] = frozenset()) -> None:
-    """Assign every tensor in its final dtype and layout, then check none is left on meta.
+def convert_each(source: TensorSource, plan: RemapPlan, device, dtype, transposed: frozenset[str],
+                 allocate: Callable[[str, tuple[int, ...], object], object],
+                 done: Callable[[str, object], None]) -> None:
+    """Fill every target tensor in its final dtype and layout: ``allocate`` it, fill it, pass it to ``done``.
 
-    Each target is allocated once and filled in a single pass (read, or read then one
-    converting copy that also transposes or places a q/k/v slice), a few tensors at a time
-    in threads so file reads overlap conversion. Targets named in ``transposed`` get
-    (in, out) memory under their (out, in) shape.
+    Each target is filled in a single pass (read, or read then one converting copy that
+    also transposes or places a q/k/v slice), a few at a time in threads so file reads
+    overlap conversion. ``allocate(target, shape, dtype)`` returns a tensor of the target's
+    logical shape; for targets in ``transposed`` its memory is (in, out).
     """
-    import torch
-
     def build(item):
         target, (op, srcs) = item
-        want = torch.float32 if _KEEP_FP32.match(target) else dtype
         shapes = [source.shape(s) for s in srcs]
-        shape = _target_shape(op, shapes)
-        if target in transposed:
-            out = torch.empty(tuple(reversed(shape)), dtype=want, device=device).t()
-        else:
-            out = torch.empty(shape, dtype=want, device=device)
+        out = allocate(target, _target_shape(op, shapes), _target_dtype(target, dtype))
         if op == "t":
             fill(source, srcs[0], out.t())
         else:
@@ -477,7 +495,7 @@ def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
                     row += shape[0]
                 else:
                     fill(source, src, out)
-        return target, out
+        done(target, out)
 
     workers = min(4, os.cpu_count() or 1)
     items = sorted(plan.targets.items(), key=lambda kv: -_numel(source.shape(kv[1][1][0])))
@@ -485,13 +503,45 @@ def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mps-load") as pool:
-            state = dict(pool.map(build, items))
+            for _ in pool.map(build, items):
+                pass
     else:
-        state = dict(map(build, items))
+        for item in items:
+            build(item)
+
+
+def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
+              transposed: frozenset[str] = frozenset()) -> None:
+    """Assign every tensor, allocated once in its final dtype and layout (see :func:`convert_each`)."""
+    import torch
+
+    def allocate(target, shape, want):
+        if target in transposed:
+            return torch.empty(tuple(reversed(shape)), dtype=want, device=device).t()
+        return torch.empty(shape, dtype=want, device=device)
+
+    state: dict = {}
+    convert_each(source, plan, device, dtype, transposed, allocate, state.__setitem__)
     model.load_state_dict(state, strict=True, assign=True)
+    _freeze(model)
+
+
+def write_prepared(writer, source: TensorSource, plan: RemapPlan, dtype, transposed: frozenset[str]) -> None:
+    """Convert every target into ``writer``'s scratch buffers and write it to the prepared file."""
+    convert_each(source, plan, "cpu", dtype, transposed,
+                 lambda target, shape, want: writer.buffer(target), writer.write)
+
+
+def _freeze(model) -> None:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)
+
+
+def _target_dtype(target: str, dtype):
+    import torch
+
+    return torch.float32 if _KEEP_FP32.match(target) else dtype
 
 
 def _release_free_memory() -> None:
@@ -521,8 +571,12 @@ def fill(source: TensorSource, key: str, out) -> None:
 
 
 def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,
-                 config: ModelConfig, device, dtype):
-    """Build the model on meta for these weights, check it strictly, and load it."""
+                 config: ModelConfig, device, dtype, prepared: bool = True):
+    """Build the model on meta for these weights, check it strictly, and load it.
+
+    With ``prepared`` (and :mod:`mps_cli.prepared` enabled), a CPU load that converts the
+    weights maps the converted copy cached by an earlier load, or writes one for the next.
+    """
     import torch
 
     shapes = source.shapes()
@@ -538,8 +592,76 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
     reduced = dtype in (torch.bfloat16, torch.float16)
     transposed = frozenset(model.transposed_weights()) if torch.device(device).type == "cpu" and reduced \
         else frozenset()
+    cache = _prepared_file(source, plan, device, dtype, transposed) if prepared else None
+    if cache is not None and _load_prepared(model, cache, expected, dtype, transposed):
+        model.finish_loading(torch.device(device))
+        return model.eval()
+    if cache is not None and _write_prepared(cache, source, plan, expected, dtype, transposed) \
+            and _load_prepared(model, cache, expected, dtype, transposed):
+        model.finish_loading(torch.device(device))
+        _release_free_memory()
+        return model.eval()
     load_into(model, source, plan, device, dtype, transposed)
     model.finish_loading(torch.device(device))
     model.eval()
     _release_free_memory()
     return model
+
+
+def _write_prepared(cache: Path, source: TensorSource, plan: RemapPlan, expected: Mapping[str, tuple[int, ...]],
+                    dtype, transposed: frozenset[str]) -> bool:
+    """Convert the weights into a new prepared file; False (logged) where it cannot be written."""
+    from .prepared import log, open_writer
+
+    specs = {k: (shape, _target_dtype(k, dtype)) for k, shape in expected.items()}
+    writer = open_writer(cache, specs, transposed, source.path)
+    if writer is None:
+        return False
+    try:
+        write_prepared(writer, source, plan, dtype, transposed)
+        writer.commit()
+    except OSError as exc:
+        writer.abort()
+        log.warning("mps: not caching prepared weights in %s: %s", cache.parent, exc.strerror or exc)
+        return False
+    except BaseException:
+        writer.abort()
+        raise
+    return True
+
+
+def _prepared_file(source: TensorSource, plan: RemapPlan, device, dtype, transposed: frozenset[str]):
+    """The prepared-weights file for this load, or None when loading needs no conversion."""
+    import torch
+
+    from . import prepared
+
+    if not isinstance(source, SafetensorsFile) or torch.device(device).type != "cpu" or not prepared.enabled():
+        return None
+    converts = bool(transposed) or any(
+        getattr(torch, _TORCH_DTYPES.get(source.header[srcs[0]]["dtype"], ""), None) != _target_dtype(t, dtype)
+        for t, (_, srcs) in plan.targets.items()
+    )
+    if not converts:
+        return None
+    try:
+        return prepared.prepared_path(source.path, str(dtype).removeprefix("torch."), transposed)
+    except OSError:
+        return None
+
+
+def _load_prepared(model, path: Path, expected: Mapping[str, tuple[int, ...]], dtype,
+                   transposed: frozenset[str]) -> bool:
+    from . import prepared
+
+    want = {k: (shape, _target_dtype(k, dtype)) for k, shape in expected.items()}
+    try:
+        state = prepared.map_prepared(path, want, transposed)
+    except (CheckpointError, OSError, ValueError) as exc:
+        prepared.discard(path, str(exc))
+        return False
+    if state is None:
+        return False
+    model.load_state_dict(state, strict=True, assign=True)
+    _freeze(model)
+    return True

@@ -231,18 +231,18 @@ class Scorer:
             emb = F.normalize(torch.stack([f.embedding for f in feats]).float(), dim=-1)
             scale = self.model.logit_scale.float().exp()
             text32 = text.float()
-            scores: dict[str, list[float]] = {}
-            kept: dict[str, list[int]] = {}
+            masks, kept = [], {}
             for key, cond_text in conditions:
                 cond = self._condition_features(cond_text).float()
                 sim = (text32 @ cond.T).amax(dim=-1)  # B x 77: best match in the condition
                 keep = (sim / sim.amax(dim=-1, keepdim=True)) > threshold
                 mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device)
                 mask.masked_fill_(~keep, float("-inf"))
-                cls = self.model.cross(image_tokens, text, mask)
-                s = scale * (F.normalize(cls.float(), dim=-1) * emb).sum(dim=-1)
-                scores[key] = s.tolist()
+                masks.append(mask)
                 kept[key] = keep.sum(dim=-1).tolist()
+            scores: dict[str, list[float]] = {}
+            for (key, _), cls in zip(conditions, self.model.cross(image_tokens, text, masks)):
+                scores[key] = (scale * (F.normalize(cls.float(), dim=-1) * emb).sum(dim=-1)).tolist()
             self.stats["image_batches"] += 1
         return scores, kept, [f.truncated for f in feats]
 
