@@ -129,6 +129,18 @@ def test_one_at_a_time_equals_all_at_once(scorer, prompt):
         _assert_same(one, three, f"{_name(one)} batch 3")
 
 
+def test_each_dimension_alone_equals_all_four_together(scorer):
+    # All four share the first cross layer's mask-independent work; one alone computes it
+    # for itself. Results must not depend on which other dimensions were asked for.
+    paths = [IMAGES / n for n in IMAGE_NAMES[:3]]
+    together = scorer.score(paths, PROMPTS[0], dims=DIMS)
+    for dim in DIMS:
+        for alone, both in zip(scorer.score(paths, PROMPTS[0], dims=[dim]), together):
+            assert set(alone.scores) == {dim}
+            assert alone.scores[dim] == pytest.approx(both.scores[dim], abs=BATCH_TOL), (_name(alone), dim)
+            assert alone.kept_tokens[dim] == both.kept_tokens[dim]
+
+
 def test_mixed_prompts_in_one_batch_equal_single_scoring(scorer):
     # Each image with its own prompt, in a shuffled order, all in one batch: the mask is
     # normalised per prompt, so no score may depend on its neighbours.
