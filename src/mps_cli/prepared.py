@@ -45,8 +45,8 @@ _ST_NAME = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def enabled() -> bool:
-    """Whether prepared weights are used, per ``$MPS_PREPARED_WEIGHTS`` (default on)."""
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
+    """Whether prepared weights are used, per ``$MPS_PREPARED_WEIGHTS`` (default on, where the OS has pwrite)."""
+    return hasattr(os, "pwrite") and os.environ.get(SWITCH_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
 def cache_dir() -> Path:
@@ -94,7 +94,7 @@ def map_prepared(path: Path, expected: Mapping[str, tuple[tuple[int, ...], objec
     with open(path, "rb") as f:
         # Private and writable: nothing writes to weights, and if something did it would
         # get its own copy of the page instead of changing the cache.
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     data = torch.frombuffer(mapped, dtype=torch.uint8)
     base = 8 + header_size
     region = data[base:]
@@ -253,7 +253,7 @@ def _numel(shape) -> int:
 
 def discard(path: Path, why: str) -> None:
     """Remove an unusable prepared file (it is rebuilt on the next load)."""
-    log.warning("mps: rebuilding prepared weights %s: %s", path.name, why)
+    log.warning("mps: rebuilding prepared weights: %s", why)
     try:
         path.unlink(missing_ok=True)
     except OSError:

@@ -82,15 +82,19 @@ def resize_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def pixels_from_image(img: Image.Image, size: int):
-    """A normalised float32 ``3 x size x size`` tensor from an RGB image."""
+    """A normalised float32 ``3 x size x size`` tensor from an RGB image.
+
+    The arithmetic is numpy's, not torch's: this runs in decode threads beside the model,
+    and a torch op there would start its own team of compute threads and crowd the model's.
+    """
+    import numpy as np
     import torch
 
     img = resize_crop(img, size)
-    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    x = data.view(size, size, 3).permute(2, 0, 1).to(torch.float32) / 255.0
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean) / std
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x -= np.asarray(IMAGE_MEAN, dtype=np.float32)
+    x /= np.asarray(IMAGE_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def load_pixels(source: ImageInput, size: int):
