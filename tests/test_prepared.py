@@ -229,3 +229,16 @@ def test_failed_load_leaves_no_partial_copy(cache, fp16_weights, monkeypatch):
     assert _prepared(cache) == [] and not list(cache.glob(".*.tmp"))
     monkeypatch.setattr(SafetensorsFile, "read_into", real)
     assert all(r.ok for r in load_scorer(fp16_weights, device="cpu", dtype="bf16").score(IMAGE_PATHS, PROMPT))
+
+
+def test_info_reports_the_prepared_copies(tmp_path, fp16_weights, monkeypatch):
+    folder = tmp_path / "info-cache"
+    monkeypatch.setenv("MPS_CACHE_DIR", str(folder))
+    load_scorer(fp16_weights, device="cpu", dtype="bf16")
+    [written] = _prepared(folder / "prepared")
+    env = {"MPS_CACHE_DIR": str(folder), SWITCH_ENV: "1", "HF_HUB_OFFLINE": "1"}
+    doc = json.loads(run_mps("info", "--json", env=env).stdout)["prepared"]
+    assert doc == {"dir": str(folder / "prepared"), "enabled": True, "switch": f"{SWITCH_ENV}=0",
+                   "files": 1, "bytes": written.stat().st_size}
+    text = run_mps("info", env={**env, SWITCH_ENV: "off"})
+    assert text.returncode == 0 and f"prepared weights: {folder / 'prepared'}: off" in text.stdout

@@ -96,6 +96,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _prepared_summary() -> dict:
+    from ..prepared import SWITCH_ENV, cache_dir, enabled
+
+    folder = cache_dir()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return {"dir": str(folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
+            "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
 @app.command()
 def info(as_json: AsJson = False) -> None:
     """Show the version, where weights are cached (and whether they are), devices, dtypes and library versions.
@@ -133,6 +142,7 @@ def info(as_json: AsJson = False) -> None:
             "default_dtype": str(dtype).replace("torch.", "").replace("float32", "fp32")
             .replace("float16", "fp16").replace("bfloat16", "bf16"),
             "versions": {d: _version(d) for d in ("torch", "open_clip_torch", "huggingface_hub", "safetensors")},
+            "prepared": _prepared_summary(),
         }
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -151,6 +161,9 @@ def info(as_json: AsJson = False) -> None:
         lines.append(f"  not cached: run `mps download {w['uri']}` on a connected machine")
     else:
         lines.append("  local file not found")
+    p = doc["prepared"]
+    lines.append(f"prepared weights: {p['dir']}: " + (
+        f"{p['files']} file(s), {p['bytes'] / 2**30:.2f} GiB" if p["enabled"] else f"off ({p['switch']})"))
     lines.append("devices:")
     for d in doc["devices"]:
         lines.append(f"  {d['device']:<8} {d['name']}  dtypes: {', '.join(d['dtypes'])}")
