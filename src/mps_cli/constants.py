@@ -45,6 +45,10 @@ KNOWN_SOURCES: dict[str, tuple[str, str, str | None]] = {
 }
 DEFAULT_SOURCE = "mps-overall"
 WEIGHTS_ENV = "MPS_WEIGHTS"
+#: Where mps-cli keeps its own cache (prepared weights); default ``$XDG_CACHE_HOME/mps-cli``.
+CACHE_ENV = "MPS_CACHE_DIR"
+#: 0 / off / false / no: never read or write prepared weights.
+PREPARED_ENV = "MPS_PREPARED_WEIGHTS"
 
 #: The paper's published accuracies for MPS (mps-model.md §6), in percent.
 PUBLISHED_ACCURACY = {"imagereward": 67.5, "hpdv2": 83.5}

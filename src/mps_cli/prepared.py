@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .checkpoint import _TORCH_DTYPES, fingerprint, read_safetensors_header
+from .constants import CACHE_ENV, PREPARED_ENV as SWITCH_ENV
 from .errors import CheckpointError
 
 log = logging.getLogger("mps_cli")
 
-CACHE_ENV = "MPS_CACHE_DIR"
-#: Set to 0 / off / false / no to never read or write prepared weights.
-SWITCH_ENV = "MPS_PREPARED_WEIGHTS"
 FORMAT = "mps-cli-prepared"
 # Bump when the meaning of a stored tensor changes (names, layout), so old files are not read.
 VERSION = "1"
