@@ -471,7 +471,7 @@ def _published_name(target: str) -> str:
     return target
 
 
-def convert_each(source: TensorSource, plan: RemapPlan, device, dtype, transposed: frozenset[str],
+def convert_each(source: TensorSource, plan: RemapPlan, dtype,
                  allocate: Callable[[str, tuple[int, ...], object], object],
                  done: Callable[[str, object], None]) -> None:
     """Fill every target tensor in its final dtype and layout: ``allocate`` it, fill it, pass it to ``done``.
@@ -479,7 +479,7 @@ def convert_each(source: TensorSource, plan: RemapPlan, device, dtype, transpose
     Each target is filled in a single pass (read, or read then one converting copy that
     also transposes or places a q/k/v slice), a few at a time in threads so file reads
     overlap conversion. ``allocate(target, shape, dtype)`` returns a tensor of the target's
-    logical shape; for targets in ``transposed`` its memory is (in, out).
+    logical shape, in whatever memory layout the caller wants.
     """
     def build(item):
         target, (op, srcs) = item
@@ -521,15 +521,14 @@ def load_into(model, source: TensorSource, plan: RemapPlan, device, dtype,
         return torch.empty(shape, dtype=want, device=device)
 
     state: dict = {}
-    convert_each(source, plan, device, dtype, transposed, allocate, state.__setitem__)
+    convert_each(source, plan, dtype, allocate, state.__setitem__)
     model.load_state_dict(state, strict=True, assign=True)
     _freeze(model)
 
 
-def write_prepared(writer, source: TensorSource, plan: RemapPlan, dtype, transposed: frozenset[str]) -> None:
+def write_prepared(writer, source: TensorSource, plan: RemapPlan, dtype) -> None:
     """Convert every target into ``writer``'s scratch buffers and write it to the prepared file."""
-    convert_each(source, plan, "cpu", dtype, transposed,
-                 lambda target, shape, want: writer.buffer(target), writer.write)
+    convert_each(source, plan, dtype, lambda target, shape, want: writer.buffer(target), writer.write)
 
 
 def _freeze(model) -> None:
@@ -618,7 +617,7 @@ def _write_prepared(cache: Path, source: TensorSource, plan: RemapPlan, expected
     if writer is None:
         return False
     try:
-        write_prepared(writer, source, plan, dtype, transposed)
+        write_prepared(writer, source, plan, dtype)
         writer.commit()
     except OSError as exc:
         writer.abort()

@@ -7,7 +7,6 @@ import os
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from .config import ModelConfig, builtin_config, read_config
