@@ -158,11 +158,23 @@ def test_changed_source_gets_a_new_copy(cache, fp16_weights):
     tensors["model.logit_scale"] = tensors["model.logit_scale"] + 1  # same shapes, new values
     save_file(tensors, str(fp16_weights))
     after = _scores(load_scorer(fp16_weights, device="cpu", dtype="bf16"))
-    assert len(_prepared(cache)) == 2 and old in _prepared(cache)
+    [new] = _prepared(cache)  # the superseded copy of the same file is gone
+    assert new != old
     # exp(logit_scale) multiplies every score, so new weights give e times the old scores.
     for (_, old_scores, _), (_, new_scores, _) in zip(before, after):
         for (dim, a), (_, b) in zip(old_scores, new_scores):
             assert b == pytest.approx(a * 2.718281828, rel=1e-3), dim
+
+
+def test_copies_of_other_files_and_dtypes_are_kept(cache, fp16_weights, tmp_path):
+    other = tmp_path / "other" / fp16_weights.name
+    other.parent.mkdir()
+    shutil.copyfile(fp16_weights, other)
+    shutil.copyfile(CONFIG, other.parent / "config.json")
+    load_scorer(fp16_weights, device="cpu", dtype="bf16")
+    load_scorer(fp16_weights, device="cpu", dtype="fp32")
+    load_scorer(other, device="cpu", dtype="bf16")
+    assert len(_prepared(cache)) == 3
 
 
 def test_unwritable_cache_still_loads_and_says_why(tmp_path, fp16_weights, monkeypatch, caplog):

@@ -221,6 +221,7 @@ class PreparedWriter:
         os.close(self._fd)
         self._fd = None
         os.replace(self.tmp, self.path)
+        _remove_superseded(self.path, self._header["__metadata__"]["source"])
 
     def abort(self) -> None:
         """Drop the unfinished file."""
@@ -263,6 +264,19 @@ def _metadata(path: Path) -> dict:
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n)).get("__metadata__") or {}
     return meta if isinstance(meta, dict) else {}
+
+
+def _remove_superseded(current: Path, source: str) -> None:
+    """Delete older copies of the same source file at the same dtype: its contents changed since."""
+    suffix = current.name.split("-", 1)[1]
+    for p in current.parent.glob(f"*-{suffix}"):
+        if p == current:
+            continue
+        try:
+            if _metadata(p).get("source") == source:
+                p.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def _remove_stale_tmp(folder: Path) -> None:
