@@ -197,7 +197,7 @@ class PreparedWriter:
         _, nbytes, stored, dtype = self._places[name]
         scratch = getattr(self._local, "scratch", None)
         if scratch is None or scratch.numel() < nbytes:
-            self._local.scratch = scratch = None
+            self._local.scratch = scratch = None  # free the smaller one before allocating
             scratch = self._local.scratch = torch.empty(nbytes, dtype=torch.uint8)
         t = scratch[:nbytes].view(dtype).view(stored)
         return t.t() if name in self.transposed else t
