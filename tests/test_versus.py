@@ -260,6 +260,7 @@ def test_a_prompt_missing_on_one_side_is_counted_and_exits_1(two, tmp_path, stor
     (["nowhere-a", "nowhere-b", "--prompt", "x"], "no such folder"),
     (["A", "B"], "no prompt"),
     (["A", "B", "--prompt", "x", "--prompt-from", "sidecar"], "one prompt source"),
+    (["A", "B", "--prompts", "nowhere.jsonl"], "prompts file not found"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(two, args, message):
     args = [str(two / a.lower()) if a in ("A", "B") else a for a in args]
@@ -348,6 +349,11 @@ def test_prescored_sides_are_not_scored_again(two, tmp_path, scorer, golden):
         win, diff, _ = hand_result({FOX: [(a_files[k], b_files[k]) for k in b_files]}, golden, dim)
         assert doc["results"][dim]["win_rate"] == pytest.approx(win, abs=1e-12)
         assert doc["results"][dim]["mean_diff"] == pytest.approx(diff, abs=1e-4)
+
+    # A dataset scored under another threshold does not compare: one line, exit 2.
+    (dataset / "_manifest.json").write_text(json.dumps({"settings": {"mask_threshold": 0.5, "dtype": "fp32"}}))
+    out = cli(str(a_jsonl), str(dataset), "--dim", "overall")
+    assert out.exit_code == 2 and "mask threshold 0.5" in out.stderr
 
     # A JSONL side against a folder: only the folder's images reach the model (batch size 1: one batch each).
     before = scorer.stats["image_batches"]

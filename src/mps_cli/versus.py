@@ -59,6 +59,7 @@ class Side:
     name: str
     kind: str
     entries: tuple[Entry, ...]
+    settings: dict | None = None  # an mps dataset folder's manifest settings: weights, dtype, threshold, conditions
 
     @property
     def prescored(self) -> bool:
@@ -282,7 +283,15 @@ def _read_dataset(root: Path, name: str) -> Side:
                                  error=f"{label}: {row['error']}" if row.get("error") else None))
     if not entries:
         raise SideError(f"{name}: an mps dataset folder without rows")
-    return Side(name, "dataset", tuple(entries))
+    settings = None
+    try:
+        doc = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+        settings = doc.get("settings") if isinstance(doc, dict) and isinstance(doc.get("settings"), dict) else None
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SideError(f"{root / MANIFEST_NAME}: unreadable manifest ({exc})") from None
+    return Side(name, "dataset", tuple(entries), settings)
 
 
 def _read_jsonl(path: Path, name: str) -> Side:
@@ -570,6 +579,25 @@ def _check_prescored(side: Side, keys: Sequence[str]) -> None:
                                 "score it again with those dimensions or ask for the ones it has")
 
 
+def _check_settings(sides: Sequence[Side], texts: dict[str, str], threshold: float, weights: str | None,
+                    dtype: str | None) -> None:
+    # Scores made under other settings are not comparable; a dataset manifest says what they were made with.
+    for side in sides:
+        st = side.settings or {}
+        conditions = st.get("conditions") if isinstance(st.get("conditions"), dict) else {}
+        wrong = [f"condition {k!r} {conditions[k]!r}" for k in texts if k in conditions and conditions[k] != texts[k]]
+        if st.get("mask_threshold") is not None and float(st["mask_threshold"]) != threshold:
+            wrong.append(f"mask threshold {st['mask_threshold']} (this run: {threshold})")
+        if weights is not None and st.get("weights") not in (None, weights):
+            wrong.append(f"weights {st['weights']} (this run: {weights})")
+        if dtype is not None and st.get("dtype") not in (None, dtype):
+            wrong.append(f"dtype {st['dtype']} (this run: {dtype})")
+        if wrong:
+            raise SideError(f"{side.name}: scored with {'; '.join(wrong)}; its scores do not compare with these")
+        weights = weights if weights is not None else st.get("weights")
+        dtype = dtype if dtype is not None else st.get("dtype")
+
+
 def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None, *, condition: str | None = None,
                   mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache=None, batch_size: int | None = None,
                   samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
@@ -601,6 +629,8 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
             raise ValueError("folder sides need a scorer")
         weights = scorer.weights
         identity, dtype = cache_identity(scorer)
+    _check_settings(sides, texts, threshold, identity, dtype)
+    if lineup.needs_scoring:
         own = cache is None
         store = ScoreCache(None) if own else cache
         try:
