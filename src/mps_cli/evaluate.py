@@ -26,7 +26,7 @@ import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
 from .errors import InputError, MPSError
@@ -395,6 +395,102 @@ class ScoreCache:
         return digest
 
 
+# ---------------------------------------------------------------- scoring through the cache
+
+def cache_identity(scorer) -> tuple[str, str]:
+    """What names the model in a cache key: (weights identity, dtype name)."""
+    from .scorer import dtype_name
+
+    return scorer.identity, dtype_name(scorer.dtype)
+
+
+def hash_images(cache: ScoreCache, paths: Sequence[str], progress: ProgressFn | None = None
+                ) -> tuple[dict[str, str], dict[str, str]]:
+    """Content hashes of image files: (path -> sha256, path -> why it could not be read)."""
+    digests: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
+    for n, path in enumerate(paths, 1):
+        try:
+            digests[path] = cache.sha256(path)
+        except FileNotFoundError:
+            unreadable[path] = f"{path}: no such file"
+        except IsADirectoryError:
+            unreadable[path] = f"{path}: is a directory, not an image"
+        except OSError as exc:
+            unreadable[path] = f"{path}: cannot read ({exc.strerror or exc})"
+        if progress:
+            progress("hash", n, len(paths))
+    cache.commit()
+    return digests, unreadable
+
+
+@dataclass(frozen=True)
+class CachedScores:
+    """Scores per (content hash, prompt), keyed by dimension; ``errors`` holds the items the model could
+    not score. ``scored`` counts items the model scored in this run, ``cached`` those served whole by the cache."""
+
+    scores: dict[tuple[str, str], dict[str, float]]
+    errors: dict[tuple[str, str], str]
+    scored: int
+    cached: int
+
+
+def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str], texts: Mapping[str, str],
+                 condition: str | None, threshold: float, cache: ScoreCache, batch_size: int | None = None,
+                 progress: ProgressFn | None = None) -> CachedScores:
+    """Score ``work`` ((content hash, prompt) -> an image file with that content) for ``keys``.
+
+    Cached scores are reused; only missing (item, dimension) scores go through the model, and
+    each new score is stored, committed every batch so a killed run keeps what it scored.
+    ``texts`` maps each key to its condition text.
+    """
+    weights, dtype = cache_identity(scorer)
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    missing_keys: dict[tuple[str, str], tuple[str, ...]] = {}
+    for (digest, prompt) in work:
+        have = {}
+        for k in keys:
+            value = cache.get((digest, prompt, texts[k], threshold, weights, dtype))
+            if value is not None:
+                have[k] = value
+        scores[(digest, prompt)] = have
+        if len(have) < len(keys):
+            missing_keys[(digest, prompt)] = tuple(k for k in keys if k not in have)
+    cached = len(work) - len(missing_keys)
+
+    # One stream per set of missing dimensions (normally one stream for everything).
+    streams: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for wk, miss in missing_keys.items():
+        streams.setdefault(miss, []).append(wk)
+    errors: dict[tuple[str, str], str] = {}
+    total, done, pending = len(missing_keys), 0, 0
+    commit_every = max(1, int(batch_size or scorer.batch_size))
+    if progress:
+        progress("score", 0, total)
+    try:
+        for miss, wks in streams.items():
+            todo = [(work[wk], wk[1]) for wk in wks]
+            for wk, result in zip(wks, _score_stream(scorer, todo, list(miss), condition, threshold, batch_size)):
+                if result.ok:
+                    for k in miss:
+                        value = float(result.scores[k])
+                        scores[wk][k] = value
+                        cache.put((wk[0], wk[1], texts[k], threshold, weights, dtype), value)
+                    pending += 1
+                    if pending >= commit_every:
+                        cache.commit()
+                        pending = 0
+                else:
+                    errors[wk] = result.error or f"{work[wk]}: could not be scored"
+                    del scores[wk]
+                done += 1
+                if progress:
+                    progress("score", done, total)
+    finally:
+        cache.commit()
+    return CachedScores(scores, errors, total - len(errors), cached)
+
+
 # ---------------------------------------------------------------- evaluation
 
 def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], condition: str | None,
@@ -413,7 +509,7 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
     """
-    from .scorer import dtype_name, resolve_conditions
+    from .scorer import resolve_conditions
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]
@@ -421,7 +517,7 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     threshold = float(mask_threshold)
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
-    weights, dtype = scorer.identity, dtype_name(scorer.dtype)
+    weights, dtype = cache_identity(scorer)
     own_cache = cache is None
     cache = ScoreCache(None) if own_cache else cache
     try:
@@ -455,19 +551,9 @@ def _evaluate(benchmark, scorer, keys, texts, condition, threshold, weights, dty
                 problems.append(Problem(benchmark.items[i].label, path, message))
 
     # Hash every distinct image once; a missing or unreadable file takes its items out.
-    digests: dict[str, str] = {}
-    for n, path in enumerate(items_of, 1):
-        try:
-            digests[path] = cache.sha256(path)
-        except FileNotFoundError:
-            drop(path, items_of[path], f"{path}: no such file")
-        except IsADirectoryError:
-            drop(path, items_of[path], f"{path}: is a directory, not an image")
-        except OSError as exc:
-            drop(path, items_of[path], f"{path}: cannot read ({exc.strerror or exc})")
-        if progress:
-            progress("hash", n, len(items_of))
-    cache.commit()
+    digests, unreadable = hash_images(cache, list(items_of), progress)
+    for path, message in unreadable.items():
+        drop(path, items_of[path], message)
 
     # Work: distinct (content, prompt) of the usable items; a repeated image is scored once,
     # so identical files get identical scores.
@@ -482,48 +568,10 @@ def _evaluate(benchmark, scorer, keys, texts, condition, threshold, weights, dty
             work.setdefault(wk, path)
             users.setdefault(wk, []).append(i)
 
-    scores: dict[tuple[str, str], dict[str, float]] = {}
-    missing_keys: dict[tuple[str, str], tuple[str, ...]] = {}
-    for (digest, prompt) in work:
-        have = {}
-        for k in keys:
-            value = cache.get((digest, prompt, texts[k], threshold, weights, dtype))
-            if value is not None:
-                have[k] = value
-        scores[(digest, prompt)] = have
-        if len(have) < len(keys):
-            missing_keys[(digest, prompt)] = tuple(k for k in keys if k not in have)
-    cached = len(work) - len(missing_keys)
-
-    # One stream per set of missing dimensions (normally one stream for everything).
-    streams: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-    for wk, miss in missing_keys.items():
-        streams.setdefault(miss, []).append(wk)
-    total, done, pending, failures = len(missing_keys), 0, 0, 0
-    commit_every = max(1, int(batch_size or scorer.batch_size))
-    if progress:
-        progress("score", 0, total)
-    try:
-        for miss, wks in streams.items():
-            todo = [(work[wk], wk[1]) for wk in wks]
-            for wk, result in zip(wks, _score_stream(scorer, todo, list(miss), condition, threshold, batch_size)):
-                if result.ok:
-                    for k in miss:
-                        value = float(result.scores[k])
-                        scores[wk][k] = value
-                        cache.put((wk[0], wk[1], texts[k], threshold, weights, dtype), value)
-                    pending += 1
-                    if pending >= commit_every:
-                        cache.commit()
-                        pending = 0
-                else:
-                    failures += 1
-                    drop(work[wk], users[wk], result.error or f"{work[wk]}: could not be scored")
-                done += 1
-                if progress:
-                    progress("score", done, total)
-    finally:
-        cache.commit()
+    run = score_cached(scorer, work, keys, texts, condition, threshold, cache, batch_size, progress)
+    for wk, message in run.errors.items():
+        drop(work[wk], users[wk], message)
+    scores = run.scores
 
     used = [benchmark.items[i] for i in relevant if i not in bad_items]
     accuracy: dict[str, float | None] = {}
@@ -548,13 +596,13 @@ def _evaluate(benchmark, scorer, keys, texts, condition, threshold, weights, dty
         benchmark=benchmark.kind, file=benchmark.path, accuracy=accuracy,
         published=PUBLISHED_ACCURACY.get(benchmark.kind), items=len(benchmark.items), prompts=prompts,
         pairs=pairs, human_ties=ties, skipped=len(bad_items), problems=problems,
-        scored=total - failures, cached=cached, weights=scorer.weights, weights_identity=weights, dtype=dtype,
+        scored=run.scored, cached=run.cached, weights=scorer.weights, weights_identity=weights, dtype=dtype,
         mask_threshold=threshold, conditions=texts,
     )
 
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "BenchmarkError", "BenchmarkItem", "CacheError", "EvalReport", "Problem",
-    "ScoreCache", "default_cache_path", "evaluate", "file_sha256", "inversion_accuracy", "load_benchmark",
-    "pooled_pair_accuracy",
+    "BENCHMARKS", "Benchmark", "BenchmarkError", "BenchmarkItem", "CacheError", "CachedScores", "EvalReport",
+    "Problem", "ScoreCache", "cache_identity", "default_cache_path", "evaluate", "file_sha256", "hash_images",
+    "inversion_accuracy", "load_benchmark", "pooled_pair_accuracy", "score_cached",
 ]
