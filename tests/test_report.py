@@ -120,10 +120,10 @@ def write_jsonl(path: Path, docs: list[dict]) -> Path:
     return path
 
 
-def cli(*args: str):
+def cli(*args: str, input: str | None = None):
     from mps_cli.cli import app
 
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(app, list(args), input=input)
 
 
 @pytest.fixture(scope="module")
@@ -479,3 +479,8 @@ def test_report_cli_bad_inputs(tmp_path, score_file):
 
     res = cli("report", str(score_file[0]), "-o", str(tmp_path / "no" / "such" / "dir.html"))
     assert res.exit_code == 2 and "does not exist" in " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.stderr).split())
+
+    # a pipe: mps score ... --jsonl | mps report - -o page.html
+    res = cli("report", "-", "-o", str(out), input=score_file[0].read_text())
+    assert res.exit_code == 0, res.output
+    assert out.read_text().count('class="mps-card ') == len(score_file[1])
