@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import sys
 import tarfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,8 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
+
+import numpy as np
 
 from . import __version__
 from .constants import CUSTOM_KEY, DIMENSIONS, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
@@ -180,8 +183,6 @@ def read_results(sources: Sequence[str | os.PathLike]) -> tuple[Results, list[st
 
     ``-`` reads JSON or JSONL from stdin. Raises :class:`ResultsError` when nothing could be read.
     """
-    import sys
-
     out, problems = Results(), []
     for src in sources:
         try:
@@ -339,8 +340,6 @@ def read_dataset(path: Path) -> Results:
         import pyarrow.parquet as pq
     except ImportError:
         raise ResultsError(f"{path}: reading dataset output needs pyarrow (pip install pyarrow)") from None
-    import numpy as np
-
     folder = path if path.is_dir() else path.parent
     files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith((".", "_"))) if path.is_dir() \
         else [path]
@@ -615,8 +614,6 @@ class _Page:
             for d, v in p.results.items():
                 values[d] += [x for x in (v.get("a"), v.get("b")) if _is_number(x)]
         for ds in self.r.datasets:
-            import numpy as np
-
             for d, arr in ds.scores.items():
                 finite = arr[np.isfinite(arr)]
                 if finite.size:
@@ -935,8 +932,6 @@ class _Page:
     # ----------------------------------------------------------------- dataset
 
     def _dataset_extremes(self, ds: Dataset):
-        import numpy as np
-
         if not ds.scores:
             return [], [], None
         dim = next(iter(ds.scores))
@@ -954,8 +949,6 @@ class _Page:
         return [entry(int(i)) for i in picks[0]], [entry(int(i)) for i in picks[1]], dim
 
     def _dataset(self, ds: Dataset, ext) -> str:
-        import numpy as np
-
         failed = [(f"{s} · {k}", str(e)) for k, s, e in zip(ds.keys, ds.shards, ds.errors, strict=True)
                   if e is not None]
         scored = ds.rows - len(failed)
@@ -978,8 +971,6 @@ class _Page:
 
 
 def _histogram_svg(dim: str, values) -> str:
-    import numpy as np
-
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if not v.size:
