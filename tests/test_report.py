@@ -317,23 +317,33 @@ def test_compare_report_shows_both_images_and_p_a(browser, tmp_path, expected):
 
 
 def test_versus_report_chart_and_most_disagreeing_prompts(browser, tmp_path, expected):
+    """The document ``mps versus A B --details --json`` writes (README), then the 3-side one."""
     rows = expected_rows(expected)
     prompts = sorted({p for _, p in rows})
-    pick = {p: (sorted({i for i, _ in rows})[k], sorted({i for i, _ in rows})[k + 3]) for k, p in enumerate(prompts)}
-    details = [{"prompt": p, "a": [{"image": str(IMAGES / a), "scores": rows[(a, p)]}],
-                "b": [{"image": str(IMAGES / b), "scores": rows[(b, p)]}],
-                "mean_diff": {d: rows[(a, p)][d] - rows[(b, p)][d] for d in DIMS}} for p, (a, b) in pick.items()]
-    doc = {"a": "runs/base", "b": "runs/lora", "prompts": 4, "pairs": 4, "unpaired": {"a": ["x.png"], "b": []},
-           "results": {"overall": {"win_rate": 0.625, "ci95": [0.55, 0.7], "mean_diff": 0.84},
-                       "aesthetics": {"win_rate": 0.4, "ci95": [0.31, 0.47], "mean_diff": -0.3},
-                       "detail": {"win_rate": 0.52, "ci95": [0.44, 0.6], "mean_diff": 0.1},
-                       "alignment": {"win_rate": 0.5, "ci95": [0.42, 0.58], "mean_diff": 0.0}},
-           "details": details}
+    images = sorted({i for i, _ in rows})
+    pick = {p: (images[k], images[k + 3]) for k, p in enumerate(prompts)}
+    per_prompt = [{"prompt": p, "pairs": 1, "a_images": [str(IMAGES / a)], "b_images": [str(IMAGES / b)],
+                   "results": {d: {"win_rate": float(rows[(a, p)][d] > rows[(b, p)][d]),
+                                   "mean_diff": rows[(a, p)][d] - rows[(b, p)][d]} for d in DIMS}}
+                  for p, (a, b) in pick.items()]
+    results = {"overall": {"win_rate": 0.625, "ci95": [0.55, 0.7], "mean_diff": 0.84},
+               "aesthetics": {"win_rate": 0.4, "ci95": [0.31, 0.47], "mean_diff": -0.3},
+               "detail": {"win_rate": 0.52, "ci95": [0.44, 0.6], "mean_diff": 0.1},
+               "alignment": {"win_rate": 0.5, "ci95": [0.42, 0.58], "mean_diff": 0.0}}
+    doc = {"a": "runs/base", "b": "runs/lora", "prompts": 4, "pairs": 4, "unpaired": {"runs/base": ["x.png"],
+                                                                                     "runs/lora": []},
+           "missing": {},
+           "failed": [{"side": "runs/lora", "image": "runs/lora/bad.png", "error": "bad.png: empty file"}],
+           "bootstrap": {"samples": 2000, "seed": 0, "unit": "prompt"}, "scored": 8, "cached": 0,
+           "weights": "mps-overall", "weights_identity": "0123abcd", "dtype": "fp32", "mask_threshold": 0.3,
+           "results": {d: {**r, "wins": 2, "ties": 0, "losses": 2} for d, r in results.items()},
+           "per_prompt": per_prompt}
     src = tmp_path / "versus.json"
     src.write_text(json.dumps(doc))
     out = tmp_path / "versus.html"
     assert cli("report", str(src), "-o", str(out)).exit_code == 0
     loaded = Loaded(browser, out)
+    loaded.decode_images()
     loaded.quiet()
     page = loaded.page
     chart = page.eval_on_selector_all("svg.winrate g.row", "gs => gs.map(g => [g.getAttribute('class'), "
@@ -341,10 +351,34 @@ def test_versus_report_chart_and_most_disagreeing_prompts(browser, tmp_path, exp
     assert chart == [["row a", "62.5% [55.0%, 70.0%]  Δ +0.840"], ["row b", "40.0% [31.0%, 47.0%]  Δ -0.300"],
                      ["row even", "52.0% [44.0%, 60.0%]  Δ +0.100"], ["row even", "50.0% [42.0%, 58.0%]  Δ +0.000"]]
     shown = page.eval_on_selector_all("section.versus .mps-pair h3.prompt", "hs => hs.map(h => h.textContent)")
-    assert shown == [d["prompt"] for d in sorted(details, key=lambda d: -abs(d["mean_diff"]["overall"]))]
-    assert len(loaded.cards()) == 2 * len(details)
-    assert "unpaired: a: 1, b: 0" in page.inner_text("section.versus .lead")
+    assert shown == [d["prompt"] for d in sorted(per_prompt, key=lambda d: -abs(d["results"]["overall"]["mean_diff"]))]
+    cards = loaded.cards()
+    assert [c["image"] for c in cards][:2] == [str(IMAGES / x) for x in pick[shown[0]]]
+    assert len(cards) == 2 * len(per_prompt) and all(c["loaded"] > 0 for c in cards)
+    assert "unpaired: runs/base: 1, runs/lora: 0" in page.inner_text("section.versus .lead")
+    assert "bad.png: empty file" in page.inner_text("section.failed")
+    footer = page.inner_text("footer")
+    assert "mps-overall" in footer and "0123abcd" in footer and "fp32" in footer
     screenshot(loaded, "versus")
+    loaded.close()
+
+    # three sides: a matrix per dimension and a Bradley-Terry ranking
+    sides = ["v1", "v2", "v3"]
+    cell = {"win_rate": 0.7, "ci95": [0.6, 0.8], "mean_diff": 1.0, "prompts": 4, "pairs": 4, "unit": "prompt"}
+    mirror = {**cell, "win_rate": 0.3, "ci95": [0.2, 0.4], "mean_diff": -1.0}
+    matrix = {"overall": {x: {y: (cell if i < j else mirror) for j, y in enumerate(sides) if y != x}
+                          for i, x in enumerate(sides)}}
+    three = {"sides": sides, "prompts": 4, "pairs": 12, "unpaired": {}, "missing": {}, "failed": [],
+             "matrix": matrix, "ranking": {"overall": [{"side": "v1", "strength": 0.6}, {"side": "v2", "strength": 0.3},
+                                                       {"side": "v3", "strength": 0.1}]}}
+    src.write_text(json.dumps(three))
+    assert cli("report", str(src), "-o", str(out)).exit_code == 0
+    loaded = Loaded(browser, out)
+    loaded.quiet()
+    leads = loaded.page.eval_on_selector_all("section.versus p.lead", "ps => ps.map(p => p.textContent)")
+    assert [" ".join(x.split(" · ")[0].split()) for x in leads] == ["A v1 vs B v2", "A v1 vs B v3", "A v2 vs B v3"]
+    assert "v1 0.600 > v2 0.300 > v3 0.100" in loaded.page.inner_text("table.ranking")
+    assert loaded.page.eval_on_selector_all("svg.winrate g.row.a", "gs => gs.length") == 3
     loaded.close()
 
 

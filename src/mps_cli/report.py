@@ -123,6 +123,8 @@ class Versus:
     unpaired: object
     results: dict[str, dict]
     details: list[VersusPrompt] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image, error)
+    ranking: dict[str, list] = field(default_factory=dict)  # 3+ sides: dim -> [(side, strength)], strongest first
 
 
 @dataclass
@@ -245,9 +247,13 @@ def results_from_records(records: Iterable[object], origin: Path | None = None, 
     for doc in records:
         if not isinstance(doc, dict):
             raise ResultsError(f"{name}: expected JSON objects, found {type(doc).__name__}")
-        if isinstance(doc.get("results"), dict) and any(
+        if isinstance(doc.get("matrix"), dict) and isinstance(doc.get("sides"), list):
+            out.versus += _versus_matrix(doc, origin)
+            out.meta.update(_manifest_meta(doc))
+        elif isinstance(doc.get("results"), dict) and any(
                 isinstance(v, dict) and "win_rate" in v for v in doc["results"].values()):
             out.versus.append(_versus(doc, origin))
+            out.meta.update(_manifest_meta(doc))
         elif isinstance(doc.get("results"), dict) and "a" in doc and "b" in doc:
             out.pairs.append(Pair(prompt=str(doc.get("prompt") or ""), a=str(doc["a"]), b=str(doc["b"]),
                                   results=_clean_dims({k: v for k, v in doc["results"].items() if isinstance(v, dict)}),
@@ -291,10 +297,38 @@ def _versus(doc: dict, origin: Path | None) -> Versus:
     raw = doc.get("details") or doc.get("per_prompt") or (doc["prompts"] if isinstance(doc.get("prompts"), list)
                                                           else [])
     details = [d for d in (_versus_prompt(x, origin) for x in raw if isinstance(x, dict)) if d is not None]
+    failed = [(f"{f.get('side', '')}: {f.get('image', '')}".strip(": "), str(f.get("error", "")))
+              for f in doc.get("failed") or [] if isinstance(f, dict)]
     return Versus(a=str(doc.get("a", "A")), b=str(doc.get("b", "B")),
                   prompts=doc["prompts"] if isinstance(doc.get("prompts"), int) else None,
                   pairs=doc.get("pairs") if isinstance(doc.get("pairs"), int) else None,
-                  unpaired=doc.get("unpaired"), results=results, details=details)
+                  unpaired=doc.get("unpaired"), results=results, details=details, failed=failed)
+
+
+def _versus_matrix(doc: dict, origin: Path | None) -> list[Versus]:
+    """``mps versus A B C --json``: one :class:`Versus` per pair of sides, the ranking on the first."""
+    sides = [str(x) for x in doc["sides"]]
+    matrix = {k: v for k, v in _clean_dims(doc["matrix"]).items() if isinstance(v, dict)}
+    details = {(str(m.get("a")), str(m.get("b"))): m.get("prompts") or []
+               for m in doc.get("per_prompt") or [] if isinstance(m, dict)}
+    out = []
+    for i, a in enumerate(sides):
+        for b in sides[i + 1:]:
+            cells = {k: (m.get(a) or {}).get(b) for k, m in matrix.items()}
+            cells = {k: c for k, c in cells.items() if isinstance(c, dict) and "win_rate" in c}
+            if not cells:
+                continue
+            first = next(iter(cells.values()))
+            out.append(_versus({"a": a, "b": b, "prompts": first.get("prompts"), "pairs": first.get("pairs"),
+                                "results": cells, "per_prompt": details.get((a, b), [])}, origin))
+    if out:
+        out[0].unpaired = doc.get("unpaired")
+        out[0].failed = _versus({"results": {}, "failed": doc.get("failed")}, origin).failed
+        ranking = doc.get("ranking") if isinstance(doc.get("ranking"), dict) else {}
+        out[0].ranking = {k: [(str(r.get("side")), float(r["strength"])) for r in v
+                              if isinstance(r, dict) and _is_number(r.get("strength"))]
+                          for k, v in _clean_dims(ranking).items() if isinstance(v, list)}
+    return out
 
 
 def _versus_prompt(d: dict, origin: Path | None) -> VersusPrompt | None:
@@ -917,7 +951,20 @@ class _Page:
             detail = (f"<h3>Where A and B disagree most (by |Δ {_e(dim)}|)</h3>" + "".join(rows))
         elif not v.details:
             detail = '<p class="note">No per-prompt details in this file (run versus with --details).</p>'
-        return self._section("Versus", head + chart + explain + detail, "versus")
+        html = self._section("Versus", self._ranking(v.ranking) + head + chart + explain + detail, "versus")
+        if v.failed:
+            html += self._errors(v.failed, len(v.failed))
+        return html
+
+    @staticmethod
+    def _ranking(ranking: dict[str, list]) -> str:
+        if not ranking:
+            return ""
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>" + " &gt; ".join(f"<b>{_e(side)}</b> {strength:.3f}"
+                                                                    for side, strength in v) + "</td></tr>"
+                       for k, v in ranking.items())
+        return ('<h3>Ranking by Bradley-Terry strength (strengths sum to 1)</h3>'
+                f'<table class="cmp ranking"><tbody>{rows}</tbody></table>')
 
     def _disagree_dim(self, v: Versus) -> str:
         for d in (*v.results, *self.dims):
