@@ -37,3 +37,11 @@ class PromptError(InputError):
 
 class FetchError(MPSError):
     """Weights could not be fetched (network, missing file, offline without cache)."""
+
+
+class ResultsError(InputError):
+    """A results file or dataset folder given to the report could not be read."""
+
+
+class ReportError(MPSError):
+    """The report could not be written."""

@@ -9,6 +9,7 @@ from . import scoring  # noqa: F401  (registers score, compare, rank)
 from . import weights_cmds  # noqa: F401
 from . import eval_cmd  # noqa: F401
 from . import versus_cmd  # noqa: F401
+from . import report_cmd  # noqa: F401
 
 
 def main() -> None:

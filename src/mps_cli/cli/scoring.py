@@ -20,6 +20,7 @@ from .app import (
     DEFAULT_THRESHOLD, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline,
     Revision, Weights, app, fail, handle_errors, load_scorer_for_cli, say,
 )
+from .report_cmd import Html, write_html
 
 
 class PromptFrom(str, Enum):
@@ -159,8 +160,12 @@ class _Writer:
         self.docs: list[dict] = []
         self.csv_header_done = False
         self.warned_truncation = False
+        self.kept: list[dict] | None = None  # --html: every record, for the report
+        self.scorer = None
 
     def add(self, r, rank: int | None = None) -> None:
+        if self.kept is not None:
+            self.kept.append(_record(r, rank))
         if r.error is not None:
             say(f"mps: error: {r.error}")
         elif r.prompt_truncated and not self.warned_truncation:
@@ -265,7 +270,7 @@ def score(
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
     recursive: Recursive = False,
-    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
 ) -> None:
@@ -277,8 +282,11 @@ def score(
     mode = _output_mode(as_json, as_jsonl, as_csv)
     keys = _keys(dim, condition)
     items = _collect(images or [], prompt, prompts, prompt_from, recursive)
+    writer = _Writer(mode, keys)
+    writer.kept = [] if html else None
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, _Writer(mode, keys))
+                  dtype, batch_size, writer)
+    write_html(html, writer.kept, writer.scorer, mask_threshold, keys)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -290,6 +298,7 @@ def _run(items, keys, dim, condition, threshold, weights, config, revision, offl
         scorer = None
         if any(it.error is None for it in items):
             scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+        writer.scorer = scorer
         try:
             with _Progress(len(items), scorer.batch_size if scorer else 1) as progress:
                 if scorer is None:
@@ -333,7 +342,7 @@ def rank(
         "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K.")] = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
     recursive: Recursive = False,
-    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
 ) -> None:
@@ -349,8 +358,11 @@ def rank(
     keys = _keys(dim, condition)
     rank_by = by or keys[0]
     items = _collect(images or [], prompt, prompts, prompt_from, recursive)
+    writer = _Writer(mode, keys, rank=True)
+    writer.kept = [] if html else None
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, _Writer(mode, keys, rank=True), rank_by=rank_by, top=top)
+                  dtype, batch_size, writer, rank_by=rank_by, top=top)
+    write_html(html, writer.kept, writer.scorer, mask_threshold, keys)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -361,7 +373,7 @@ def compare(
     prompt: Annotated[str, typer.Option("--prompt", "-p", rich_help_panel="Prompts",
                                         help="The prompt both images were generated for.")],
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
-    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
 ) -> None:
@@ -410,4 +422,5 @@ def compare(
             Console(soft_wrap=False).print(table)
     except BrokenPipeError:
         _quiet_broken_pipe()
+    write_html(html, [doc], scorer, mask_threshold, keys)
     raise typer.Exit(int(Exit.OK))

@@ -1,0 +1,104 @@
+"""``mps report``, and the ``--html FILE`` option that score, rank, compare (and versus) share."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import Exit, app, fail, handle_errors, say
+
+
+class ThumbFormat(str, Enum):
+    webp = "webp"
+    jpeg = "jpeg"
+
+
+def _check_out(value: Path | None) -> Path | None:
+    """Refuse an unwritable destination before any work is done."""
+    if value is not None:
+        if value.is_dir():
+            raise typer.BadParameter(f"{value} is a folder; give a file name such as report.html")
+        if not value.parent.is_dir():
+            raise typer.BadParameter(f"{value.parent} does not exist")
+    return value
+
+
+#: ``--html FILE`` on the commands that score: the report of their results, beside the normal output.
+Html = Annotated[Path | None, typer.Option(
+    "--html", callback=_check_out, rich_help_panel="Output", metavar="FILE",
+    help="Also write a self-contained HTML report of the results to FILE (see mps report).")]
+
+
+def write_html(path: Path | None, records: list, scorer=None, threshold: float | None = None,
+               conditions: list | None = None) -> None:
+    """Write the ``--html`` report of records in the JSON contract; a failure is one line, not lost results."""
+    if path is None:
+        return
+    from ..report import Meta, results_from_records, write_report
+
+    meta = Meta(threshold=threshold, conditions=list(conditions or []))
+    if scorer is not None:
+        from .. import __version__
+        from ..scorer import dtype_name
+
+        meta.weights, meta.identity = scorer.weights, scorer.identity
+        meta.dtype, meta.version = dtype_name(scorer.dtype), __version__
+    with handle_errors():
+        results = results_from_records(records, Path.cwd(), "this run", meta)
+        if results.empty:
+            say(f"mps: no results to report; {path} not written")
+            return
+        summary = write_report(path, results)
+        _said(summary)
+
+
+def _said(summary) -> None:
+    size = summary.bytes / 1e6
+    more = " (sampled: see --max-images)" if summary.sampled else ""
+    say(f"mps: wrote {summary.path} ({summary.cards:,} image cards{more}, {size:.1f} MB)")
+    if summary.unreadable:
+        say(f"mps: warning: {len(summary.unreadable):,} image(s) could not be shown, e.g. {summary.unreadable[0]}")
+
+
+@app.command()
+def report(
+    results: Annotated[list[str], typer.Argument(
+        help="What the other commands wrote: score/rank/compare JSON, JSONL or CSV, versus --json, an mps dataset "
+        "output folder; - reads JSON/JSONL from stdin.", show_default=False, metavar="RESULTS")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", callback=_check_out, metavar="FILE", help="The HTML file to write.", show_default=False)],
+    thumb: Annotated[int, typer.Option(
+        "--thumb", min=16, max=2048, help="Longest side of the embedded thumbnails, in pixels.")] = 256,
+    thumb_format: Annotated[ThumbFormat, typer.Option(
+        "--thumb-format", help="Encoding of the embedded thumbnails.")] = ThumbFormat.webp,
+    link_images: Annotated[bool, typer.Option(
+        "--link-images", help="Reference the original image files by relative path instead of embedding "
+        "thumbnails (for large sets; the page then needs the files beside it).")] = False,
+    max_images: Annotated[int, typer.Option(
+        "--max-images", min=1, help="Show at most this many images in the gallery; beyond it a random sample, "
+        "and the page says so.")] = 2000,
+    title: Annotated[str | None, typer.Option("--title", help="Page title.")] = None,
+) -> None:
+    """One self-contained HTML page of results: images best first per prompt, comparisons, win rates, histograms.
+
+    It works offline: thumbnails are embedded and nothing is fetched.
+
+    Exit codes: 0 written, 1 some inputs unreadable (the rest are in the page), 2 no readable input or bad option.
+    """
+    from ..errors import ResultsError
+    from ..report import read_results, write_report
+
+    try:
+        data, problems = read_results(results)
+    except ResultsError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    for p in problems:
+        say(f"mps: error: {p}")
+    with handle_errors():
+        summary = write_report(output, data, thumb=thumb, thumb_format=thumb_format.value, link_images=link_images,
+                               max_images=max_images, title=title)
+    _said(summary)
+    raise typer.Exit(int(Exit.PARTIAL if problems else Exit.OK))
