@@ -235,7 +235,9 @@ def _chunk_crcs(data: memoryview) -> list[str]:
 
 def _check_data_seal(path: Path, data: memoryview, meta: dict) -> None:
     sealed = meta.get("data_crc", "")
-    if not isinstance(sealed, str) or sealed != ",".join(_chunk_crcs(data)):
+    ok = isinstance(sealed, str) and sealed == ",".join(_chunk_crcs(data))
+    del data  # not kept alive by the traceback: the caller unmaps the file
+    if not ok:
         raise Unusable(f"{path}: contents do not match their seal (damaged, or an interrupted write)")
 
 

@@ -294,8 +294,8 @@ class Scorer:
                 if not all(math.isfinite(v[j]) for v in scores.values()):
                     # A score is a number or the input is an error: NaN means damaged weights or input.
                     ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i],
-                                           error=f"{labels[i]}: the model gave a non-finite score (NaN or "
-                                           "infinity): the weights or this input are damaged")
+                                           error=f"{labels[i]}: the model gave a non-finite score: "
+                                           "the weights or this input are damaged")
                     continue
                 ready[i] = ScoreResult(
                     image=labels[i], prompt=prompt_list[i],
