@@ -110,8 +110,8 @@ def eval_command(
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
     cache: Annotated[Optional[Path], typer.Option(
-        "--cache", help="Score cache (SQLite). Default: $XDG_CACHE_HOME/mps-cli/scores.sqlite "
-        "(~/.cache when unset).")] = None,
+        "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
+        "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
     weights: Weights = None,
     config: Config = None,
