@@ -175,7 +175,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     out["dynamo"].write_bytes(b"\x80\x02ctorch\n_dynamo\n)\x81.")
 
     # zip bombs and views
-    def zeros(fh, total=2 * GiB, chunk=bytes(64 << 20)):
+    def zeros(fh, total=GiB, chunk=bytes(64 << 20)):
         for _ in range(total // len(chunk)):
             fh.write(chunk)
 

@@ -453,7 +453,8 @@ def _remove_superseded(current: Path, source: str) -> None:
             continue
         try:
             if _metadata(p).get("source") == source:
-                discard(p, f"{p.name} was made from an older version of {source}")
+                p.unlink()
+                _marker(p).unlink(missing_ok=True)
         except (OSError, ValueError, CheckpointError):
             pass
 
