@@ -36,12 +36,16 @@ def _save(path: Path, tensors: dict) -> Path:
 
 
 def _load_error(path: Path, error=CheckpointError, **kwargs) -> str:
-    """Load, expecting ``error``; returns its message after the checks every loader error must pass."""
+    """Load, expecting ``error``; returns its message as the CLI shows it (with the flag hint the CLI adds),
+    after the checks every loader error must pass: one line, and no CLI flag named by the library."""
+    from mps_cli.cli.app import describe
+
     kwargs.setdefault("config", CONFIG)
     with pytest.raises(error) as info:
         load_scorer(path, device="cpu", dtype="fp32", **kwargs)
     assert type(info.value) is error
-    message = str(info.value)
+    assert " --" not in str(info.value)
+    message = describe(info.value)
     assert "\n" not in message
     return message
 

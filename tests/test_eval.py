@@ -183,7 +183,7 @@ def test_hpdv2_accuracy_per_prompt_mean_and_default_cache(tmp_path, image_root, 
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
     xdg = tmp_path / "xdg"
     proc, doc = run_json("hpdv2", str(bench), "-r", str(root), "--dim", "overall", "--dim", "detail",
-                         env={"XDG_CACHE_HOME": str(xdg)})
+                         env={"XDG_CACHE_HOME": str(xdg), "MPS_CACHE_DIR": ""})
     assert proc.returncode == 1, proc.stderr
     assert "nothing.webp" in proc.stderr and "corrupt.png" in proc.stderr
     assert sorted(Path(p["image"]).name for p in doc["problems"]) == ["corrupt.png", "nothing.webp"]

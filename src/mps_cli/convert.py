@@ -1,7 +1,7 @@
 """Convert an MPS checkpoint (the authors' pickles, or safetensors under a prefix) to the published layout.
 
-The output is the layout of the published safetensors (mps-model.md §5): the same key
-names with no ``mps.``/``module.`` prefix, every tensor kept except the ``position_ids``
+The output is the layout of the published safetensors: the same key names with no
+``mps.``/``module.`` prefix, every tensor kept except the ``position_ids``
 buffers. It is written under a temporary name beside the destination and renamed only
 once it has been read back and checked, so a failed conversion leaves no output file.
 """
@@ -14,8 +14,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import cross_config_from_shapes, detect_prefix, plan_remap, read_safetensors_header
 from .errors import CheckpointError
+from .reader import read_safetensors_header
+from .remap import cross_config_from_shapes, detect_prefix, plan_remap
 
 _DROPPED = re.compile(r"(^|\.)position_ids$")
 _DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -40,7 +41,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     """
     import torch
 
-    from .weights import open_local
+    from .weights import open_source
 
     src, dst = Path(src), Path(dst)
     if dst.suffix.lower() != ".safetensors":
@@ -53,7 +54,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst}: folder {dst.parent} does not exist")
 
-    source = open_local(src).source
+    source = open_source(src)
     shapes = source.shapes()
     prefix = detect_prefix(shapes, str(src))
     stray = sorted(k for k in shapes if not k.startswith(prefix))
@@ -62,7 +63,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
     kept = {k[len(prefix):]: k for k in shapes if not _DROPPED.search(k)}
     plan = plan_remap(kept, "")
     if plan.unexpected:
-        shown = ", ".join(plan.unexpected[:6]) + (f", ... ({len(plan.unexpected)} in all)" if len(plan.unexpected) > 6 else "")
+        more = f", ... ({len(plan.unexpected)} in all)" if len(plan.unexpected) > 6 else ""
+        shown = ", ".join(plan.unexpected[:6]) + more
         raise CheckpointError(f"{src}: tensors that are not part of an MPS checkpoint: {shown}")
     cross_config_from_shapes({k: shapes[v] for k, v in kept.items()}, "", str(src))
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 
 class MPSError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    ``hint`` names what a user could change (``"config"``, ``"weights"``, ``"offline"``, ...)
+    without naming how: the CLI turns it into the flag to use, other callers may ignore it.
+    ``uri`` is the Hub source the error is about, where there is one.
+    """
+
+    def __init__(self, *args, hint: str | None = None, uri: str | None = None):
+        super().__init__(*args)
+        self.hint = hint
+        self.uri = uri
 
 
 class ConfigError(MPSError):

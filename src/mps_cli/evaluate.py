@@ -1,4 +1,4 @@
-"""Reproduce the paper's accuracies on preference benchmarks (mps-model.md §6).
+"""Reproduce the paper's accuracies on preference benchmarks (ImageReward, HPD v2, and plain pairs).
 
 Three formats are read:
 
@@ -18,21 +18,23 @@ The library never prints: progress goes to a callback, problems into the report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sqlite3
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from .cachedir import scores_path
 from .constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
 from .errors import InputError, MPSError
+from .reader import file_sha256
 
 BENCHMARKS = ("imagereward", "hpdv2", "pairs")
 CACHE_SCHEMA = 1
+#: Seconds to wait for another process holding the score cache before giving up.
+BUSY_TIMEOUT_S = 30
 
 #: ``progress(stage, done, total)``; stage is "hash" (reading images) or "score" (the model).
 ProgressFn = Callable[[str, int, int], None]
@@ -240,7 +242,7 @@ def load_benchmark(kind: str, path: str | os.PathLike, images_root: str | os.Pat
     return Benchmark(kind, str(path), tuple(items))
 
 
-# ---------------------------------------------------------------- the metrics (§6)
+# ---------------------------------------------------------------- the metrics
 
 def pooled_pair_accuracy(groups: Iterable[tuple[Sequence[int], Sequence[float]]]) -> tuple[int, int, int]:
     """ImageReward's metric: (correct, pairs, human ties) pooled over groups.
@@ -283,20 +285,8 @@ def inversion_accuracy(ranks: Sequence[int], scores: Sequence[float]) -> float |
 # ---------------------------------------------------------------- the score cache
 
 def default_cache_path() -> Path:
-    """``$XDG_CACHE_HOME/mps-cli/scores.sqlite`` (``~/.cache`` by default; ``%LOCALAPPDATA%`` on Windows)."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base and sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA")
-    return Path(base or Path.home() / ".cache") / "mps-cli" / "scores.sqlite"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """``scores.sqlite`` in mps-cli's cache folder (``$MPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mps-cli``, ...)."""
+    return scores_path()
 
 
 # A score is identified by everything that decides it: what the pixels are (content hash, not
@@ -318,7 +308,7 @@ class ScoreCache:
                 self._db = sqlite3.connect(":memory:")
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, timeout=30)
+                self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(
@@ -340,16 +330,22 @@ class ScoreCache:
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(CACHE_SCHEMA),))
             elif row[0] != str(CACHE_SCHEMA):
-                raise CacheError(f"{self.path}: score cache schema {row[0]}, expected {CACHE_SCHEMA}; "
-                                 "delete it or pass another --cache")
+                raise CacheError(f"{self.path}: score cache schema {row[0]}, expected {CACHE_SCHEMA}", hint="cache")
             self._db.commit()
         except sqlite3.DatabaseError as exc:
-            raise CacheError(f"{self.path}: cannot use as a score cache ({exc}); delete it or pass another --cache") from None
+            raise self._error("cannot use as a score cache", exc) from exc
         except OSError as exc:
-            raise CacheError(f"{self.path}: cannot create the score cache ({exc.strerror or exc}); "
-                             "pass another --cache or --no-cache") from None
+            raise CacheError(f"{self.path}: cannot create the score cache ({exc.strerror or exc})",
+                             hint="cache") from exc
 
-    def __enter__(self) -> "ScoreCache":
+    def _error(self, doing: str, exc: sqlite3.DatabaseError) -> CacheError:
+        """One line for a database error; a lock held too long by another process is said as such."""
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return CacheError(f"{self.path}: the score cache is locked by another process (waited "
+                              f"{BUSY_TIMEOUT_S} s)", hint="cache-locked")
+        return CacheError(f"{self.path}: {doing} ({exc})", hint="cache")
+
+    def __enter__(self) -> ScoreCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,33 +361,47 @@ class ScoreCache:
         try:
             self._db.commit()
         except sqlite3.DatabaseError as exc:
-            raise CacheError(f"{self.path}: cannot write the score cache ({exc})") from None
+            raise self._error("cannot write the score cache", exc) from exc
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._error("cannot read the score cache", exc) from exc
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+        return self._query("SELECT COUNT(*) FROM scores")[0][0]
 
     def get(self, key: ScoreKey) -> float | None:
-        row = self._db.execute(
+        """A stored score; a stored value that is not a finite number counts as absent."""
+        rows = self._query(
             "SELECT score FROM scores WHERE image_sha256=? AND prompt=? AND condition=? "
-            "AND mask_threshold=? AND weights=? AND dtype=?", key).fetchone()
-        return None if row is None else row[0]
+            "AND mask_threshold=? AND weights=? AND dtype=?", key)
+        value = rows[0][0] if rows else None
+        return value if isinstance(value, float) and math.isfinite(value) else None
 
     def put(self, key: ScoreKey, score: float) -> None:
-        """Store one score; it is durable after the next :meth:`commit`."""
+        """Store one finite score; it is durable after the next :meth:`commit`."""
+        if not math.isfinite(score):
+            raise ValueError(f"not a finite score: {score}")
         try:
             self._db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, float(score)))
         except sqlite3.DatabaseError as exc:
-            raise CacheError(f"{self.path}: cannot write the score cache ({exc})") from None
+            raise self._error("cannot write the score cache", exc) from exc
 
     def sha256(self, path: str) -> str:
         """The content hash of an image file, remembered while its size and mtime stay the same."""
         st = os.stat(path)
         real = os.path.realpath(path)
-        row = self._db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path=?", (real,)).fetchone()
-        if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
-            return row[2]
+        rows = self._query("SELECT size, mtime_ns, sha256 FROM files WHERE path=?", (real,))
+        if rows and rows[0][0] == st.st_size and rows[0][1] == st.st_mtime_ns:
+            return rows[0][2]
         digest = file_sha256(path)
-        self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (real, st.st_size, st.st_mtime_ns, digest))
+        try:
+            self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                             (real, st.st_size, st.st_mtime_ns, digest))
+        except sqlite3.DatabaseError as exc:
+            raise self._error("cannot write the score cache", exc) from exc
         return digest
 
 
@@ -504,7 +514,7 @@ def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], conditio
 def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *, condition: str | None = None,
              mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache: ScoreCache | None = None,
              batch_size: int | None = None, progress: ProgressFn | None = None) -> EvalReport:
-    """Score every image of ``benchmark`` (reusing cached scores) and compute §6's accuracy per dimension.
+    """Score every image of ``benchmark`` (reusing cached scores) and compute its accuracy per dimension.
 
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.

@@ -12,19 +12,47 @@ file) whose message is one line naming the file and what to do.
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import inspect
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import read_safetensors_header
 from .errors import CheckpointError, FetchError, MPSError
-from .weights import HubFile
+from .reader import file_sha256, read_safetensors_header
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hub repository, with the config.json to use beside it (if any)."""
+
+    repo: str
+    filename: str
+    revision: str | None = None
+    config: str | None = None  # path in the repo; None: try config.json in the file's folder
+
+    @property
+    def uri(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"hf://{self.repo}/{self.filename}{rev}"
+
+
+def parse_hf_uri(uri: str) -> HubFile:
+    """``hf://OWNER/REPO/PATH/IN/REPO[@REVISION]`` -> :class:`HubFile`."""
+    rest = uri[len("hf://"):]
+    revision = None
+    if "@" in rest:
+        rest, revision = rest.rsplit("@", 1)
+        if not revision:
+            raise CheckpointError(f"{uri}: empty revision after '@'")
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 3:
+        raise CheckpointError(f"{uri}: expected hf://OWNER/REPO/PATH/IN/REPO[@REVISION]")
+    return HubFile(repo="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision)
 
 
 @dataclass(frozen=True)
@@ -66,27 +94,19 @@ def cached_weights(f: HubFile) -> Path | None:
     return _cached(f.repo, f.filename, f.revision)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def fetch_weights(f: HubFile, offline: bool | None = None, check: bool = True) -> FetchedWeights:
+    """The weights file (downloaded once, then from the cache) and its config.
 
-
-def fetch_weights(f: HubFile, offline: bool | None = None) -> FetchedWeights:
-    """The weights file (downloaded once, then from the cache) and its config, validated.
-
-    Offline (``offline=True`` or ``HF_HUB_OFFLINE``), only the cache is read and nothing
-    touches the network.
+    With ``check``, a safetensors file's header is validated here (callers that open the
+    file next pass False: they validate it as they open it). Offline (``offline=True`` or
+    ``HF_HUB_OFFLINE``), only the cache is read and nothing touches the network.
     """
     offline = is_offline(offline)
     before = cached_weights(f)
     path = _fetch(f, f.filename, f.revision, offline, what="weights")
     downloaded = before is None or before != path
     sha = _verify_download(f, path) if downloaded else None
-    if path.suffix.lower() == ".safetensors":
+    if check and path.suffix.lower() == ".safetensors":
         read_safetensors_header(path)
     commit = _commit_of(path)
     config_path = _fetch_config(f, commit, offline)
@@ -151,10 +171,8 @@ def _fetch(f: HubFile, filename: str, revision: str | None, offline: bool, what:
     if offline:
         path = _cached(f.repo, filename, revision)
         if path is None:
-            raise FetchError(
-                f"{uri}: {what} not in the cache ({cache_dir()}) and offline mode is on: run "
-                f"`mps download {uri}` on a connected machine with the same HF_HOME, or pass --weights PATH"
-            )
+            raise FetchError(f"{uri}: {what} not in the cache ({cache_dir()}) and offline mode is on",
+                             hint="download", uri=uri)
         return path
     if _cached(f.repo, filename, revision) is None:
         # hf_hub_download retries a failed metadata request for ~30 s when nothing is cached;
@@ -181,8 +199,31 @@ def _probe(f: HubFile, filename: str, revision: str | None, uri: str, what: str)
         raise _explain(exc, f, uri, revision, what) from None
 
 
-def _names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
+def _network_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(timeouts, connection failures, cut transfers) of the HTTP clients huggingface_hub may use."""
+    import ssl
+
+    timeouts: list[type] = [TimeoutError]
+    connects: list[type] = [ConnectionError, ssl.SSLError]
+    cuts: list[type] = []
+    # huggingface_hub may use httpx under its own name (httpx2) or the original.
+    for client in ("httpx", "httpx2"):
+        try:
+            httpx = importlib.import_module(client)
+        except ImportError:
+            continue
+        timeouts.append(httpx.TimeoutException)
+        connects += [httpx.ConnectError, httpx.NetworkError, httpx.ProxyError]
+        cuts.append(httpx.RemoteProtocolError)
+    try:
+        import requests
+
+        timeouts.append(requests.exceptions.Timeout)
+        connects += [requests.exceptions.ConnectionError, requests.exceptions.ProxyError, requests.exceptions.SSLError]
+        cuts.append(requests.exceptions.ChunkedEncodingError)
+    except ImportError:
+        pass
+    return tuple(timeouts), tuple(connects), tuple(cuts)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -205,31 +246,33 @@ def _root(exc: BaseException) -> BaseException:
 
 def _explain(exc: BaseException, f: HubFile, uri: str, revision: str | None, what: str) -> MPSError:
     """One line for each way a fetch can fail: what went wrong with which file, and what to do."""
+    from huggingface_hub import errors as hf
+
     rev = revision or "main"
     where = endpoint()
-    names = _names(exc)
-    if "HFValidationError" in names:
+
+    if isinstance(exc, hf.HFValidationError):
         return CheckpointError(f"{uri}: not a valid Hub repository or file name ({_one_line(exc)})")
-    if "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names:
+    if isinstance(exc, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         root = _root(exc)
         if root is not exc:
             return _explain(root, f, uri, revision, what)
         return FetchError(
             f"{uri}: {what} not in the cache ({cache_dir()}) and the Hub at {where} could not be reached: "
-            "check your connection, or pass --weights PATH"
-        )
+            "check your connection", hint="weights", uri=uri)
     status = _status(exc)
-    if "GatedRepoError" in names:
+    timeouts, connects, cuts = _network_errors()
+    if isinstance(exc, hf.GatedRepoError):
         return FetchError(
             f"{uri}: {f.repo} is a gated repository: accept its terms at {where}/{f.repo} and set HF_TOKEN "
             "to a token of that account"
         )
-    if "RevisionNotFoundError" in names:
-        return FetchError(f"{uri}: revision {rev!r} not found in {f.repo}: check --revision or the @REVISION")
-    if "EntryNotFoundError" in names:
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return FetchError(f"{uri}: revision {rev!r} not found in {f.repo}", hint="revision", uri=uri)
+    if isinstance(exc, hf.EntryNotFoundError):
         return _NotThere(f"{uri}: {what} file {f.filename if what == 'weights' else uri} not found in "
                          f"{f.repo} at revision {rev}: check the path in the repository")
-    if "RepositoryNotFoundError" in names or status == 401:
+    if isinstance(exc, hf.RepositoryNotFoundError) or status == 401:
         return FetchError(
             f"{uri}: repository {f.repo} not found at {where}, or it is private (HTTP {status or 404}): "
             "check the name, or set HF_TOKEN to a token that can read it"
@@ -239,27 +282,24 @@ def _explain(exc: BaseException, f: HubFile, uri: str, revision: str | None, wha
     if status == 404:
         return _NotThere(f"{uri}: not found at {where} (HTTP 404): check the repository and path")
     if status is not None and status >= 500:
-        return FetchError(
-            f"{uri}: the Hub at {where} failed (HTTP {status}): try again later, or pass --weights PATH"
-        )
+        return FetchError(f"{uri}: the Hub at {where} failed (HTTP {status}): try again later",
+                          hint="weights", uri=uri)
     if status is not None:
         return FetchError(f"{uri}: the Hub at {where} refused the request (HTTP {status})")
-    if any("Timeout" in n for n in names):
+    if isinstance(exc, timeouts):
         return FetchError(
             f"{uri}: timed out talking to {where}: check your connection (HF_HUB_ETAG_TIMEOUT and "
-            "HF_HUB_DOWNLOAD_TIMEOUT set the limits), or use --offline with cached weights"
-        )
-    if names & {"ConnectError", "ConnectionError", "NetworkError", "ProxyError", "SSLError",
-                "ConnectionRefusedError", "ConnectTimeout"}:
+            "HF_HUB_DOWNLOAD_TIMEOUT set the limits)", hint="offline", uri=uri)
+    if isinstance(exc, connects):
         return FetchError(
-            f"{uri}: cannot connect to {where} ({_one_line(exc)}): check your connection or HF_ENDPOINT, "
-            "use --offline with cached weights, or pass --weights PATH"
-        )
-    if "RemoteProtocolError" in names or "Consistency check failed" in str(exc):
+            f"{uri}: cannot connect to {where} ({_one_line(exc)}): check your connection or HF_ENDPOINT",
+            hint="offline-or-weights", uri=uri)
+    if isinstance(exc, cuts) or "Consistency check failed" in str(exc):
         return FetchError(f"{uri}: the download was cut short ({_got_of(exc)}); nothing was kept: "
                           "run the command again")
-    if "FileMetadataError" in names:
-        return FetchError(f"{uri}: {where} does not answer like a Hugging Face Hub ({_one_line(exc)}): check HF_ENDPOINT")
+    if isinstance(exc, hf.FileMetadataError):
+        return FetchError(f"{uri}: {where} does not answer like a Hugging Face Hub ({_one_line(exc)}): "
+                          "check HF_ENDPOINT")
     if isinstance(exc, OSError):
         return FetchError(f"{uri}: could not store the download in {cache_dir()} ({_one_line(exc)})")
     return FetchError(f"{uri}: download failed ({type(exc).__name__}: {_one_line(exc)})")

@@ -258,7 +258,7 @@ class MPSModel(nn.Module):
                 names.add(f"{prefix}.{attr}")
         return names
 
-    def finish_loading(self, device: torch.device) -> None:
+    def finish_loading(self) -> None:
         """Drop the causal-mask buffer built on the meta device: attention is causal by flag."""
         self.text.attn_mask = None
 

@@ -1,6 +1,6 @@
 """Reading the authors' pickled checkpoints without ever executing code from them.
 
-Two formats circulate (mps-model.md §5): plain state-dict pickles, which torch's own
+Two formats circulate: plain state-dict pickles, which torch's own
 ``weights_only`` loader reads, and ``MPS_overall_checkpoint.pth``, a whole pickled
 ``torch.nn.Module`` whose classes (the authors' ``trainer`` package, transformers' CLIP)
 cannot be imported here and must not be. For the latter, every class the pickle names
@@ -25,6 +25,20 @@ from .errors import CheckpointError, UnsafePickleError
 # module pickle names but which is never run here.
 _STAND_IN_PREFIXES = ("trainer.", "transformers.", "torch.nn.modules.", "open_clip.")
 _STAND_IN_MODULES = {"torch._C._nn", "torch.nn.functional", "torch.nn.modules"}
+
+# The pickle of a checkpoint (names and structure, not tensor data) is a few MB at most.
+MAX_PICKLE_BYTES = 256 << 20
+# Deflate cannot compress better than about 1032:1; a member claiming more is lying.
+MAX_INFLATE_RATIO = 1100
+# Members inflating more than this ratio (runs of zeros) may hold at most MAX_DENSE_BYTES together.
+DENSE_RATIO = 16
+MAX_DENSE_BYTES = 256 << 20
+# Storages in one archive: the published checkpoint holds about 4 GiB in fp32.
+MAX_ARCHIVE_BYTES = 32 << 30
+# Modules (and their parameter entries) a module walk may visit: the published model has about 1,000.
+MAX_WALK_NODES = 200_000
+# How deep a module tree may nest: the published model nests about 10 deep.
+MAX_WALK_DEPTH = 1_000
 
 _STORAGE_DTYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
@@ -83,8 +97,10 @@ class _SafeUnpickler(pickle.Unpickler):
             return _REBUILDERS[name]
         if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(name, _STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        # torch.__dict__, not getattr: torch imports submodules (torch._dynamo: ~900 modules)
+        # on first attribute access, and a refused name must cost nothing.
+        if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
+            return torch.__dict__[name]
         if module == "torch" and name == "Size":
             return torch.Size
         if module == "copyreg" and name == "_reconstructor":
@@ -175,15 +191,18 @@ class _ZipStorages:
             try:
                 info = self.archive.getinfo(name)
             except KeyError:
-                raise CheckpointError(f"{self.path}: storage {key} is missing from the archive (truncated file?)") from None
+                raise CheckpointError(
+                    f"{self.path}: storage {key} is missing from the archive (truncated file?)") from None
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+                raise CheckpointError(f"{self.path}: storage {key} has no valid size ({numel!r})")
+            need = numel * itemsize
+            self._check_member(info, key, need if storage_type.name != "UntypedStorage" else None)
             buf = bytearray(info.file_size)
             with self.archive.open(info) as fh:
                 got = fh.readinto(buf)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if got != info.file_size or (storage_type.name != "UntypedStorage" and got != int(numel) * itemsize):
-                raise CheckpointError(
-                    f"{self.path}: storage {key} holds {got} bytes, expected {int(numel) * itemsize}"
-                )
+            if got != info.file_size:
+                raise CheckpointError(f"{self.path}: storage {key} holds {got} bytes, expected {info.file_size}")
             if got:
                 untyped = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
             else:
@@ -192,9 +211,44 @@ class _ZipStorages:
         return self.cache[key]
 
 
+    def _check_member(self, info: zipfile.ZipInfo, key: str, need: int | None) -> None:
+        """Refuse a storage before inflating it when its declared size is not what the pickle asks for."""
+        if need is not None and info.file_size != need:
+            raise CheckpointError(f"{self.path}: storage {key} holds {info.file_size:,} bytes, expected {need:,}")
+
+
+def check_archive(archive: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a zip whose members could not be what they claim, before anything is inflated.
+
+    A stored member must fit in the file; a deflated one must not inflate beyond what deflate
+    can reach, and highly compressed members (torch itself never compresses) share a small
+    budget; all members together stay within :data:`MAX_ARCHIVE_BYTES`.
+    """
+    size = path.stat().st_size
+    total = dense = 0
+    for info in archive.infolist():
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size != info.file_size or info.header_offset + info.compress_size > size:
+                raise CheckpointError(f"{path}: archive member {info.filename} claims {info.file_size:,} bytes, "
+                                      f"more than the file holds ({size:,} bytes)")
+        else:
+            ratio = info.file_size / max(info.compress_size, 1)
+            if ratio > MAX_INFLATE_RATIO:
+                raise CheckpointError(f"{path}: archive member {info.filename} would inflate "
+                                      f"{info.compress_size:,} bytes to {info.file_size:,} (a zip bomb?)")
+            if ratio > DENSE_RATIO:
+                dense += info.file_size
+        total += info.file_size
+        if dense > MAX_DENSE_BYTES or total > MAX_ARCHIVE_BYTES:
+            raise CheckpointError(f"{path}: archive members would inflate to more than "
+                                  f"{(MAX_DENSE_BYTES if dense > MAX_DENSE_BYTES else MAX_ARCHIVE_BYTES) / 2**20:,.0f} "
+                                  "MiB (a zip bomb?)")
+
+
 def _check_little_endian(archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
     name = f"{prefix}byteorder"
-    if name in archive.namelist() and archive.read(name).strip() not in (b"little", b""):
+    if name in archive.namelist() and (archive.getinfo(name).file_size > 16
+                                       or archive.read(name).strip() not in (b"little", b"")):
         raise CheckpointError(f"{path}: big-endian torch archive; re-save it on a little-endian machine")
 
 
@@ -204,11 +258,15 @@ def _unpickle_zip(path: Path) -> Any:
     except (zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
     with archive:
+        check_archive(archive, path)
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
         if not pickles:
             raise CheckpointError(f"{path}: a zip file, but not a torch checkpoint (no data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
         _check_little_endian(archive, prefix, path)
+        info = archive.getinfo(pickles[0])
+        if info.file_size > MAX_PICKLE_BYTES or info.file_size > MAX_INFLATE_RATIO * max(info.compress_size, 1):
+            raise CheckpointError(f"{path}: its pickle claims {info.file_size:,} bytes, too large to be a checkpoint's")
         try:
             data = archive.read(pickles[0])
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -255,62 +313,107 @@ def _module_state(obj) -> dict | None:
     return None
 
 
-def _collect(module, prefix: str, out: dict, path: Path, active: set[int]) -> None:
-    """Walk ``_parameters``, persistent ``_buffers`` and ``_modules`` as ``Module.state_dict`` would."""
-    state = _module_state(module)
-    if state is None:
-        raise CheckpointError(
-            f"{path}: {prefix.rstrip('.') or 'the root object'} is not a torch module "
-            f"({type(module).__module__}.{type(module).__qualname__})"
-        )
-    if id(module) in active:
-        raise CheckpointError(f"{path}: the module tree loops back on itself at {prefix.rstrip('.')}")
-    active.add(id(module))
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        entries = state.get(group) or {}
-        if not isinstance(entries, dict):
-            raise CheckpointError(f"{path}: {prefix}{group} is not a dict")
-        for name, value in entries.items():
-            if value is None or (group == "_buffers" and name in skip):
-                continue
-            if not _is_tensor(value):
-                raise CheckpointError(f"{path}: {prefix}{name} is not a tensor ({type(value).__name__})")
-            out[f"{prefix}{name}"] = value
-    children = state.get("_modules") or {}
-    if not isinstance(children, dict):
-        raise CheckpointError(f"{path}: {prefix}_modules is not a dict")
-    for name, child in children.items():
-        if child is not None:
-            _collect(child, f"{prefix}{name}.", out, path, active)
-    active.discard(id(module))
+def _collect(root, path: Path) -> dict:
+    """Walk ``_parameters``, persistent ``_buffers`` and ``_modules`` as ``Module.state_dict`` would.
+
+    Iterative, so depth costs no stack; a module that contains itself is refused, and so is a
+    tree that would take more than :data:`MAX_WALK_NODES` steps (a small DAG whose nodes are
+    shared by many parents can stand for an exponential number of paths).
+    """
+    out: dict = {}
+    stack: list[tuple[object, str, tuple[int, ...]]] = [(root, "", ())]
+    steps = 0
+    while stack:
+        module, prefix, ancestors = stack.pop()
+        where = prefix.rstrip(".") or "the root object"
+        state = _module_state(module)
+        if state is None:
+            raise CheckpointError(
+                f"{path}: {where} is not a torch module ({type(module).__module__}.{type(module).__qualname__})"
+            )
+        if id(module) in ancestors:
+            raise CheckpointError(f"{path}: the module tree loops back on itself at {where}")
+        if len(ancestors) > MAX_WALK_DEPTH:
+            raise CheckpointError(f"{path}: the module tree nests more than {MAX_WALK_DEPTH} deep at {where[:200]}")
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise CheckpointError(f"{path}: {prefix}_non_persistent_buffers_set is not a set")
+        for group in ("_parameters", "_buffers"):
+            entries = state.get(group) or {}
+            if not isinstance(entries, dict):
+                raise CheckpointError(f"{path}: {prefix}{group} is not a dict")
+            for name, value in entries.items():
+                steps += 1
+                if value is None or (group == "_buffers" and name in skip):
+                    continue
+                if not _is_tensor(value):
+                    raise CheckpointError(f"{path}: {prefix}{name} is not a tensor ({type(value).__name__})")
+                out[f"{prefix}{name}"] = value
+        children = state.get("_modules") or {}
+        if not isinstance(children, dict):
+            raise CheckpointError(f"{path}: {prefix}_modules is not a dict")
+        steps += 1 + len(children)
+        if steps > MAX_WALK_NODES:
+            raise CheckpointError(f"{path}: the module tree has more than {MAX_WALK_NODES:,} entries "
+                                  "(shared submodules standing for too many paths)")
+        inner = (*ancestors, id(module))
+        for name, child in reversed(list(children.items())):
+            if child is not None:
+                stack.append((child, f"{prefix}{name}.", inner))
+    return out
 
 
 def _state_dict_of(obj, path: Path) -> dict:
-    if _module_state(obj) is not None:
-        out: dict = {}
-        _collect(obj, "", out, path, set())
-        return out
-    if isinstance(obj, dict):
-        if obj and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items()):
-            return dict(obj)
-        for key in ("state_dict", "model_state_dict", "model", "module"):
-            inner = obj.get(key)
-            if inner is not None and (isinstance(inner, dict) or _module_state(inner) is not None):
-                return _state_dict_of(inner, path)
-    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    raise CheckpointError(f"{path}: holds neither a model nor a state dict of tensors (found {kind})")
+    seen: set[int] = set()
+    while True:
+        if _module_state(obj) is not None:
+            return _collect(obj, path)
+        if isinstance(obj, dict) and id(obj) not in seen:
+            seen.add(id(obj))
+            if obj and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items()):
+                return dict(obj)
+            inner = next((obj[k] for k in ("state_dict", "model_state_dict", "model", "module")
+                          if isinstance(obj.get(k), dict) or _module_state(obj.get(k)) is not None), None)
+            if inner is not None:
+                obj = inner
+                continue
+        if isinstance(obj, dict) and id(obj) in seen:
+            raise CheckpointError(f"{path}: the checkpoint's dict contains itself")
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        raise CheckpointError(f"{path}: holds neither a model nor a state dict of tensors (found {kind})")
+
+
+def _check_views(state: dict, path: Path) -> None:
+    """Refuse tensors that are views larger than their data (stride 0, expanded), and ties past all reason.
+
+    Copying such a view out (to convert or save it) would materialise its full size from a
+    few stored bytes.
+    """
+    stored: dict[int, int] = {}
+    total = 0
+    for name, t in state.items():
+        storage = t.untyped_storage()
+        nbytes = t.numel() * t.element_size()
+        if nbytes > storage.nbytes():
+            raise CheckpointError(f"{path}: tensor {name!r} is a view of {storage.nbytes():,} stored bytes that "
+                                  f"would take {nbytes:,} bytes (stride 0 or expanded); refusing to materialise it")
+        stored[storage.data_ptr()] = storage.nbytes()
+        total += nbytes
+    if total > 2 * sum(stored.values()) + (64 << 20):
+        raise CheckpointError(f"{path}: its tensors would take {total:,} bytes from {sum(stored.values()):,} stored "
+                              "(the same data tied under too many names)")
 
 
 def _torch_load_weights_only(path: Path):
-    """torch's restricted loader; None when the file holds more than plain tensor data."""
+    """torch's restricted loader; None when it refuses the file (whole-module pickles, or anything odd),
+    so the project's own reader reads it or explains what is wrong. A read error is an error here."""
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError:
-        return None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile):
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc.strerror or exc})") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, RecursionError):
         return None
 
 
@@ -318,15 +421,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a pickled checkpoint (state dict or whole module) into a CPU state dict, never running its code.
 
     Raises :class:`UnsafePickleError` when the pickle names anything that could run code,
-    and :class:`CheckpointError` when the file is unreadable or holds no tensors.
+    and :class:`CheckpointError` when the file is unreadable, hostile (a zip bomb, a cycle,
+    an expanded view) or holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                check_archive(archive, path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
     loaded = _torch_load_weights_only(path)
     if loaded is None:
-        loaded = _unpickle_zip(path) if zipfile.is_zipfile(path) else _unpickle_plain(path)
+        loaded = _unpickle_zip(path) if is_zip else _unpickle_plain(path)
     state = _state_dict_of(loaded, path)
     if not state:
         raise CheckpointError(f"{path}: no tensors in this checkpoint")
+    _check_views(state, path)
     return {k: (v.detach() if v.requires_grad else v) for k, v in state.items()}

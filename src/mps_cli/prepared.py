@@ -6,9 +6,12 @@ such load the converted tensors (final dtype, final layout) are written once to 
 Later loads map that file privately and use it in place: it is already in the page cache, so
 loading is building page tables, and every process scoring at the same time shares one copy.
 
-The file is safetensors written by us (tensors 64-byte aligned with padding entries), keyed
-by the source file's identity, the dtype and the layout; anything that does not match exactly
-is ignored and rebuilt, never half-used.
+The file is safetensors written by us (tensors 64-byte aligned with padding entries). It is
+named after the source's path, its SHA-256, the dtype and the layout, and records them; its
+header and every data byte are sealed with CRC-32 checksums, verified in full (in parallel
+chunks) on the first load after the file was written or changed, and by :func:`verify_all`.
+Anything that does not match exactly (another source, a changed source, a damaged or
+substituted file, a symlink, a FIFO) is deleted and rebuilt, never half-used.
 """
 
 from __future__ import annotations
@@ -18,28 +21,43 @@ import json
 import logging
 import os
 import shutil
+import socket
+import stat
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .checkpoint import _TORCH_DTYPES, fingerprint, read_safetensors_header
-from .constants import CACHE_ENV, PREPARED_ENV as SWITCH_ENV
+from .cachedir import prepared_dir, version_of, weights_sha256
+from .constants import CACHE_ENV
+from .constants import PREPARED_ENV as SWITCH_ENV
 from .errors import CheckpointError
+from .reader import TORCH_DTYPES, SafetensorsFile, header_from_file
 
 log = logging.getLogger("mps_cli")
 
 FORMAT = "mps-cli-prepared"
-# Bump when the meaning of a stored tensor changes (names, layout), so old files are not read.
-VERSION = "1"
+# Bump when the meaning of a stored tensor changes (names, layout, seal), so old files are not read.
+VERSION = "2"
 ALIGN = 64
 # Leave this much free on the cache's disk after writing, or do not write.
 MIN_FREE_AFTER = 1 << 30
-# Temporary files left by a killed writer are removed after this long.
+# Temporary files of writers on other hosts (whose pids mean nothing here) are removed after this long.
 STALE_TMP_S = 3600
-# The seal hashes this many samples of this many bytes, spread over the data.
-SEAL_SAMPLES, SEAL_BYTES = 256, 4096
+# The data is sealed in chunks of this many bytes, each with its own CRC-32, so chunks verify in parallel.
+SEAL_CHUNK = 64 << 20
+_BLANK_CRC = "00000000"
 
-_ST_NAME = {v: k for k, v in _TORCH_DTYPES.items()}
+_ST_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+Specs = Mapping[str, tuple[tuple[int, ...], object]]  # name -> (logical shape, torch dtype)
+
+
+class Unusable(CheckpointError):
+    """A prepared file that must not be used (it is deleted and rebuilt)."""
 
 
 def enabled() -> bool:
@@ -48,79 +66,218 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """``$MPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mps-cli``, else ``~/.cache/mps-cli``; then ``prepared/``."""
-    base = os.environ.get(CACHE_ENV)
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = os.path.join(xdg, "mps-cli") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "mps-cli")
-    return Path(base) / "prepared"
+    """The folder of prepared weights: ``prepared/`` in mps-cli's cache folder."""
+    return prepared_dir()
 
 
-def prepared_path(source: Path, dtype_name: str, transposed: frozenset[str], folder: Path | None = None) -> Path:
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What a prepared file was made from: the source's real path and the SHA-256 of its bytes."""
+
+    path: str
+    sha256: str
+
+
+def source_identity(path: Path) -> SourceIdentity:
+    """The identity of a source weights file (its SHA-256 is computed once per version of the file)."""
+    return SourceIdentity(os.path.realpath(path), weights_sha256(path))
+
+
+def prepared_path(source: SourceIdentity, dtype_name: str, transposed: frozenset[str],
+                  folder: Path | None = None) -> Path:
     """The cache file for ``source`` converted to ``dtype_name`` with ``transposed`` stored (in, out)."""
-    st = source.stat()
-    ident = json.dumps([FORMAT, VERSION, fingerprint(source), st.st_size, st.st_mtime_ns,
-                        dtype_name, sorted(transposed)])
+    ident = json.dumps([FORMAT, VERSION, source.path, source.sha256, dtype_name, sorted(transposed)])
     key = hashlib.sha256(ident.encode()).hexdigest()[:24]
     return (folder or cache_dir()) / f"{key}-{dtype_name}.safetensors"
+
+
+def obtain(source: SafetensorsFile, specs: Specs, transposed: frozenset[str], dtype_name: str,
+           convert: Callable[[PreparedWriter], None]) -> dict | None:
+    """The converted state dict, mapped from the prepared copy (written first by ``convert`` if needed).
+
+    ``convert(writer)`` fills every tensor through :meth:`PreparedWriter.buffer` and
+    :meth:`PreparedWriter.write`. None (after a log line) when there is no usable copy and
+    none can be written; the caller then converts into memory.
+    """
+    try:
+        ident = source_identity(source.path)
+        if source.stat is not None and version_of(os.stat(source.path)) != version_of(source.stat):
+            return None  # changed since it was opened: this load reads it directly
+        path = prepared_path(ident, dtype_name, transposed)
+    except (OSError, CheckpointError):
+        return None
+    state = _map_or_discard(path, specs, transposed, ident)
+    if state is not None:
+        return state
+    writer = open_writer(path, specs, transposed, ident)
+    if writer is None:
+        return None
+    try:
+        convert(writer)
+        writer.commit()
+    except OSError as exc:
+        writer.abort()
+        log.warning("mps: not caching prepared weights in %s: %s", path.parent, exc.strerror or exc)
+        return None
+    except BaseException:
+        writer.abort()
+        raise
+    return _map_or_discard(path, specs, transposed, ident)
+
+
+def _map_or_discard(path: Path, specs: Specs, transposed: frozenset[str], ident: SourceIdentity) -> dict | None:
+    try:
+        return map_prepared(path, specs, transposed, ident)
+    except (CheckpointError, OSError, ValueError) as exc:
+        discard(path, str(exc))
+        return None
 
 
 def _st_dtype(dtype) -> str:
     return _ST_NAME[str(dtype).removeprefix("torch.")]
 
 
-def map_prepared(path: Path, expected: Mapping[str, tuple[tuple[int, ...], object]],
-                 transposed: frozenset[str]) -> dict | None:
+def _open_regular(path: Path):
+    """An open file object for ``path``; None when absent; :class:`Unusable` for a link, FIFO or device.
+
+    Never follows a symlink, and never blocks on a FIFO.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise Unusable(f"{path}: not a regular file (a symlink, pipe or device)")
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise Unusable(f"{path}: not a regular file")
+    return f
+
+
+def map_prepared(path: Path, expected: Specs, transposed: frozenset[str], source: SourceIdentity | None = None,
+                 verify: bool = False) -> dict | None:
     """The state dict stored at ``path``, as views of a private mapping of the file.
 
-    ``expected``: name -> (shape, torch dtype) the model needs. Returns None when there is no
-    such file; raises :class:`CheckpointError` when there is one that does not match.
+    ``expected``: name -> (shape, torch dtype) the model needs; ``source``: what the copy must
+    have been made from. Returns None when there is no such file; raises :class:`Unusable`
+    when there is one that does not match. The data is checked against its seal in full on the
+    first use of each version of the file, or always with ``verify``.
     """
     import mmap
 
     import torch
 
-    if not path.is_file():
+    f = _open_regular(path)
+    if f is None:
         return None
-    header, header_size = read_safetensors_header(path)
-    meta = _metadata(path)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not prepared weights of this version")
-    names = {k for k in header if not k.startswith("__pad")}
-    if names != set(expected):
-        raise CheckpointError(f"{path}: tensor names differ from the model's")
-    with open(path, "rb") as f:
+    with f:
+        st = os.fstat(f.fileno())
+        header, header_size, meta, raw = header_from_file(f, st.st_size, str(path))
+        _check_header_seal(path, raw, meta)
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise Unusable(f"{path}: not prepared weights of this version")
+        if source is not None and (meta.get("source") != source.path or meta.get("source_sha256") != source.sha256):
+            raise Unusable(f"{path}: made from other weights than {source.path}")
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + header_size + end != st.st_size:
+            raise Unusable(f"{path}: {st.st_size:,} bytes where its header describes {8 + header_size + end:,}")
+        names = {k for k in header if not k.startswith("__pad")}
+        if names != set(expected):
+            raise Unusable(f"{path}: tensor names differ from the model's")
         # Private and writable: nothing writes to weights, and if something did it would
         # get its own copy of the page instead of changing the cache.
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    data = torch.frombuffer(mapped, dtype=torch.uint8)
     base = 8 + header_size
-    region = data[base:]
-    if meta.get("seal") != _seal(region.numel(), lambda off, n: region[off:off + n].numpy().tobytes()):
-        raise CheckpointError(f"{path}: contents do not match their seal (an interrupted write?)")
+    marker = _marker(path)
+    if verify or _read_small(marker) != json.dumps(version_of(st)):
+        view = memoryview(mapped)
+        try:
+            _check_data_seal(path, view[base:], meta)
+        finally:
+            _release(view)
+        _write_small(marker, json.dumps(version_of(st)))
+    data = torch.frombuffer(mapped, dtype=torch.uint8)
     state = {}
     for name in names:
         info = header[name]
         shape, dtype = expected[name]
         stored = tuple(reversed(shape)) if name in transposed else tuple(shape)
         if tuple(info["shape"]) != stored or info["dtype"] != _st_dtype(dtype):
-            raise CheckpointError(f"{path}: {name} is stored as {info['dtype']} {info['shape']}")
+            raise Unusable(f"{path}: {name} is stored as {info['dtype']} {info['shape']}")
         start, stop = info["data_offsets"]
+        if start % ALIGN:
+            raise Unusable(f"{path}: {name} is not aligned")
         t = data[base + start: base + stop].view(dtype).view(stored)
         state[name] = t.t() if name in transposed else t
     return state
 
 
-def _seal(size: int, read: Callable[[int, int], bytes]) -> str:
-    """A hash of evenly spaced samples of the data: catches a file whose pages never reached disk.
+def _check_header_seal(path: Path, raw: bytes, meta: dict) -> None:
+    sealed = meta.get("header_crc")
+    field = f'"header_crc":"{sealed}"'.encode()
+    if not isinstance(sealed, str) or raw.count(field) != 1:
+        raise Unusable(f"{path}: header has no seal")
+    blank = f'"header_crc":"{_BLANK_CRC}"'.encode()
+    if f"{zlib.crc32(raw.replace(field, blank)):08x}" != sealed:
+        raise Unusable(f"{path}: header does not match its seal")
 
-    ``read(offset, n)`` returns ``n`` bytes of the data region from ``offset``.
-    """
-    h = hashlib.sha256(str(size).encode())
-    step = max(1, size // SEAL_SAMPLES)
-    for start in range(0, size, step):
-        h.update(read(start, min(SEAL_BYTES, size - start)))
-    return h.hexdigest()
+
+def _chunk_crcs(data: memoryview) -> list[str]:
+    """CRC-32 of each :data:`SEAL_CHUNK` of ``data``, computed in parallel (zlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = range(0, len(data), SEAL_CHUNK)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda s: f"{zlib.crc32(data[s:s + SEAL_CHUNK]):08x}", starts))
+
+
+def _check_data_seal(path: Path, data: memoryview, meta: dict) -> None:
+    sealed = meta.get("data_crc", "")
+    ok = isinstance(sealed, str) and sealed == ",".join(_chunk_crcs(data))
+    del data  # not kept alive by the traceback: the caller unmaps the file
+    if not ok:
+        raise Unusable(f"{path}: contents do not match their seal (damaged, or an interrupted write)")
+
+
+def _release(view: memoryview) -> None:
+    try:
+        view.release()
+    except BufferError:  # a slice still held by a traceback: garbage collection releases it
+        pass
+
+
+def _marker(path: Path) -> Path:
+    """Where the version of ``path`` last verified in full is recorded."""
+    return path.with_name(path.name + ".verified")
+
+
+def _read_small(path: Path) -> str | None:
+    try:
+        f = _open_regular(path)
+    except (OSError, Unusable):
+        return None
+    if f is None:
+        return None
+    with f:
+        return f.read(4096).decode("ascii", "replace")
+
+
+def _write_small(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _host() -> str:
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c == "-")[:40] or "host"
 
 
 class PreparedWriter:
@@ -130,15 +287,17 @@ class PreparedWriter:
     :meth:`write` stores it at its place in the file; :meth:`commit` seals the file and
     renames it into place; :meth:`abort` removes it. Plain writes, not a writable mapping:
     a full disk is then an error, not a SIGBUS, and the kernel fills its page cache faster.
+    The temporary file's name carries the host and the writer's pid, so the leftovers of a
+    killed writer are recognised and removed at once.
     """
 
-    def __init__(self, path: Path, specs: Mapping[str, tuple[tuple[int, ...], object]],
-                 transposed: frozenset[str], source: Path):
+    def __init__(self, path: Path, specs: Specs, transposed: frozenset[str], source: SourceIdentity):
         import threading
 
         self.path, self.transposed, self.specs = path, transposed, specs
-        header: dict = {"__metadata__": {"format": FORMAT, "version": VERSION, "source": str(source),
-                                         "seal": "0" * 64}}
+        header: dict = {"__metadata__": {"format": FORMAT, "version": VERSION, "source": source.path,
+                                         "source_sha256": source.sha256, "header_crc": _BLANK_CRC,
+                                         "data_crc": ""}}
         order = sorted(specs, key=lambda k: (-specs[k][1].itemsize, -_numel(specs[k][0]), k))
         offset, pads, self._places = 0, 0, {}
         for name in order:
@@ -154,21 +313,24 @@ class PreparedWriter:
             self._places[name] = (offset, nbytes, stored, dtype)
             offset += nbytes
         self._header = header
+        # Room for the data seal: one 8-hex CRC and a comma per chunk.
         raw = self._header_bytes()
+        room = len(raw) + 9 * (offset // SEAL_CHUNK + 1)
         # Space-padded (the format allows it) so the data starts page-aligned.
-        self._header_len = len(raw) + (-(8 + len(raw)) % 4096)
+        self._header_len = room + (-(8 + room) % 4096)
         self._data_start = 8 + self._header_len
         self._total = self._data_start + offset
         self._local = threading.local()
+        self._fd = None
 
         folder = path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(folder)
+        remove_stale_tmp(folder)
         free = shutil.disk_usage(folder).free
         if free - self._total < MIN_FREE_AFTER:
             raise OSError(f"{free / 2**30:.1f} GiB free, {(self._total + MIN_FREE_AFTER) / 2**30:.1f} GiB needed")
-        self.tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.tmp = folder / f".{path.name}.{_host()}.{os.getpid()}.tmp"
+        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW, 0o644)
         try:
             self._write_header()
             os.ftruncate(self._fd, self._total)  # the pads read back as zeros
@@ -179,10 +341,11 @@ class PreparedWriter:
     def _header_bytes(self) -> bytes:
         return json.dumps(self._header, separators=(",", ":")).encode()
 
-    def _write_header(self) -> None:
+    def _write_header(self) -> bytes:
         raw = self._header_bytes()
         raw += b" " * (self._header_len - len(raw))
         self._pwrite(len(raw).to_bytes(8, "little") + raw, 0)
+        return raw
 
     def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -212,16 +375,30 @@ class PreparedWriter:
             self._pwrite((ctypes.c_char * nbytes).from_address(stored.data_ptr()), self._data_start + offset)
 
     def commit(self) -> None:
-        """Seal the written file and move it into place."""
+        """Seal the written file (every data byte, then the header) and move it into place."""
+        import mmap
+
         self._local = None  # the threads' scratch buffers
-        size = self._total - self._data_start
-        seal = _seal(size, lambda off, n: os.pread(self._fd, n, self._data_start + off))
-        self._header["__metadata__"]["seal"] = seal
+        if self._total > self._data_start:
+            with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    crcs = _chunk_crcs(view[self._data_start:])
+                finally:
+                    _release(view)
+        else:
+            crcs = []
+        meta = self._header["__metadata__"]
+        meta["data_crc"] = ",".join(crcs)
+        meta["header_crc"] = _BLANK_CRC
+        raw = self._write_header()
+        meta["header_crc"] = f"{zlib.crc32(raw):08x}"
         self._write_header()
         os.close(self._fd)
         self._fd = None
         os.replace(self.tmp, self.path)
-        _remove_superseded(self.path, self._header["__metadata__"]["source"])
+        _write_small(_marker(self.path), json.dumps(version_of(os.stat(self.path))))
+        _remove_superseded(self.path, meta["source"])
 
     def abort(self) -> None:
         """Drop the unfinished file."""
@@ -232,8 +409,7 @@ class PreparedWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def open_writer(path: Path, specs: Mapping[str, tuple[tuple[int, ...], object]], transposed: frozenset[str],
-                source: Path) -> PreparedWriter | None:
+def open_writer(path: Path, specs: Specs, transposed: frozenset[str], source: SourceIdentity) -> PreparedWriter | None:
     """A :class:`PreparedWriter`, or None (with a log line saying why) when the cache is unwritable."""
     try:
         return PreparedWriter(path, specs, transposed, source)
@@ -251,19 +427,22 @@ def _numel(shape) -> int:
 
 
 def discard(path: Path, why: str) -> None:
-    """Remove an unusable prepared file (it is rebuilt on the next load)."""
+    """Remove an unusable prepared file (a link is removed, not followed); it is rebuilt on the next load."""
     log.warning("mps: rebuilding prepared weights: %s", why)
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+    for p in (path, _marker(path)):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _metadata(path: Path) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}
+    f = _open_regular(path)
+    if f is None:
+        return {}
+    with f:
+        _, _, meta, _ = header_from_file(f, os.fstat(f.fileno()).st_size, str(path))
+    return meta
 
 
 def _remove_superseded(current: Path, source: str) -> None:
@@ -275,19 +454,101 @@ def _remove_superseded(current: Path, source: str) -> None:
         try:
             if _metadata(p).get("source") == source:
                 p.unlink()
-        except (OSError, ValueError):
+                _marker(p).unlink(missing_ok=True)
+        except (OSError, ValueError, CheckpointError):
             pass
 
 
-def _remove_stale_tmp(folder: Path) -> None:
-    now = time.time()
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Delete temporary files whose writer is gone: dead pids on this host at once, others after an hour."""
+    now, host = time.time(), _host()
     for p in folder.glob(".*.tmp"):
+        parts = p.name[:-len(".tmp")].rsplit(".", 2)
         try:
-            if now - p.stat().st_mtime > STALE_TMP_S:
+            if len(parts) == 3 and parts[1] == host and parts[2].isdigit():
+                if not _pid_alive(int(parts[2])):
+                    p.unlink()
+            elif now - p.lstat().st_mtime > STALE_TMP_S:
                 p.unlink()
         except OSError:
             pass
 
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "PreparedWriter", "cache_dir", "enabled", "map_prepared", "open_writer",
-           "prepared_path"]
+@dataclass(frozen=True)
+class Summary:
+    """What the prepared folder holds: usable-looking copies and their size."""
+
+    folder: Path
+    files: int
+    bytes: int
+
+
+def summary() -> Summary:
+    """Count the prepared files (regular files only; leftovers of dead writers are removed first)."""
+    folder = cache_dir()
+    files = total = 0
+    if folder.is_dir():
+        remove_stale_tmp(folder)
+        for p in folder.glob("*.safetensors"):
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                total += st.st_size
+    return Summary(folder, files, total)
+
+
+def verify_all() -> list[tuple[Path, str | None]]:
+    """Check every prepared file against its seal in full; delete those that fail.
+
+    Returns ``(path, None)`` for a good file and ``(path, why)`` for one deleted.
+    """
+    folder = cache_dir()
+    out: list[tuple[Path, str | None]] = []
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.glob("*.safetensors")):
+        try:
+            _verify_file(p)
+            out.append((p, None))
+        except (CheckpointError, OSError, ValueError) as exc:
+            discard(p, str(exc))
+            out.append((p, str(exc)))
+    return out
+
+
+def _verify_file(path: Path) -> None:
+    import mmap
+
+    f = _open_regular(path)
+    if f is None:
+        raise Unusable(f"{path}: vanished")
+    with f:
+        st = os.fstat(f.fileno())
+        header, n, meta, raw = header_from_file(f, st.st_size, str(path))
+        _check_header_seal(path, raw, meta)
+        if st.st_size > 8 + n:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    _check_data_seal(path, view[8 + n:], meta)
+                finally:
+                    _release(view)
+    _write_small(_marker(path), json.dumps(version_of(st)))
+
+
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "PreparedWriter", "SourceIdentity", "Summary", "Unusable", "cache_dir",
+           "enabled", "map_prepared", "obtain", "open_writer", "prepared_path", "remove_stale_tmp", "summary",
+           "verify_all"]

@@ -1,7 +1,8 @@
-"""Images and prompts into tensors, exactly as the original evaluation prepared them (mps-model.md §2)."""
+"""Images and prompts into tensors, exactly as the original evaluation prepared them (CLIP preprocessing and BPE)."""
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ def open_image(source: ImageInput) -> Image.Image:
         raise ImageError(f"{source}: permission denied") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{source}: image is too large to decode safely (decompression bomb?)") from None
+    except ValueError as exc:
+        # PIL refuses metadata that would inflate past its limits (an iTXt chunk of 50 MB).
+        raise ImageError(f"{source}: image metadata too large to read safely ({exc})") from None
     except UnidentifiedImageError:
         size = path.stat().st_size if path.exists() else 0
         what = "empty file" if size == 0 else "not an image PIL can read"
@@ -130,7 +134,7 @@ class Tokenizer:
             return cls._bpe
 
     def __call__(self, text: str) -> Tokens:
-        body = self._encoder().encode(text)
+        body = self._body(text, self.context_length - 1)
         ids = [SOT_ID, *body, EOT_ID]
         truncated = len(ids) > self.context_length
         if truncated:
@@ -139,3 +143,26 @@ class Tokenizer:
         eot_index = len(ids) - 1
         ids += [EOT_ID] * (self.context_length - len(ids))
         return Tokens(ids=tuple(ids), eot_index=eot_index, truncated=truncated)
+
+    def _body(self, text: str, enough: int) -> list[int]:
+        """The BPE ids of ``text``, or at least its first ``enough`` of them, whichever is shorter.
+
+        Only a prefix is encoded when that already gives ``enough`` ids, so a megabyte prompt
+        costs what its first words cost. The prefix ends at whitespace, which no token spans,
+        so its ids are exactly the first ids of the whole text; only a single word longer than
+        :data:`_MAX_WORD` characters is cut inside (the full BPE of such a word is quadratic).
+        """
+        encode = self._encoder().encode
+        n = 32 * enough
+        while len(text) > n:
+            cut = _WHITESPACE.search(text, n, n + _MAX_WORD)
+            prefix = text[: cut.start() if cut else n + _MAX_WORD]
+            body = encode(prefix)
+            if len(body) >= enough:
+                return body
+            n *= 4
+        return encode(text)
+
+
+_WHITESPACE = re.compile(r"\s")
+_MAX_WORD = 4096

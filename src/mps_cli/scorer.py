@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence, Union
 
-from .config import ModelConfig, builtin_config, read_config
+from .config import ModelConfig
 from .constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
 from .errors import DeviceError, ImageError, InputError, MPSError, PromptError
 from .preprocess import ImageInput, Tokenizer, load_pixels
@@ -291,6 +291,12 @@ class Scorer:
                 [px for _, px in batch], [prompt_list[i] for i in idx], conditions, float(mask_threshold)
             )
             for j, i in enumerate(idx):
+                if not all(math.isfinite(v[j]) for v in scores.values()):
+                    # A score is a number or the input is an error: NaN means damaged weights or input.
+                    ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i],
+                                           error=f"{labels[i]}: the model gave a non-finite score: "
+                                           "the weights or this input are damaged")
+                    continue
                 ready[i] = ScoreResult(
                     image=labels[i], prompt=prompt_list[i],
                     scores={k: v[j] for k, v in scores.items()},
@@ -373,15 +379,8 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    resolved = open_weights(weights, revision=revision, offline=offline)
-    if isinstance(config, ModelConfig):
-        cfg = config
-    elif config is not None:
-        cfg = read_config(config)
-    elif resolved.config_path is not None:
-        cfg = read_config(resolved.config_path)
-    else:
-        cfg = builtin_config()
+    resolved = open_weights(weights, revision=revision, offline=offline, config=config)
+    cfg = resolved.config
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, dt)
     return Scorer(model, cfg, dev, dt, weights=resolved.label, identity=resolved.identity, batch_size=batch_size)
 

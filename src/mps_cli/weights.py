@@ -1,6 +1,7 @@
 """Where weights come from: a local file, ``hf://OWNER/REPO/PATH[@REV]``, or a known short name.
 
-Only :mod:`mps_cli.hub` talks to the Hub; this module decides what to ask it for.
+:func:`open_weights` is the one way from a weights argument to an opened, checked file and
+the architecture config that goes with it. Only :mod:`mps_cli.hub` talks to the Hub.
 """
 
 from __future__ import annotations
@@ -9,48 +10,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import SafetensorsFile, TensorDict, TensorSource, fingerprint
+from .cachedir import weights_sha256
+from .config import ModelConfig, builtin_config, read_config
 from .constants import DEFAULT_SOURCE, KNOWN_SOURCES, WEIGHTS_ENV
 from .errors import CheckpointError
+from .hub import HubFile, config_filename, parse_hf_uri
+from .reader import SafetensorsFile, TensorDict, TensorSource, check_regular_file
 
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl"}
 
 
 @dataclass(frozen=True)
-class HubFile:
-    """A file in a Hub repository, with the config.json to use beside it (if any)."""
-
-    repo: str
-    filename: str
-    revision: str | None = None
-    config: str | None = None  # path in the repo; None: try config.json in the file's folder
-
-    @property
-    def uri(self) -> str:
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"hf://{self.repo}/{self.filename}{rev}"
-
-
-@dataclass
 class OpenedWeights:
+    """Weights ready to load: the checked file, its architecture, a label for messages and a strong identity."""
+
     source: TensorSource
-    config_path: Path | None
+    config: ModelConfig
     label: str
-    identity: str
-
-
-def parse_hf_uri(uri: str) -> HubFile:
-    """``hf://OWNER/REPO/PATH/IN/REPO[@REVISION]`` -> :class:`HubFile`."""
-    rest = uri[len("hf://"):]
-    revision = None
-    if "@" in rest:
-        rest, revision = rest.rsplit("@", 1)
-        if not revision:
-            raise CheckpointError(f"{uri}: empty revision after '@'")
-    parts = [p for p in rest.split("/") if p]
-    if len(parts) < 3:
-        raise CheckpointError(f"{uri}: expected hf://OWNER/REPO/PATH/IN/REPO[@REVISION]")
-    return HubFile(repo="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision)
+    identity: str  # "sha256:" and the SHA-256 of the file's bytes
 
 
 def weights_spec(spec: str | os.PathLike | None) -> str:
@@ -74,35 +51,51 @@ def hub_file_for(spec: str, revision: str | None = None) -> HubFile | None:
     return f
 
 
-def open_local(path: str | os.PathLike, label: str | None = None) -> OpenedWeights:
-    """Open a local weights file: safetensors, or a pickle read without executing code."""
+def open_source(path: str | os.PathLike) -> TensorSource:
+    """Open a local weights file: safetensors (header checked in full), or a pickle read without executing code."""
     path = Path(path)
+    check_regular_file(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         from .pickles import read_checkpoint
 
-        if not path.is_file():
-            raise CheckpointError(f"{path}: weights file not found")
-        tensors = read_checkpoint(path)
-        source: TensorSource = TensorDict(tensors, name=str(path))
-        identity = fingerprint(path)
-    else:
-        source = SafetensorsFile.open(path)
-        identity = fingerprint(path)
-    config = path.parent / "config.json"
-    return OpenedWeights(source=source, config_path=config if config.is_file() else None,
-                         label=label or str(path), identity=identity)
+        return TensorDict(read_checkpoint(path), name=str(path))
+    return SafetensorsFile.open(path)
 
 
-def open_weights(spec: str | os.PathLike | None = None, revision: str | None = None,
-                 offline: bool | None = None) -> OpenedWeights:
-    """Resolve a weights spec to an opened, validated file (fetching from the Hub if needed)."""
+def open_weights(spec: str | os.PathLike | None = None, revision: str | None = None, offline: bool | None = None,
+                 config: str | os.PathLike | ModelConfig | None = None) -> OpenedWeights:
+    """Resolve a weights spec to an opened, checked file and its architecture, fetching from the Hub if needed.
+
+    The architecture is, in this order: ``config`` (a :class:`ModelConfig` or a path), the
+    ``config.json`` that goes with the weights (beside a local file; for a Hub file the one
+    named for it, else the one in its folder), else the built-in ViT-H-14.
+    """
     spec = weights_spec(spec)
     hub_file = hub_file_for(spec, revision)
     if hub_file is None:
-        return open_local(spec)
-    from .hub import fetch_weights
+        path, label = Path(spec), spec
+        beside = path.parent / "config.json"
+        found_config = beside if beside.is_file() else None
+    else:
+        from .hub import fetch_weights
 
-    fetched = fetch_weights(hub_file, offline=offline)
-    opened = open_local(fetched.path, label=hub_file.uri)
-    opened.config_path = fetched.config_path
-    return opened
+        fetched = fetch_weights(hub_file, offline=offline, check=False)
+        path, label, found_config = fetched.path, hub_file.uri, fetched.config_path
+    source = open_source(path)
+    if isinstance(config, ModelConfig):
+        cfg = config
+    elif config is not None:
+        cfg = read_config(config)
+    elif found_config is not None:
+        cfg = read_config(found_config)
+    else:
+        cfg = builtin_config()
+    try:
+        identity = "sha256:" + weights_sha256(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc.strerror or exc})") from exc
+    return OpenedWeights(source=source, config=cfg, label=label, identity=identity)
+
+
+__all__ = ["HubFile", "OpenedWeights", "config_filename", "hub_file_for", "open_source", "open_weights",
+           "weights_spec"]

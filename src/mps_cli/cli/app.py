@@ -51,6 +51,25 @@ def fail(message: str, code: Exit) -> typer.Exit:
     return typer.Exit(int(code))
 
 
+# What a user can change for each kind of library error (``MPSError.hint``), as this CLI spells it.
+FLAG_HINTS = {
+    "config": ": pass their config.json with --config",
+    "weights": ", or pass --weights PATH",
+    "download": ": run `mps download {uri}` on a connected machine with the same HF_HOME, or pass --weights PATH",
+    "revision": ": check --revision or the @REVISION",
+    "offline": ", or use --offline with cached weights",
+    "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
+    "cache": "; delete it or pass another --cache (or --no-cache)",
+    "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """The library's message with the CLI's advice for its kind of error (see :data:`FLAG_HINTS`)."""
+    hint = FLAG_HINTS.get(getattr(exc, "hint", None) or "", "")
+    return str(exc) + hint.format(uri=getattr(exc, "uri", None) or "")
+
+
 @contextmanager
 def handle_errors() -> Iterator[None]:
     """Map the library's typed errors to one stderr line and an exit code; never a traceback."""
@@ -59,15 +78,15 @@ def handle_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except DeviceError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
+        raise fail(describe(exc), Exit.USAGE) from None
     except (CheckpointError, ConfigError) as exc:
-        raise fail(str(exc), Exit.WEIGHTS) from None
+        raise fail(describe(exc), Exit.WEIGHTS) from None
     except FetchError as exc:
-        raise fail(str(exc), Exit.FETCH) from None
+        raise fail(describe(exc), Exit.FETCH) from None
     except InputError as exc:
-        raise fail(str(exc), Exit.PARTIAL) from None
+        raise fail(describe(exc), Exit.PARTIAL) from None
     except MPSError as exc:
-        raise fail(str(exc), Exit.PARTIAL) from None
+        raise fail(describe(exc), Exit.PARTIAL) from None
     except KeyboardInterrupt:
         say("mps: interrupted")
         raise typer.Exit(int(Exit.INTERRUPTED)) from None

@@ -14,7 +14,7 @@ import typer
 from ..constants import DEFAULT_MASK_THRESHOLD
 from .app import (
     DIMENSION_NOTE, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline,
-    Revision, Weights, app, fail, handle_errors, load_scorer_for_cli, say,
+    Revision, Weights, app, describe, fail, handle_errors, load_scorer_for_cli, say,
 )
 
 MAX_PROBLEM_LINES = 20
@@ -110,8 +110,8 @@ def eval_command(
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
     cache: Annotated[Optional[Path], typer.Option(
-        "--cache", help="Score cache (SQLite). Default: $XDG_CACHE_HOME/mps-cli/scores.sqlite "
-        "(~/.cache when unset).")] = None,
+        "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
+        "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
     weights: Weights = None,
     config: Config = None,
@@ -140,7 +140,7 @@ def eval_command(
         try:
             store = ScoreCache(None if no_cache else (cache or default_cache_path()))
         except CacheError as exc:
-            raise fail(str(exc), Exit.USAGE) from None
+            raise fail(describe(exc), Exit.USAGE) from None
         with store:
             scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
             with _progress_bar(sys.stderr.isatty()) as progress:

@@ -97,16 +97,19 @@ def _version(dist: str) -> str | None:
 
 
 def _prepared_summary() -> dict:
-    from ..prepared import SWITCH_ENV, cache_dir, enabled
+    from ..prepared import SWITCH_ENV, enabled, summary
 
-    folder = cache_dir()
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return {"dir": str(folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
-            "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    found = summary()
+    return {"dir": str(found.folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
+            "files": found.files, "bytes": found.bytes}
 
 
 @app.command()
-def info(as_json: AsJson = False) -> None:
+def info(
+    as_json: AsJson = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check every prepared-weights file against its checksums in full; delete the damaged.")] = False,
+) -> None:
     """Show the version, where weights are cached (and whether they are), devices, dtypes and library versions.
 
     Never touches the network.
@@ -144,6 +147,11 @@ def info(as_json: AsJson = False) -> None:
             "versions": {d: _version(d) for d in ("torch", "open_clip_torch", "huggingface_hub", "safetensors")},
             "prepared": _prepared_summary(),
         }
+        if verify:
+            from ..prepared import verify_all
+
+            checked = verify_all()
+            doc["prepared"]["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -164,6 +172,8 @@ def info(as_json: AsJson = False) -> None:
     p = doc["prepared"]
     lines.append(f"prepared weights: {p['dir']}: " + (
         f"{p['files']} file(s), {p['bytes'] / 2**30:.2f} GiB" if p["enabled"] else f"off ({p['switch']})"))
+    for v in p.get("verified", []):
+        lines.append(f"  {'ok' if v['ok'] else 'damaged, deleted'}: {v['path']}" + (f" ({v['error']})" if v["error"] else ""))
     lines.append("devices:")
     for d in doc["devices"]:
         lines.append(f"  {d['device']:<8} {d['name']}  dtypes: {', '.join(d['dtypes'])}")
