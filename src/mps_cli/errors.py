@@ -37,3 +37,7 @@ class PromptError(InputError):
 
 class FetchError(MPSError):
     """Weights could not be fetched (network, missing file, offline without cache)."""
+
+
+class ServerError(FetchError):
+    """A scoring server could not be reached, refused the request, or answered nonsense."""

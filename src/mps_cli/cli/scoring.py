@@ -18,7 +18,7 @@ from ..constants import CUSTOM_KEY, DIMENSIONS, IMAGE_EXTENSIONS
 from ..errors import PromptError
 from .app import (
     DEFAULT_THRESHOLD, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline,
-    Revision, Weights, app, fail, handle_errors, load_scorer_for_cli, say,
+    Revision, ServerToken, ServerUrl, Weights, app, fail, handle_errors, open_scorer, say,
 )
 
 
@@ -268,6 +268,7 @@ def score(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Score images for their prompts: one result per image.
 
@@ -278,18 +279,19 @@ def score(
     keys = _keys(dim, condition)
     items = _collect(images or [], prompt, prompts, prompt_from, recursive)
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, _Writer(mode, keys))
+                  dtype, batch_size, _Writer(mode, keys), server=server, token=token)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
 def _run(items, keys, dim, condition, threshold, weights, config, revision, offline, device, dtype,
-         batch_size, writer: _Writer, rank_by: str | None = None, top: int | None = None) -> int:
+         batch_size, writer: _Writer, rank_by: str | None = None, top: int | None = None,
+         server: str | None = None, token: str | None = None) -> int:
     """Score items and write them; returns how many failed."""
     failed = 0
     with handle_errors():
         scorer = None
         if any(it.error is None for it in items):
-            scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+            scorer = open_scorer(server, token, weights, config, device, dtype, revision, offline, batch_size)
         try:
             with _Progress(len(items), scorer.batch_size if scorer else 1) as progress:
                 if scorer is None:
@@ -336,6 +338,7 @@ def rank(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking."""
     mode = _output_mode(as_json, as_jsonl, as_csv)
@@ -350,7 +353,8 @@ def rank(
     rank_by = by or keys[0]
     items = _collect(images or [], prompt, prompts, prompt_from, recursive)
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, _Writer(mode, keys, rank=True), rank_by=rank_by, top=top)
+                  dtype, batch_size, _Writer(mode, keys, rank=True), rank_by=rank_by, top=top,
+                  server=server, token=token)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -364,6 +368,7 @@ def compare(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""
     from ..scorer import compare_scores
@@ -372,7 +377,7 @@ def compare(
     keys = _keys(dim, condition)
     items = [Item(label=a, path=Path(a), prompt=prompt), Item(label=b, path=Path(b), prompt=prompt)]
     with handle_errors():
-        scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+        scorer = open_scorer(server, token, weights, config, device, dtype, revision, offline, batch_size)
         ra, rb = list(_results(scorer, items, dim, condition, mask_threshold, batch_size, None))
     bad = [r for r in (ra, rb) if r.error is not None]
     if bad:
