@@ -450,6 +450,11 @@ def test_serve_refuses_a_public_address_without_a_token_and_explains_a_missing_e
     monkeypatch.delenv("MPS_SERVE_TOKEN", raising=False)
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--weights", str(WEIGHTS)])
     assert r.exit_code == 2 and "without a token" in r.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = CliRunner().invoke(app, ["serve", "--port", str(busy.getsockname()[1]), "--weights", str(WEIGHTS)])
+    assert r.exit_code == 2 and "cannot listen on 127.0.0.1" in r.output
     # The serve extra is installed here; pretend one of its modules is not, to see the message.
     monkeypatch.setattr(serve_cmd, "_NEEDS", ("starlette", "no_such_module_for_mps"))
     r = CliRunner().invoke(app, ["serve"])

@@ -92,6 +92,7 @@ def serve(
                    f"set --token (or {SERVE_TOKEN_ENV}), or bind 127.0.0.1", Exit.USAGE)
     if allow_dir is not None and not allow_dir.is_dir():
         raise typer.BadParameter(f"{allow_dir} is not a folder", param_hint="--allow-dir")
+    _check_port_free(host, port)
     options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
                            token=token, allow_dir=allow_dir)
@@ -104,12 +105,30 @@ def serve(
         scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
     say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
         + (" (token required)" if token else ""))
-    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal it caught; with the
-    # default disposition that would kill the process after a clean shutdown, so make it a no-op.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with
+    # the default dispositions that would kill (or interrupt) the process after a clean shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     run_server(scorer, host, port, options, log_level="warning")
     say("mps serve: stopped")
     raise typer.Exit(int(Exit.OK))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before the slow model load if the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise fail(f"--host {host}: {exc}", Exit.USAGE) from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise fail(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port", Exit.USAGE) from None
 
 
 def _url_host(host: str) -> str:
