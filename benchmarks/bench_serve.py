@@ -166,6 +166,16 @@ def cli_wall(url: str, image: Path, reps: int) -> list[float]:
     return times
 
 
+def help_wall(reps: int) -> list[float]:
+    """`mps --help` wall time: the floor of any `mps` command's start-up on this machine, for comparison."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([*mps_exe(), "--help"], capture_output=True)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=FIXTURE / "mps-tiny.safetensors")
@@ -209,6 +219,7 @@ def main(argv=None) -> int:
 
         batching = Client(url).info()["batching"]
         cli = cli_wall(url, sources[0], args.cli_reps)
+        helps = help_wall(args.cli_reps)
     finally:
         server.terminate()
         server.wait(60)
@@ -226,10 +237,11 @@ def main(argv=None) -> int:
     print(f"server batching over the run: {batching['batches']} batches, mean {batching['mean_batch_size']:.1f} "
           f"images, largest {batching['largest_batch']}")
     print(f"`mps score --server` for one image, wall: median {statistics.median(cli):.3f} s, "
-          f"best {min(cli):.3f} s over {len(cli)} runs")
+          f"best {min(cli):.3f} s over {len(cli)} runs; `mps --help` in the same minute: median "
+          f"{statistics.median(helps):.3f} s")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "in_process": base, "server": rows,
-                                         "batching": batching, "cli_wall_s": cli}, indent=2))
+                                         "batching": batching, "cli_wall_s": cli, "help_wall_s": helps}, indent=2))
     return 0
 
 
