@@ -41,7 +41,7 @@ from .constants import (
     SERVE_MAX_WAIT_MS,
 )
 from .errors import ImageError
-from .preprocess import open_image, open_image_bytes
+from .preprocess import open_image, open_image_bytes, resize_crop
 from .scorer import ScoreResult, compare_scores, dtype_name, resolve_conditions
 
 log = logging.getLogger("mps_cli.server")
@@ -228,8 +228,16 @@ class _Work:
     threshold: float
 
 
-def _decode(src: _Source, max_pixels: int):
-    """A decoded RGB image, or raises ImageError naming the image."""
+def _decode(src: _Source, max_pixels: int, size: int):
+    """The image decoded, resized and centre-cropped to the model's input, or raises ImageError naming it.
+
+    The crop is done here, in the request's thread, so the model's worker does not wait for it;
+    the scorer's own resize_crop then leaves a ``size`` x ``size`` image as it is.
+    """
+    return resize_crop(_open(src, max_pixels), size)
+
+
+def _open(src: _Source, max_pixels: int):
     if src.path is not None:
         return open_image(src.path, max_pixels)
     data = src.data
@@ -356,6 +364,7 @@ class ScoringService:
     async def run(self, work: _Work) -> list[ScoreResult]:
         """Decode (thread pool), score (batcher), and return results in request order."""
         max_px = self.options.max_image_pixels
+        size = self.scorer.config.vision.image_size
 
         def decode_all() -> list:
             out = []
@@ -364,7 +373,7 @@ class ScoringService:
                     out.append(f"{src.name}: no prompt for this image")
                     continue
                 try:
-                    out.append(_decode(src, max_px))
+                    out.append(_decode(src, max_px, size))
                 except ImageError as exc:
                     out.append(str(exc))
             return out
