@@ -52,3 +52,17 @@ PREPARED_ENV = "MPS_PREPARED_WEIGHTS"
 
 #: The paper's published accuracies for MPS (mps-model.md §6), in percent.
 PUBLISHED_ACCURACY = {"imagereward": 67.5, "hpdv2": 83.5}
+
+# `mps serve` and its clients.
+#: URL of a running `mps serve` that score/rank/compare send their work to.
+SERVER_ENV = "MPS_SERVER"
+#: Bearer token the server requires and clients send.
+SERVE_TOKEN_ENV = "MPS_SERVE_TOKEN"
+SERVE_DEFAULT_PORT = 8000
+SERVE_MAX_BATCH = 32
+SERVE_MAX_WAIT_MS = 5.0
+#: Images waiting for the model before new requests get 503.
+SERVE_MAX_QUEUE = 1024
+SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Per-image pixel limit for uploads: generous for generations (8192 x 8192), far below a bomb.
+SERVE_MAX_IMAGE_PIXELS = 8192 * 8192

@@ -55,3 +55,5 @@ class ResultsError(InputError):
 
 class ReportError(MPSError):
     """The report could not be written."""
+class ServerError(FetchError):
+    """A scoring server could not be reached, refused the request, or answered nonsense."""

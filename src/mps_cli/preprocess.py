@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ ImageInput = Union[str, Path, Image.Image]
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def open_image(source: ImageInput) -> Image.Image:
+def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and decode one image as RGB, refusing bombs before allocating pixels.
 
     Raises :class:`ImageError` naming the file and what is wrong with it.
@@ -28,12 +29,8 @@ def open_image(source: ImageInput) -> Image.Image:
     path = Path(source)
     try:
         img = Image.open(path)
-    except FileNotFoundError:
-        raise ImageError(f"{source}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{source}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError(f"{source}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise file_error(source, exc) from None
     except Image.DecompressionBombError:
         raise ImageError(f"{source}: image is too large to decode safely (decompression bomb?)") from None
     except ValueError as exc:
@@ -45,22 +42,51 @@ def open_image(source: ImageInput) -> Image.Image:
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot open ({exc})") from None
+    return _decode(img, str(source), max_pixels)
+
+
+def file_error(source: ImageInput, exc: OSError) -> ImageError:
+    """The one-line error for an image file that cannot be opened at all."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError(f"{source}: no such file")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError(f"{source}: is a directory, not an image")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"{source}: permission denied")
+    return ImageError(f"{source}: cannot open ({exc})")
+
+
+def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """:func:`open_image` for an encoded image held in memory (an upload); ``label`` names it in errors."""
+    if not data:
+        raise ImageError(f"{label}: empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(f"{label}: image is too large to decode safely (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image PIL can read") from None
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot open ({exc})") from None
+    return _decode(img, label, max_pixels)
+
+
+def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
     with img:
         w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS or w <= 0 or h <= 0:
-            raise ImageError(
-                f"{source}: {w}x{h} pixels is over the {MAX_IMAGE_PIXELS // 1_000_000} Mpx limit; "
-                "refusing to decode (decompression bomb?)"
-            )
+        if w * h > max_pixels or w <= 0 or h <= 0:
+            limit = f"{max_pixels // 1_000_000} Mpx" if max_pixels >= 1_000_000 else f"{max_pixels} pixel"
+            raise ImageError(f"{label}: {w}x{h} pixels is over the {limit} limit; "
+                             "refusing to decode (decompression bomb?)")
         try:
             img.seek(0)  # animated images: the first frame
             img.load()
             return _to_rgb(img)
         except Image.DecompressionBombError:
-            raise ImageError(f"{source}: image is too large to decode safely (decompression bomb?)") from None
+            raise ImageError(f"{label}: image is too large to decode safely (decompression bomb?)") from None
         except (OSError, ValueError, SyntaxError) as exc:
             detail = str(exc) or type(exc).__name__
-            raise ImageError(f"{source}: corrupt or truncated image ({detail})") from None
+            raise ImageError(f"{label}: corrupt or truncated image ({detail})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ from . import weights_cmds  # noqa: F401
 from . import eval_cmd  # noqa: F401
 from . import versus_cmd  # noqa: F401
 from . import report_cmd  # noqa: F401
+from . import serve_cmd  # noqa: F401
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Iterator, List, Optional
 
 import typer
 
-from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, WEIGHTS_ENV
+from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError
 
 DIMENSION_NOTE = (
@@ -180,3 +180,27 @@ def load_scorer_for_cli(weights: Optional[str], config: Optional[Path], device: 
                                offline=offline or None, batch_size=batch_size)
     return load_scorer(weights, config, device, dtype, revision=revision, offline=offline or None,
                        batch_size=batch_size)
+
+
+# --server: the same commands, with the work sent to a running `mps serve` instead of a local model.
+ServerUrl = Annotated[Optional[str], typer.Option(
+    "--server", envvar=SERVER_ENV, show_envvar=True, rich_help_panel="Server",
+    help="Send the work to a running `mps serve` at this URL instead of loading the model here "
+    "(the model options are then the server's; --batch-size is images per request).")]
+ServerToken = Annotated[Optional[str], typer.Option(
+    "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
+    help="Bearer token for --server.")]
+
+
+def open_scorer(server: Optional[str], token: Optional[str], weights: Optional[str], config: Optional[Path],
+                device: str, dtype: str, revision: Optional[str] = None, offline: bool = False,
+                batch_size: Optional[int] = None):
+    """What the scoring commands score with: a client of ``server`` if one is given, else the local model.
+
+    Both offer ``iter_score``, ``score``, ``compare`` and ``batch_size``.
+    """
+    if server:
+        from ..client import Client
+
+        return Client(server, token=token, batch_size=batch_size)
+    return load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)

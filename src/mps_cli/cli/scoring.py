@@ -18,7 +18,7 @@ from ..constants import CUSTOM_KEY, DIMENSIONS, IMAGE_EXTENSIONS
 from ..errors import PromptError
 from .app import (
     DEFAULT_THRESHOLD, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline,
-    Revision, Weights, app, fail, handle_errors, load_scorer_for_cli, say,
+    Revision, ServerToken, ServerUrl, Weights, app, fail, handle_errors, open_scorer, say,
 )
 from .report_cmd import Html, write_html
 
@@ -273,6 +273,7 @@ def score(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Score images for their prompts: one result per image.
 
@@ -285,19 +286,20 @@ def score(
     writer = _Writer(mode, keys)
     writer.kept = [] if html else None
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, writer)
+                  dtype, batch_size, writer, server=server, token=token)
     write_html(html, writer.kept, writer.scorer, mask_threshold, keys)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
 def _run(items, keys, dim, condition, threshold, weights, config, revision, offline, device, dtype,
-         batch_size, writer: _Writer, rank_by: str | None = None, top: int | None = None) -> int:
+         batch_size, writer: _Writer, rank_by: str | None = None, top: int | None = None,
+         server: str | None = None, token: str | None = None) -> int:
     """Score items and write them; returns how many failed."""
     failed = 0
     with handle_errors():
         scorer = None
         if any(it.error is None for it in items):
-            scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+            scorer = open_scorer(server, token, weights, config, device, dtype, revision, offline, batch_size)
         writer.scorer = scorer
         try:
             with _Progress(len(items), scorer.batch_size if scorer else 1) as progress:
@@ -345,6 +347,7 @@ def rank(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking."""
     mode = _output_mode(as_json, as_jsonl, as_csv)
@@ -361,7 +364,7 @@ def rank(
     writer = _Writer(mode, keys, rank=True)
     writer.kept = [] if html else None
     failed = _run(items, keys, dim, condition, mask_threshold, weights, config, revision, offline, device,
-                  dtype, batch_size, writer, rank_by=rank_by, top=top)
+                  dtype, batch_size, writer, rank_by=rank_by, top=top, server=server, token=token)
     write_html(html, writer.kept, writer.scorer, mask_threshold, keys)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
@@ -376,6 +379,7 @@ def compare(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""
     from ..scorer import compare_scores
@@ -384,7 +388,7 @@ def compare(
     keys = _keys(dim, condition)
     items = [Item(label=a, path=Path(a), prompt=prompt), Item(label=b, path=Path(b), prompt=prompt)]
     with handle_errors():
-        scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+        scorer = open_scorer(server, token, weights, config, device, dtype, revision, offline, batch_size)
         ra, rb = list(_results(scorer, items, dim, condition, mask_threshold, batch_size, None))
     bad = [r for r in (ra, rb) if r.error is not None]
     if bad:

@@ -1,0 +1,135 @@
+"""``mps serve``: load the model once and score for many clients over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..constants import (
+    SERVE_DEFAULT_PORT,
+    SERVE_MAX_BATCH,
+    SERVE_MAX_BODY_BYTES,
+    SERVE_MAX_IMAGE_PIXELS,
+    SERVE_MAX_QUEUE,
+    SERVE_MAX_WAIT_MS,
+    SERVE_TOKEN_ENV,
+)
+from .app import (
+    BatchSize,
+    Config,
+    Device,
+    Dtype,
+    Exit,
+    Offline,
+    Revision,
+    Weights,
+    app,
+    fail,
+    handle_errors,
+    load_scorer_for_cli,
+    say,
+)
+
+INSTALL_HINT = "`mps serve` needs the serve extra: pip install 'mps-cli[serve]'"
+_NEEDS = ("starlette", "uvicorn", "python_multipart")
+
+
+def _missing() -> list[str]:
+    return [m for m in _NEEDS if importlib.util.find_spec(m) is None]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", rich_help_panel="Server",
+                                      help="Address to bind. Anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, rich_help_panel="Server")] = SERVE_DEFAULT_PORT,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
+        help="Require 'Authorization: Bearer TOKEN' on every call but /healthz.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, rich_help_panel="Batching",
+                                           help="Most images in one model batch.")] = SERVE_MAX_BATCH,
+    max_wait_ms: Annotated[float, typer.Option(
+        "--max-wait-ms", min=0.0, rich_help_panel="Batching",
+        help="Longest wait for a batch to fill after its first image arrives.")] = SERVE_MAX_WAIT_MS,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", min=1, rich_help_panel="Batching",
+        help="Images waiting for the model before requests are answered 503.")] = SERVE_MAX_QUEUE,
+    max_body_mb: Annotated[float, typer.Option(
+        "--max-body-mb", min=0.001, rich_help_panel="Limits",
+        help="Largest request body, in MiB.")] = SERVE_MAX_BODY_BYTES / 2**20,
+    max_image_mpx: Annotated[float, typer.Option(
+        "--max-image-mpx", min=0.000001, rich_help_panel="Limits",
+        help="Largest image, in megapixels; bigger ones are refused from their header.")]
+    = SERVE_MAX_IMAGE_PIXELS / 1e6,
+    allow_dir: Annotated[Optional[Path], typer.Option(
+        "--allow-dir", rich_help_panel="Limits",
+        help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
+    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+) -> None:
+    """Serve the scorer over HTTP: POST /v1/score, POST /v1/compare, GET /v1/info, GET /healthz.
+
+    The model loads once; images from concurrent requests share model batches.
+    SIGTERM or Ctrl-C stops taking requests, finishes those in flight, and exits 0.
+    One log line per request on stderr.
+    """
+    missing = _missing()
+    if missing:
+        raise fail(f"{INSTALL_HINT} (missing: {', '.join(missing)})", Exit.USAGE)
+    from ..server import ServeOptions, is_loopback
+    from ..server import serve as run_server
+
+    if token is not None and not token.strip():
+        raise typer.BadParameter("the token is empty", param_hint="--token")
+    if token is None and not is_loopback(host):
+        raise fail(f"--host {host} would expose the scorer beyond this machine without a token; "
+                   f"set --token (or {SERVE_TOKEN_ENV}), or bind 127.0.0.1", Exit.USAGE)
+    if allow_dir is not None and not allow_dir.is_dir():
+        raise typer.BadParameter(f"{allow_dir} is not a folder", param_hint="--allow-dir")
+    _check_port_free(host, port)
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                           max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
+                           token=token, allow_dir=allow_dir)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mps serve: %(message)s"))
+    logger = logging.getLogger("mps_cli.server")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    with handle_errors():
+        scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+    say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
+        + (" (token required)" if token else ""))
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with
+    # the default dispositions that would kill (or interrupt) the process after a clean shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    run_server(scorer, host, port, options, log_level="warning")
+    say("mps serve: stopped")
+    raise typer.Exit(int(Exit.OK))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before the slow model load if the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise fail(f"--host {host}: {exc}", Exit.USAGE) from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise fail(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port", Exit.USAGE) from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

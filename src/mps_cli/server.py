@@ -1,0 +1,645 @@
+"""``mps serve``: one loaded :class:`~mps_cli.scorer.Scorer` behind HTTP.
+
+Images from concurrent requests are merged into model batches by :class:`MicroBatcher`,
+which runs the model in one worker thread; the event loop only parses, decodes (in its
+thread pool) and waits. Needs the ``serve`` extra (Starlette, uvicorn, python-multipart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import __version__
+from .constants import (
+    CUSTOM_KEY,
+    DEFAULT_MASK_THRESHOLD,
+    SERVE_MAX_BATCH,
+    SERVE_MAX_BODY_BYTES,
+    SERVE_MAX_IMAGE_PIXELS,
+    SERVE_MAX_QUEUE,
+    SERVE_MAX_WAIT_MS,
+)
+from .errors import ImageError
+from .preprocess import open_image, open_image_bytes, resize_crop
+from .scorer import ScoreResult, compare_scores, dtype_name, resolve_conditions
+
+log = logging.getLogger("mps_cli.server")
+
+Conditions = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the server accepts and how it batches."""
+
+    max_batch: int = SERVE_MAX_BATCH
+    max_wait_ms: float = SERVE_MAX_WAIT_MS
+    max_queue: int = SERVE_MAX_QUEUE
+    max_body_bytes: int = SERVE_MAX_BODY_BYTES
+    max_image_pixels: int = SERVE_MAX_IMAGE_PIXELS
+    token: str | None = None
+    allow_dir: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class QueueFull(Exception):
+    """The batcher holds as many images as it may; the caller should retry later."""
+
+
+@dataclass
+class _Job:
+    image: Any  # a decoded RGB PIL image
+    prompt: str
+    conditions: Conditions
+    threshold: float
+    future: Future
+
+    @property
+    def key(self) -> tuple[Conditions, float]:
+        return self.conditions, self.threshold
+
+
+class MicroBatcher:
+    """Runs the scorer in one worker thread; images from concurrent callers share its batches.
+
+    A batch holds images with the same conditions and mask threshold, at most ``max_batch``
+    of them; the worker waits at most ``max_wait_ms`` after the oldest queued image for a
+    batch to fill. Prompt and condition features are cached by the scorer across batches.
+    """
+
+    def __init__(self, scorer, max_batch: int = SERVE_MAX_BATCH, max_wait_ms: float = SERVE_MAX_WAIT_MS,
+                 max_queue: int = SERVE_MAX_QUEUE):
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be at least 1 and max_wait_ms not negative")
+        self.scorer = scorer
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._pending: deque[tuple[float, _Job]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._stats = {"requests": 0, "images": 0, "batches": 0, "batched_images": 0, "largest_batch": 0}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="mps-model", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Score what is queued, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, images: list, prompts: list[str], conditions: Conditions, threshold: float) -> list[Future]:
+        """Queue images (decoded PIL images) with their prompts; one future of a ScoreResult per image."""
+        jobs = [_Job(img, p, conditions, threshold, Future()) for img, p in zip(images, prompts)]
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} images are waiting for the model (limit {self.max_queue})")
+            now = time.monotonic()
+            self._pending.extend((now, j) for j in jobs)
+            self._stats["requests"] += 1
+            self._stats["images"] += len(jobs)
+            self._cond.notify_all()
+        return [j.future for j in jobs]
+
+    def stats(self) -> dict:
+        with self._cond:
+            s = dict(self._stats)
+            queued = len(self._pending)
+        return {
+            "max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000.0, "max_queue": self.max_queue,
+            "requests": s["requests"], "images": s["images"], "batches": s["batches"],
+            "mean_batch_size": s["batched_images"] / s["batches"] if s["batches"] else 0.0,
+            "largest_batch": s["largest_batch"], "queue_length": queued,
+        }
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the oldest job's kind, once full or once the oldest has waited max_wait."""
+        with self._cond:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                first_t, first = self._pending[0]
+                key = first.key
+                ready = sum(1 for _, j in self._pending if j.key == key)
+                remaining = first_t + self.max_wait - time.monotonic()
+                if ready >= self.max_batch or remaining <= 0 or self._closing:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Job] = []
+            rest: deque[tuple[float, _Job]] = deque()
+            for item in self._pending:
+                if len(batch) < self.max_batch and item[1].key == key:
+                    batch.append(item[1])
+                else:
+                    rest.append(item)
+            self._pending = rest
+        # A caller that went away has cancelled its futures; its images are not scored.
+        return [j for j in batch if j.future.set_running_or_notify_cancel()]
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            if not batch:
+                continue
+            conditions, threshold = batch[0].key
+            dims = [k for k, _ in conditions if k != CUSTOM_KEY] or None
+            custom = dict(conditions).get(CUSTOM_KEY)
+            try:
+                results = self.scorer.score([j.image for j in batch], [j.prompt for j in batch], dims=dims,
+                                            condition=custom, mask_threshold=threshold, batch_size=len(batch))
+            except BaseException as exc:  # noqa: B036 (the worker must outlive any one batch)
+                for j in batch:
+                    j.future.set_exception(exc)
+                continue
+            with self._cond:
+                self._stats["batches"] += 1
+                self._stats["batched_images"] += len(batch)
+                self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
+            for j, r in zip(batch, results):
+                j.future.set_result(r)
+
+
+class RequestError(Exception):
+    """A request the server will not serve: an HTTP status and a message naming the problem."""
+
+    def __init__(self, status: int, message: str, extra: dict | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.extra, self.headers = status, message, extra or {}, headers
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Source:
+    """One image of a request before decoding: encoded bytes, base64 text, or a checked server path."""
+
+    name: str
+    data: bytes | None = None
+    text: str | None = None
+    path: Path | None = None
+
+
+@dataclass
+class _Work:
+    sources: list[_Source]
+    prompts: list[str | None]
+    conditions: Conditions
+    threshold: float
+
+
+def _decode(src: _Source, max_pixels: int, size: int):
+    """The image decoded, resized and centre-cropped to the model's input, or raises ImageError naming it.
+
+    The crop is done here, in the request's thread, so the model's worker does not wait for it;
+    the scorer's own resize_crop then leaves a ``size`` x ``size`` image as it is.
+    """
+    return resize_crop(_open(src, max_pixels), size)
+
+
+def _open(src: _Source, max_pixels: int):
+    if src.path is not None:
+        return open_image(src.path, max_pixels)
+    data = src.data
+    if data is None:
+        text = src.text or ""
+        if text.startswith("data:"):
+            head, sep, text = text.partition(",")
+            if not sep or not head.endswith(";base64"):
+                raise ImageError(f"{src.name}: a data URL must be base64 (data:image/...;base64,...)")
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError(f"{src.name}: invalid base64 ({exc})") from None
+    return open_image_bytes(data, src.name, max_pixels)
+
+
+class ScoringService:
+    """Turns parsed requests into batcher work and answers; shared by the endpoints."""
+
+    def __init__(self, scorer, options: ServeOptions):
+        self.scorer = scorer
+        self.options = options
+        self.allow_dir = Path(options.allow_dir).resolve(strict=True) if options.allow_dir else None
+        self.batcher = MicroBatcher(scorer, options.max_batch, options.max_wait_ms, options.max_queue)
+
+    # ----------------------------------------------------------------------- parsing
+    def _source(self, entry: Any, name: str) -> _Source:
+        if isinstance(entry, _Source):
+            return entry
+        if isinstance(entry, str):
+            return _Source(name=name, text=entry)
+        keys = set(entry) if isinstance(entry, dict) else set()
+        if keys and keys <= {"data", "path", "name"} and len(keys & {"data", "path"}) == 1:
+            name = entry.get("name") if isinstance(entry.get("name"), str) else name
+            if "data" in entry:
+                if not isinstance(entry["data"], str):
+                    raise RequestError(422, f"{name}: 'data' must be a base64 string")
+                return _Source(name=name, text=entry["data"])
+            return _Source(name=name, path=self._checked_path(entry["path"]))
+        raise RequestError(422, f"{name}: an image is a base64 string, a data URL, {{\"data\": ...}} "
+                                "or {\"path\": ...}")
+
+    def _checked_path(self, raw: Any) -> Path:
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise RequestError(422, "'path' must be a non-empty string")
+        if self.allow_dir is None:
+            raise RequestError(403, f"{raw}: this server does not read server-side files (it was started "
+                                    "without an allowed folder); send the image's bytes instead")
+        resolved = (self.allow_dir / raw).resolve()  # follows symlinks and `..`
+        if not resolved.is_relative_to(self.allow_dir):
+            raise RequestError(403, f"{raw}: outside the folder this server may read")
+        return resolved
+
+    def parse(self, body: dict, single: bool = False) -> _Work:
+        """Validate a score (or, with ``single``, compare) request into work; raises RequestError."""
+        if not isinstance(body, dict):
+            raise RequestError(422, "the request body must be a JSON object")
+        known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names"}
+        if single:
+            known = (known - {"images", "names", "prompts"}) | {"a", "b"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+        if single:
+            for side in ("a", "b"):
+                if side not in body:
+                    raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
+            images, names = [body["a"], body["b"]], ["a", "b"]
+        else:
+            images = body.get("images")
+            if not isinstance(images, list) or not images:
+                raise RequestError(422, "no images: 'images' must be a non-empty list")
+            names = body.get("names")
+            if names is None:
+                names = [f"image {i}" for i in range(len(images))]
+            elif (not isinstance(names, list) or len(names) != len(images)
+                  or not all(isinstance(n, str) for n in names)):
+                raise RequestError(422, "'names' must be a list of strings, one per image")
+        if len(images) > self.options.max_queue:
+            raise RequestError(413, f"{len(images)} images in one request; this server takes at most "
+                                    f"{self.options.max_queue}")
+        prompts = self._prompts(body, len(images), single)
+        sources = [self._source(e, n) for e, n in zip(images, names)]
+        dims = body.get("dims", body.get("dim"))
+        if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
+                                                               and all(isinstance(d, str) for d in dims))):
+            raise RequestError(422, "'dims' must be a dimension name or a list of them")
+        condition = body.get("condition")
+        if condition is not None and not isinstance(condition, str):
+            raise RequestError(422, "'condition' must be a string")
+        try:
+            conditions = tuple(resolve_conditions(dims, condition))
+        except ValueError as exc:
+            raise RequestError(422, str(exc)) from None
+        threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
+        if isinstance(threshold, str):
+            try:
+                threshold = float(threshold)
+            except ValueError:
+                pass
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+            raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}")
+        return _Work(sources, prompts, conditions, float(threshold))
+
+    @staticmethod
+    def _prompts(body: dict, n: int, single: bool) -> list[str | None]:
+        if "prompt" in body and "prompts" in body:
+            raise RequestError(422, "give 'prompt' or 'prompts', not both")
+        value = body.get("prompts", body.get("prompt"))
+        if value is None:
+            raise RequestError(422, "no prompt: give 'prompt' (one for every image)"
+                               + ("" if single else " or 'prompts' (one per image)"))
+        if isinstance(value, str):
+            if not value.strip():
+                raise RequestError(422, "the prompt is empty")
+            return [value] * n
+        if single or not isinstance(value, list) or not all(p is None or isinstance(p, str) for p in value):
+            raise RequestError(422, "'prompt' must be a string" + ("" if single else "; 'prompts' a list of strings"))
+        if len(value) != n:
+            raise RequestError(422, f"{n} images but {len(value)} prompts")
+        return value
+
+    # ----------------------------------------------------------------------- scoring
+    async def run(self, work: _Work) -> list[ScoreResult]:
+        """Decode (thread pool), score (batcher), and return results in request order."""
+        max_px = self.options.max_image_pixels
+        size = self.scorer.config.vision.image_size
+
+        def decode_all() -> list:
+            out = []
+            for src, prompt in zip(work.sources, work.prompts):
+                if prompt is None:
+                    out.append(f"{src.name}: no prompt for this image")
+                    continue
+                try:
+                    out.append(_decode(src, max_px, size))
+                except ImageError as exc:
+                    out.append(str(exc))
+            return out
+
+        decoded = await run_in_threadpool(decode_all)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        try:
+            futures = self.batcher.submit([decoded[i] for i in good], [work.prompts[i] for i in good],
+                                          work.conditions, work.threshold)
+        except QueueFull as exc:
+            raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+        scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        results: list[ScoreResult] = []
+        by_index = dict(zip(good, scored))
+        for i, (src, prompt) in enumerate(zip(work.sources, work.prompts)):
+            if i in by_index:
+                r = by_index[i]
+                results.append(ScoreResult(image=src.name, prompt=prompt, scores=r.scores, kept_tokens=r.kept_tokens,
+                                           prompt_truncated=r.prompt_truncated, error=r.error))
+            else:
+                results.append(ScoreResult(image=src.name, prompt=prompt, error=decoded[i]))
+        return results
+
+    def info(self) -> dict:
+        s = self.scorer
+        return {
+            "version": __version__, "weights": s.weights, "identity": s.identity, "device": str(s.device),
+            "dtype": dtype_name(s.dtype), "batch_size": s.batch_size,
+            "limits": {"max_body_bytes": self.options.max_body_bytes,
+                       "max_image_pixels": self.options.max_image_pixels,
+                       "server_paths": self.allow_dir is not None},
+            "batching": self.batcher.stats(),
+        }
+
+
+def result_row(r: ScoreResult) -> dict:
+    """The JSON of one result, as the CLI writes it plus kept tokens and truncation."""
+    if r.error is not None:
+        return {"image": r.image, "prompt": r.prompt, "error": r.error}
+    return {"image": r.image, "prompt": r.prompt, "scores": dict(r.scores), "kept_tokens": dict(r.kept_tokens),
+            "prompt_truncated": r.prompt_truncated}
+
+
+def _error(status: int, message: str, extra: dict | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request) -> dict:
+    """The request as a dict: JSON, or a multipart form whose files become image sources."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _read_form(request)
+    raw = await request.body()
+    if not raw:
+        raise RequestError(400, "empty body: send a JSON object (Content-Type: application/json) or a multipart form")
+    try:
+        return await run_in_threadpool(json.loads, raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"invalid JSON: {exc}") from None
+
+
+async def _read_form(request: Request) -> dict:
+    try:
+        form = await request.form(max_files=SERVE_MAX_QUEUE, max_fields=SERVE_MAX_QUEUE)
+    except _BodyTooLarge:
+        raise
+    except Exception as exc:  # the multipart parser's own errors
+        raise RequestError(400, f"invalid multipart form: {exc}") from None
+    out: dict = {}
+    images: list[_Source] = []
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            src = _Source(name=value.filename or f"image {len(images)}", data=data)
+            if key in ("a", "b"):
+                out[key] = src
+            elif key in ("image", "images"):
+                images.append(src)
+            else:
+                raise RequestError(422, f"unexpected file field {key!r}: upload images as 'image' (or 'a' and 'b')")
+        elif key in ("prompts", "dims", "dim"):
+            out.setdefault("prompts" if key == "prompts" else "dims", []).append(value)
+        elif key in ("prompt", "condition", "mask_threshold"):
+            out[key] = value
+        else:
+            out[key] = value  # reported as unknown by parse()
+    if images:
+        out["images"] = images
+        out["names"] = [s.name for s in images]
+    return out
+
+
+def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
+    options = options or ServeOptions()
+    service = ScoringService(scorer, options)
+
+    async def score(request: Request) -> JSONResponse:
+        body = await _read_body(request)
+        work = service.parse(body)
+        request.state.images = len(work.sources)
+        results = await service.run(work)
+        rows = [result_row(r) for r in results]
+        failed = sum(r.error is not None for r in results)
+        if failed == len(results):
+            raise RequestError(422, "no image could be scored" + (f": {results[0].error}" if failed == 1 else ""),
+                               {"results": rows})
+        return JSONResponse({"results": rows, "failed": failed})
+
+    async def compare(request: Request) -> JSONResponse:
+        body = await _read_body(request)
+        work = service.parse(body, single=True)
+        request.state.images = 2
+        ra, rb = await service.run(work)
+        bad = [r for r in (ra, rb) if r.error is not None]
+        if bad:
+            raise RequestError(422, "; ".join(r.error for r in bad), {"results": [result_row(ra), result_row(rb)]})
+        results = {k: compare_scores(ra.scores[k], rb.scores[k]) for k in ra.scores}
+        return JSONResponse({"prompt": ra.prompt, "a": ra.image, "b": rb.image,
+                             "results": {k: {"a": v.a, "b": v.b, "p_a": v.p_a, "winner": v.winner}
+                                         for k, v in results.items()},
+                             "prompt_truncated": ra.prompt_truncated})
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(service.info())
+
+    def guarded(endpoint):
+        async def run(request: Request) -> JSONResponse:
+            try:
+                return await endpoint(request)
+            except RequestError as exc:
+                return _error(exc.status, exc.message, exc.extra, exc.headers)
+            except _BodyTooLarge:
+                return _error(413, f"request body over the {options.max_body_bytes} byte limit")
+        return run
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.batcher.close)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/score", guarded(score), methods=["POST"]),
+            Route("/v1/compare", guarded(compare), methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/info", info, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_Guard, token=options.token, max_body=options.max_body_bytes)
+    return app
+
+
+class _Guard:
+    """Pure ASGI middleware: the bearer token, the body limit, and one log line per request."""
+
+    def __init__(self, app, token: str | None, max_body: int):
+        self.app, self.token, self.max_body = app, token, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 0}
+        scope.setdefault("state", {})
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refuse(scope)
+            if refusal is not None:
+                await self._drain(receive, 0)
+                await refusal(scope, receive, logged_send)
+                return
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_body:
+                        if message.get("more_body", False):
+                            await self._drain(receive, seen)
+                        raise _BodyTooLarge()
+                return message
+
+            await self.app(scope, limited_receive, logged_send)
+        finally:
+            images = scope["state"].get("images")
+            log.info("%s %s %d%s %.1f ms", scope["method"], scope["path"], status["code"],
+                     f" {images} image{'s' if images != 1 else ''}" if images else "",
+                     (time.perf_counter() - start) * 1000.0)
+
+    async def _drain(self, receive, seen: int) -> None:
+        """Read and drop the rest of a refused body (up to a bound), so the client gets to read the answer
+        instead of a connection reset while it is still sending."""
+        cap = max(4 * self.max_body, 64 * 2**20)
+        while seen <= cap:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    def _refuse(self, scope):
+        if self.token is not None and scope["path"] != "/healthz":
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                what = "missing" if not auth else "wrong"
+                return _error(401, f"{what} token: send 'Authorization: Bearer TOKEN'",
+                              headers={"WWW-Authenticate": "Bearer"})
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return _error(400, "invalid Content-Length")
+            if too_big:
+                return _error(413, f"request body of {int(length)} bytes is over the {self.max_body} byte limit")
+        return None
+
+
+def warm_up(scorer) -> None:
+    """Load the tokenizer, encode the dimensions' conditions and run the model once, before the first client."""
+    from PIL import Image
+
+    size = scorer.config.vision.image_size
+    scorer.score([Image.new("RGB", (size, size), (128, 128, 128))], "warm-up", dims=["all"])
+
+
+def serve(scorer, host: str, port: int, options: ServeOptions, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish first."""
+    import uvicorn
+
+    if options.token is None and not is_loopback(host):
+        raise ValueError(f"binding {host} exposes the scorer beyond this machine; set a token")
+    app = create_app(scorer, options)
+    warm_up(scorer)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            server_header=False, lifespan="on")
+    uvicorn.Server(config).run()
+
+
+__all__ = ["MicroBatcher", "QueueFull", "ServeOptions", "create_app", "is_loopback", "result_row", "serve", "warm_up"]
