@@ -37,3 +37,19 @@ class PromptError(InputError):
 
 class FetchError(MPSError):
     """Weights could not be fetched (network, missing file, offline without cache)."""
+
+
+class ShardError(InputError):
+    """A dataset shard (tar or parquet) is missing, truncated or unreadable: that shard is skipped."""
+
+
+class OutputError(MPSError):
+    """An output folder cannot be used: not writable, or it holds results made with other settings."""
+
+
+class MissingExtraError(MPSError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
+class EngineError(MPSError):
+    """The distributed engine (Ray) could not start or failed while running the job."""

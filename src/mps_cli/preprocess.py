@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,16 @@ from PIL import Image, UnidentifiedImageError
 from .constants import CONTEXT_LENGTH, EOT_ID, IMAGE_MEAN, IMAGE_STD, MAX_IMAGE_PIXELS, SOT_ID
 from .errors import ImageError
 
-ImageInput = Union[str, Path, Image.Image]
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (a tar member, a parquet cell) and the name messages use."""
+
+    data: bytes
+    filename: str
+
+
+ImageInput = Union[str, Path, Image.Image, EncodedImage]
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -24,9 +34,14 @@ def open_image(source: ImageInput) -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
-    path = Path(source)
+    if isinstance(source, EncodedImage):
+        # Bytes decode exactly as the same file on disk would: same checks, same conversion.
+        fp, path = io.BytesIO(source.data), None
+        source = source.filename
+    else:
+        fp = path = Path(source)
     try:
-        img = Image.open(path)
+        img = Image.open(fp)
     except FileNotFoundError:
         raise ImageError(f"{source}: no such file") from None
     except IsADirectoryError:
@@ -36,7 +51,7 @@ def open_image(source: ImageInput) -> Image.Image:
     except Image.DecompressionBombError:
         raise ImageError(f"{source}: image is too large to decode safely (decompression bomb?)") from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
+        size = fp.getbuffer().nbytes if path is None else path.stat().st_size if path.exists() else 0
         what = "empty file" if size == 0 else "not an image PIL can read"
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:

@@ -8,6 +8,7 @@ from .app import app
 from . import scoring  # noqa: F401  (registers score, compare, rank)
 from . import weights_cmds  # noqa: F401
 from . import eval_cmd  # noqa: F401
+from . import dataset_cmd  # noqa: F401
 
 
 def main() -> None:
