@@ -9,6 +9,7 @@ writer keeps the manifest whole.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 from .dataset import (
@@ -111,9 +112,9 @@ def _start(ray, address: str | None) -> bool:
     """Connect to ``address`` or start Ray on this machine; True when this call started it."""
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # its C++ notices would interleave with progress
     try:
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
-                 configure_logging=True)
+        ray.init(address=address, logging_level=logging.ERROR, include_dashboard=False, configure_logging=True)
     except Exception as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise EngineError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
@@ -153,17 +154,19 @@ def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.ERROR)
         ds = ray.data.from_items([{"source": s.source, "kind": s.kind} for s in todo],
                                  override_num_blocks=len(todo))
         ds = ds.flat_map(_read_rows, fn_kwargs={"caption_column": job.caption_column,
                                                 "image_column": job.image_column, "prompt": job.prompt})
+        # A remote-args function keeps Ray from fusing decoding into the scoring actors: decoding
+        # stays on CPU tasks that run beside the actors instead of between their batches.
         ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
-                            batch_format="numpy")
+                            batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": 1})
         ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={
             "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold},
-            batch_size=batch_size, batch_format="numpy", concurrency=workers, num_gpus=gpus_per_worker,
-            num_cpus=cpus_per_worker)
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
         buffers: dict[str, list[tuple[int, Row]]] = {}
         keys = plan.keys
         try:
