@@ -71,9 +71,8 @@ def resolve_model(weights: str | None = None, config: str | os.PathLike | None =
         dev = torch.device(device_kind)
     else:
         dev = resolve_device(device) if device_kind is None else torch.device(device)
-    spec = weights_spec(weights)
-    return ModelSpec(weights=spec if opened.label.startswith("hf://") or Path(spec).exists() else opened.label,
-                     identity=opened.identity, dtype=dtype_name(resolve_dtype(dtype, dev)),
+    return ModelSpec(weights=weights_spec(weights), identity=opened.identity,
+                     dtype=dtype_name(resolve_dtype(dtype, dev)),
                      config=None if config is None else os.fspath(config), device=device, revision=revision,
                      offline=offline, batch_size=batch_size, image_size=cfg.vision.image_size)
 

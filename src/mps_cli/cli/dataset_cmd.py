@@ -68,11 +68,12 @@ def _duration(seconds: float) -> str:
 @app.command("dataset", help=DATASET_HELP, no_args_is_help=True)
 def dataset_command(
     sources: Annotated[List[str], typer.Argument(
-        metavar="SOURCE...", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
+        metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).",
                                       show_default=False)],
     prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", rich_help_panel="Prompts", help="One prompt for every image, instead of the captions.")] = None,
+        "--prompt", "-p", rich_help_panel="Prompts",
+        help="One prompt for every image, instead of the captions.")] = None,
     caption_column: Annotated[Optional[str], typer.Option(
         "--caption-column", rich_help_panel="Prompts",
         help="Parquet column or webdataset .json field with the caption. Default: caption, then text, prompt "
@@ -81,14 +82,16 @@ def dataset_command(
         "--image-column", rich_help_panel="Inputs",
         help="Parquet column (or webdataset extension) with the image. Default: image, then jpg, png, webp.")] = None,
     shard_index: Annotated[Optional[int], typer.Option(
-        "--shard-index", rich_help_panel="Splitting", help="Take every --num-shards-th shard from this one (0-based).")] = None,
+        "--shard-index", rich_help_panel="Splitting",
+        help="Take every --num-shards-th shard from this one (0-based).")] = None,
     num_shards: Annotated[Optional[int], typer.Option(
         "--num-shards", rich_help_panel="Splitting", help="How many workers share the shards.")] = None,
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
-        "(pip install \"mps-cli[ray]\").")] = Engine.local,
+        "(pip install \"mps-cli\\[ray]\").")] = Engine.local,
     ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", rich_help_panel="Engine", help="Ray cluster to join (default: start Ray on this machine).")] = None,
+        "--ray-address", rich_help_panel="Engine",
+        help="Ray cluster to join (default: start Ray on this machine).")] = None,
     workers: Annotated[int, typer.Option(
         "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(
