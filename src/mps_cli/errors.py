@@ -57,3 +57,17 @@ class ReportError(MPSError):
     """The report could not be written."""
 class ServerError(FetchError):
     """A scoring server could not be reached, refused the request, or answered nonsense."""
+class ShardError(InputError):
+    """A dataset shard (tar or parquet) is missing, truncated or unreadable: that shard is skipped."""
+
+
+class OutputError(MPSError):
+    """An output folder cannot be used: not writable, or it holds results made with other settings."""
+
+
+class MissingExtraError(MPSError):
+    """An optional dependency is not installed; the message says which extra to install."""
+
+
+class EngineError(MPSError):
+    """The distributed engine (Ray) could not start or failed while running the job."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import io
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,16 @@ from PIL import Image, UnidentifiedImageError
 from .constants import CONTEXT_LENGTH, EOT_ID, IMAGE_MEAN, IMAGE_STD, MAX_IMAGE_PIXELS, SOT_ID
 from .errors import ImageError
 
-ImageInput = Union[str, Path, Image.Image]
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes held in memory (a tar member, a parquet cell) and the name messages use."""
+
+    data: bytes
+    filename: str
+
+
+ImageInput = Union[str, Path, Image.Image, EncodedImage]
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -26,9 +35,14 @@ def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
-    path = Path(source)
+    if isinstance(source, EncodedImage):
+        # Bytes decode exactly as the same file on disk would: same checks, same conversion.
+        fp, path = io.BytesIO(source.data), None
+        source = source.filename
+    else:
+        fp = path = Path(source)
     try:
-        img = Image.open(path)
+        img = Image.open(fp)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise file_error(source, exc) from None
     except Image.DecompressionBombError:
@@ -37,7 +51,7 @@ def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
         # PIL refuses metadata that would inflate past its limits (an iTXt chunk of 50 MB).
         raise ImageError(f"{source}: image metadata too large to read safely ({exc})") from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
+        size = fp.getbuffer().nbytes if path is None else path.stat().st_size if path.exists() else 0
         what = "empty file" if size == 0 else "not an image PIL can read"
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:
@@ -58,17 +72,7 @@ def file_error(source: ImageInput, exc: OSError) -> ImageError:
 
 def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """:func:`open_image` for an encoded image held in memory (an upload); ``label`` names it in errors."""
-    if not data:
-        raise ImageError(f"{label}: empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ImageError(f"{label}: image is too large to decode safely (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image PIL can read") from None
-    except OSError as exc:
-        raise ImageError(f"{label}: cannot open ({exc})") from None
-    return _decode(img, label, max_pixels)
+    return open_image(EncodedImage(data, label), max_pixels)
 
 
 def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:

@@ -245,6 +245,26 @@ class Scorer:
             self.stats["image_batches"] += 1
         return scores, kept, [f.truncated for f in feats]
 
+    def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
+                     dims: Iterable[str] | None = None, condition: str | None = None,
+                     mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> list[ScoreResult]:
+        """Score images already preprocessed by :func:`~mps_cli.preprocess.load_pixels`.
+
+        For pipelines that decode on other workers (Ray Data) and ship the ``3 x S x S`` float
+        tensors here; ``labels`` name the images in the results. Batches of ``self.batch_size``.
+        """
+        conditions = resolve_conditions(dims, condition)
+        out: list[ScoreResult] = []
+        for start in range(0, len(pixels), self.batch_size):
+            end = start + self.batch_size
+            scores, kept, truncated = self._score_batch(list(pixels[start:end]), list(prompts[start:end]),
+                                                        conditions, float(mask_threshold))
+            for j, (label, prompt) in enumerate(zip(labels[start:end], prompts[start:end])):
+                out.append(ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
+                                       kept_tokens={k: v[j] for k, v in kept.items()},
+                                       prompt_truncated=truncated[j]))
+        return out
+
     def iter_score(
         self,
         images: Sequence[ImageInput],

@@ -11,6 +11,7 @@ from . import eval_cmd  # noqa: F401
 from . import versus_cmd  # noqa: F401
 from . import report_cmd  # noqa: F401
 from . import serve_cmd  # noqa: F401
+from . import dataset_cmd  # noqa: F401
 
 
 def main() -> None:

@@ -1,0 +1,320 @@
+"""``mps dataset``: shards (webdataset tars, parquet files) built here from the fixture's images and
+prompts are scored exactly as ``mps score`` scores the same files, locally and on Ray; a killed run
+resumes without scoring anything twice; ``--shard-index`` splits cover every shard once; bad
+shards and bad samples are reported without stopping the job."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from conftest import IMAGES, WEIGHTS, mps_executable  # noqa: E402
+
+from mps_cli.cli import app  # noqa: E402
+from mps_cli.dataset import MANIFEST, DatasetJob, ModelSpec, plan_dataset, score_dataset  # noqa: E402
+from mps_cli.shards import expand_braces, find_shards  # noqa: E402
+
+DIMS = ("overall", "aesthetics", "detail", "alignment")
+TOL = 1e-5
+MODEL = ["--weights", str(WEIGHTS), "--device", "cpu", "--dtype", "fp32"]
+
+
+def image_names() -> list[str]:
+    return sorted(p.name for p in IMAGES.iterdir())
+
+
+def prompts_of(expected: dict) -> list[str]:
+    return sorted({r["prompt"] for r in expected["scores"]})
+
+
+def write_tar(path: Path, samples: list[tuple[str, str, str | None, bool]], extra: bool = True) -> None:
+    """samples: (key, image file name, prompt, prompt in .txt (else in .json))."""
+    with tarfile.open(path, "w") as tar:
+        for key, image, prompt, as_txt in samples:
+            members = [(f"{key}.{image.rsplit('.', 1)[1]}", (IMAGES / image).read_bytes())]
+            if prompt is not None:
+                members.append((f"{key}.txt", prompt.encode()) if as_txt else
+                               (f"{key}.json", json.dumps({"caption": prompt, "width": 1}).encode()))
+            if extra:  # not an image, caption or json: ignored
+                members.append((f"{key}.cls", b"3"))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, expected):
+    """Three tar shards and two parquet files (Hugging Face struct + caption/id; img2dataset jpg +
+    text/key) holding the 7 fixture images with prompts; and what each row should be."""
+    root = tmp_path_factory.mktemp("dataset")
+    names, prompts = image_names(), prompts_of(expected)
+    rows = {}  # (shard source, key) -> (image, prompt)
+    (root / "wds").mkdir()
+    for n, idx in enumerate([(0, 1, 2), (3, 4), (5, 6)]):
+        source = str(root / "wds" / f"{n:05d}.tar")
+        samples = [(f"s{n}-{i:03d}", names[i], prompts[i % 4], i % 2 == 0) for i in idx]
+        write_tar(Path(source), samples)
+        rows.update({(source, k): (img, p) for k, img, p, _ in samples})
+    (root / "pq").mkdir()
+    first = str(root / "pq" / "part-0.parquet")
+    pq.write_table(pa.table({
+        "id": [100 + i for i in range(4)],
+        "image": [{"bytes": (IMAGES / names[i]).read_bytes(), "path": names[i]} for i in range(4)],
+        "caption": [prompts[(i + 1) % 4] for i in range(4)],
+    }), first)
+    rows.update({(first, str(100 + i)): (names[i], prompts[(i + 1) % 4]) for i in range(4)})
+    second = str(root / "pq" / "part-1.parquet")
+    pq.write_table(pa.table({
+        "key": [f"k{i}" for i in range(4, 7)],
+        "jpg": [(IMAGES / names[i]).read_bytes() for i in range(4, 7)],
+        "text": [prompts[(i + 2) % 4] for i in range(4, 7)],
+    }), second)
+    rows.update({(second, f"k{i}"): (names[i], prompts[(i + 2) % 4]) for i in range(4, 7)})
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """``mps score --dim all`` on the same images as files, each with its prompt: {(image, prompt): scores}."""
+    _, rows = data
+    listing = tmp_path_factory.mktemp("ref") / "prompts.jsonl"
+    pairs = sorted(set(rows.values()))
+    listing.write_text("".join(json.dumps({"image": str(IMAGES / img), "prompt": p}) + "\n" for img, p in pairs))
+    result = CliRunner().invoke(app, ["score", "--prompts", str(listing), "--dim", "all", "--json", *MODEL])
+    assert result.exit_code == 0, result.output
+    docs = json.loads(result.stdout)
+    return {(Path(d["image"]).name, d["prompt"]): d["scores"] for d in docs}
+
+
+def read_out(out: Path) -> dict:
+    """{(shard, key): row} over every output parquet file."""
+    found = {}
+    for f in sorted(out.glob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            assert (row["shard"], row["key"]) not in found
+            found[(row["shard"], row["key"])] = row
+    return found
+
+
+def assert_matches(out: Path, data, reference) -> None:
+    _, rows = data
+    found = read_out(out)
+    assert set(found) == set(rows)
+    for (shard, key), row in found.items():
+        image, prompt = rows[(shard, key)]
+        assert row["error"] is None and row["prompt"] == prompt
+        for dim in DIMS:
+            assert abs(row[dim] - reference[(image, prompt)][dim]) <= TOL, (shard, key, dim)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["settings"]["dtype"] == "fp32" and set(manifest["settings"]["conditions"]) == set(DIMS)
+    counts = {}
+    for (shard, _), _v in found.items():
+        counts[shard] = counts.get(shard, 0) + 1
+    assert {v["source"]: v["rows"] for v in manifest["shards"].values()} == counts
+
+
+def test_brace_ranges_and_folders_expand_in_order(data):
+    root, _ = data
+    assert expand_braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
+    assert expand_braces("{a,b}/{1..2}.parquet") == ["a/1.parquet", "a/2.parquet", "b/1.parquet", "b/2.parquet"]
+    shards, problems = find_shards([str(root / "wds" / "{00000..00002}.tar"), str(root / "pq"),
+                                    str(root / "wds" / "00009.tar")])
+    assert [s.name for s in shards] == ["00000", "00001", "00002", "part-0", "part-1"]
+    assert problems == [(str(root / "wds" / "00009.tar"), "no such file")]
+
+
+def test_webdataset_and_parquet_match_mps_score(data, reference, tmp_path):
+    root, _ = data
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["dataset", str(root / "wds" / "{00000..00002}.tar"), str(root / "pq"),
+                                      "--out", str(out), "--dim", "all", *MODEL])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "00000.parquet", "00001.parquet", "00002.parquet", "part-0.parquet", "part-1.parquet"]
+    assert_matches(out, data, reference)
+    assert result.stdout.startswith("5 shards (5 written, 0 failed), 14 images scored, 0 errors")
+    schema = pq.read_schema(out / "00000.parquet")
+    assert schema.names == ["key", "shard", "prompt", *DIMS, "error"]
+    # The same run again: every shard is already there, nothing is scored.
+    again = CliRunner().invoke(app, ["dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
+                                     "--dim", "all", *MODEL])
+    assert again.exit_code == 0 and "5 already done, 0 written" in again.stdout
+    # Other settings into the same folder: refused before scoring, one line, exit 2.
+    other = CliRunner().invoke(app, ["dataset", str(root / "wds"), "--out", str(out), "--dim", "overall",
+                                     "--mask-threshold", "0.5", *MODEL])
+    assert other.exit_code == 2
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "other settings" in lines[0] and "mask threshold 0.3" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_engine_matches_mps_score(local_ray, data, reference, tmp_path):
+    root, _ = data
+    out = tmp_path / "ray-out"
+    result = CliRunner().invoke(app, ["dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
+                                      "--dim", "all", "--engine", "ray", "--workers", "1", "--batch-size", "2",
+                                      *MODEL])
+    assert result.exit_code == 0, result.output
+    assert_matches(out, data, reference)
+    assert local_ray.is_initialized()  # it joined the instance this process runs, and left it running
+
+
+def test_missing_extras_are_one_line_usage_errors(data, tmp_path, monkeypatch):
+    root, _ = data
+    for module, hint in ((("ray", "ray.data"), 'pip install "mps-cli[ray]"'),
+                         (("pyarrow", "pyarrow.parquet"), 'pip install "mps-cli[dataset]"')):
+        with monkeypatch.context() as m:
+            for name in module:  # as if not installed: importing it raises ImportError
+                m.setitem(sys.modules, name, None)
+            result = CliRunner().invoke(app, ["dataset", str(root / "wds"), "--out", str(tmp_path / "o"),
+                                              "--engine", "ray", "--weights", str(tmp_path / "none.safetensors")])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and hint in result.stderr, result.stderr
+
+
+def test_shard_index_splits_cover_every_shard_once(data, reference, scorer, tmp_path):
+    root, _ = data
+    sources = (str(root / "wds"), str(root / "pq"))
+    out = tmp_path / "split"
+    everything = plan_dataset(DatasetJob(sources, out, dims=("all",))).shards
+    assigned = []
+    for i in range(3):  # three workers sharing one output folder and its manifest
+        plan = plan_dataset(DatasetJob(sources, out, dims=("all",), shard_index=i, num_shards=3))
+        assigned += plan.shards
+        summary = score_dataset(plan, scorer)
+        assert summary.written == len(plan.shards) and not summary.failed
+    assert sorted(s.source for s in assigned) == sorted(s.source for s in everything)
+    assert len(assigned) == len(everything) == 5
+    assert_matches(out, data, reference)
+
+
+def test_bad_inputs_are_reported_and_the_rest_scored(data, expected, tmp_path):
+    root, _ = data
+    names, prompts = image_names(), prompts_of(expected)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_tar(bad / "a-good.tar", [("g0", names[0], prompts[0], True)])
+    # A sample whose image does not decode, one without a caption, and good ones around them.
+    with tarfile.open(bad / "b-mixed.tar", "w") as tar:
+        for name, payload in (("m0.png", (IMAGES / names[1]).read_bytes()), ("m0.txt", prompts[1].encode()),
+                              ("m1.jpg", b"\xff\xd8 not really a jpeg"), ("m1.txt", prompts[2].encode()),
+                              ("m2.png", (IMAGES / names[2]).read_bytes()), ("m2.json", b'{"url": "x"}'),
+                              ("m3.webp", (IMAGES / names[3]).read_bytes()), ("m3.txt", prompts[3].encode()),
+                              ("m3.npy", b"\x93NUMPY")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    whole = (root / "wds" / "00000.tar").read_bytes()
+    (bad / "c-truncated.tar").write_bytes(whole[: len(whole) // 2])
+    (bad / "d-cut-at-member.tar").write_bytes(whole[:512])  # a header and nothing after it
+    (bad / "e-broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    # A folder with tars reads its tars; put the parquet beside them as its own source.
+    result = CliRunner().invoke(app, ["dataset", str(bad), str(bad / "e-broken.parquet"), "--out",
+                                      str(tmp_path / "out"), *MODEL])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    err = result.stderr
+    for culprit in ("c-truncated.tar", "d-cut-at-member.tar", "e-broken.parquet"):
+        assert sum(culprit in line and "shard skipped" in line for line in err.splitlines()) == 1, err
+    assert "2 written, 3 failed" in result.stdout
+    out = read_out(tmp_path / "out")
+    mixed = {key: row for (shard, key), row in out.items() if shard.endswith("b-mixed.tar")}
+    assert set(mixed) == {"m0", "m1", "m2", "m3"}
+    assert mixed["m0"]["error"] is None and mixed["m3"]["error"] is None and mixed["m3"]["overall"] is not None
+    assert "m1.jpg" in mixed["m1"]["error"] and mixed["m1"]["overall"] is None
+    assert "no caption" in mixed["m2"]["error"] and mixed["m2"]["prompt"] is None
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == ["a-good.parquet", "b-mixed.parquet"]
+
+
+def test_unwritable_out_fails_before_loading_the_model(data, tmp_path):
+    root, _ = data
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # Weights that do not exist: loading the model first would be exit 3, not 2.
+    result = CliRunner().invoke(app, ["dataset", str(root / "wds"), "--out", str(blocker / "out"),
+                                      "--weights", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "not writable" in result.stderr
+
+
+def test_remote_urls_read_through_fsspec(data, reference, scorer, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    root, rows = data
+    fs = fsspec.filesystem("memory")
+    for n in range(3):
+        fs.pipe(f"/mps-test/wds/{n:05d}.tar", (root / "wds" / f"{n:05d}.tar").read_bytes())
+    try:
+        plan = plan_dataset(DatasetJob(("memory://mps-test/wds/",), tmp_path / "out", dims=("all",)))
+        assert [s.name for s in plan.shards] == ["00000", "00001", "00002"]
+        summary = score_dataset(plan, scorer)
+    finally:
+        fs.rm("/mps-test", recursive=True)
+    assert summary.written == 3 and summary.images == 7
+    found = read_out(tmp_path / "out")
+    for (shard, key), row in found.items():
+        local = str(root / "wds" / Path(shard).name)
+        image, prompt = rows[(local, key)]
+        assert abs(row["overall"] - reference[(image, prompt)]["overall"]) <= TOL
+
+
+def test_killed_run_resumes_without_scoring_anything_twice(scorer, expected, tmp_path):
+    names, prompts = image_names(), prompts_of(expected)
+    src = tmp_path / "big"
+    src.mkdir()
+    for n in range(3):
+        write_tar(src / f"{n:05d}.tar", [(f"b{n}-{i:03d}", names[i % 7], prompts[(i + n) % 4], True)
+                                        for i in range(10)], extra=False)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([*mps_executable(), "dataset", str(src), "--out", str(out), "--batch-size", "2",
+                             *MODEL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    written = sorted(p.name for p in out.glob("*.parquet"))
+    assert 1 <= len(written) < 3, written  # killed after its first shard, before its last
+    for f in written:  # only whole files under the final names
+        assert pq.read_table(out / f).num_rows == 10
+    # Resume in-process, one image per model call, so the model calls count the images scored.
+    plan = plan_dataset(DatasetJob((str(src),), out, batch_size=1))
+    before = scorer.stats["image_batches"]
+    summary = score_dataset(plan, scorer)
+    assert scorer.stats["image_batches"] - before == 10 * (3 - len(written)) == summary.images
+    assert summary.already_done == len(written) and summary.written == 3 - len(written)
+    assert not list(out.glob(".*.tmp-*"))
+    # Equal to an uninterrupted run.
+    fresh = tmp_path / "fresh"
+    score_dataset(plan_dataset(DatasetJob((str(src),), fresh)), scorer)
+    resumed, clean = read_out(out), read_out(fresh)
+    assert resumed.keys() == clean.keys()
+    for k, row in clean.items():
+        assert resumed[k]["prompt"] == row["prompt"] and resumed[k]["error"] is None
+        assert abs(resumed[k]["overall"] - row["overall"]) <= TOL  # batches of 2, 1 and 4 differ in rounding
+    manifest, fresh_manifest = (json.loads((d / MANIFEST).read_text()) for d in (out, fresh))
+    assert manifest["shards"] == fresh_manifest["shards"] and manifest["settings"] == fresh_manifest["settings"]
+    assert manifest["settings"]["weights"] == ModelSpec.from_scorer(scorer).identity
