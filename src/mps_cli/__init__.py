@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_scorer": "scorer", "Scorer": "scorer", "ScoreResult": "scorer", "Comparison": "scorer",
     "PairResult": "scorer", "preference_probability": "scorer", "compare_scores": "scorer",
+    "load_reward": "reward", "MPSReward": "reward",
     "ModelConfig": "config", "read_config": "config", "builtin_config": "config",
 }
 

@@ -6,6 +6,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import CrossConfig, ModelConfig, TowerConfig
@@ -44,21 +45,35 @@ def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) ->
     Same arithmetic as the blocks' own forward, but the fused attention kernels never
     materialise the (tokens x tokens) weights per head, and no activation is allocated twice,
     which keeps peak memory down. ``x`` must be a tensor the caller no longer needs.
+    While autograd records (the reward), the residuals are added out of place, and each
+    block is recomputed in backward when ``transformer.grad_checkpointing`` is set.
     """
+    recording = torch.is_grad_enabled() and x.requires_grad
+    checkpointing = recording and getattr(transformer, "grad_checkpointing", False)
     for blk in transformer.resblocks:
-        attn = blk.attn
-        h = blk.ln_1(x)
-        q, k, v = _linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        heads = attn.num_heads
-        o = F.scaled_dot_product_attention(
-            _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
-        )
-        x += blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
-        mlp = blk.mlp
-        h = _linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
-        h = torch.ops.aten.gelu_(h) if type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none" else mlp.gelu(h)
-        x += blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(_run_block, blk, x, causal, False, use_reentrant=False)
+        else:
+            x = _run_block(blk, x, causal, not recording)
     return x
+
+
+def _run_block(blk: nn.Module, x: torch.Tensor, causal: bool, inplace: bool) -> torch.Tensor:
+    attn = blk.attn
+    h = blk.ln_1(x)
+    q, k, v = _linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    heads = attn.num_heads
+    o = F.scaled_dot_product_attention(
+        _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
+    )
+    h = blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
+    x = x.add_(h) if inplace else x + h
+    mlp = blk.mlp
+    h = _linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
+    exact_gelu = type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none"
+    h = torch.ops.aten.gelu_(h) if inplace and exact_gelu else mlp.gelu(h)
+    h = blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
+    return x.add_(h) if inplace else x + h
 
 
 class _LayerNorm(nn.Module):
@@ -200,6 +215,8 @@ class CrossModel(nn.Module):
     def __init__(self, cfg: CrossConfig):
         super().__init__()
         self.cfg = cfg
+        # Set by MPSModel.set_grad_checkpointing: recompute layers 1.. in backward.
+        self.grad_checkpointing = False
         self.cross = nn.ModuleList(CrossAttentionBlock(cfg) for _ in range(cfg.layers))
         self.parallel = nn.ModuleList(ParallelBlock(cfg) for _ in range(cfg.layers))
 
@@ -210,6 +227,7 @@ class CrossModel(nn.Module):
         values and feed-forward are computed once for all of them (about 13% of a dimension).
         """
         last = self.cfg.layers - 1
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad
         first = self.cross[0].prepare(x, text)
         out = []
         for mask in masks:
@@ -217,10 +235,16 @@ class CrossModel(nn.Module):
             h = x + self.cross[0].attend(first, mask)
             h = self.parallel[0](h, class_token_only=last == 0)
             for i in range(1, self.cfg.layers):
-                h = h + self.cross[i](h, text, mask)
-                h = self.parallel[i](h, class_token_only=i == last)
+                if checkpointing:
+                    h = torch.utils.checkpoint.checkpoint(self._layer, i, h, text, mask, use_reentrant=False)
+                else:
+                    h = self._layer(i, h, text, mask)
             out.append(h[:, 0])
         return out
+
+    def _layer(self, i: int, h: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.cross[i](h, text, mask)
+        return self.parallel[i](h, class_token_only=i == self.cfg.layers - 1)
 
 
 class MPSModel(nn.Module):
@@ -257,6 +281,11 @@ class MPSModel(nn.Module):
             if attr:
                 names.add(f"{prefix}.{attr}")
         return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the vision tower's blocks and the cross model's layers in backward (saves memory)."""
+        self.visual.set_grad_checkpointing(enable)
+        self.cross.grad_checkpointing = enable
 
     def finish_loading(self) -> None:
         """Drop the causal-mask buffer built on the meta device: attention is causal by flag."""

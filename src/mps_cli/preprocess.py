@@ -101,17 +101,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``size`` and the longer side floored."""
+    if w <= h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
+def crop_offsets(w: int, h: int, size: int) -> tuple[int, int]:
+    """(left, top) of the centre ``size`` square, rounded down as the original does."""
+    return (w - size) // 2, (h - size) // 2
+
+
 def resize_crop(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to ``size`` (bicubic, long side floored), then a floor-offset centre crop."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h = resized_size(w, h, size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
-    top = (new_h - size) // 2
-    left = (new_w - size) // 2
+    left, top = crop_offsets(new_w, new_h, size)
     return img.crop((left, top, left + size, top + size))
 
 

@@ -164,6 +164,44 @@ class _PromptFeatures:
     truncated: bool
 
 
+# The scoring formula (mps-model.md §3, steps 4-6), shared by Scorer and the differentiable reward.
+
+def condition_masks(text, conditions: Sequence, threshold: float, dtype):
+    """Additive masks (0 kept, -inf dropped) over the prompt positions, one B x 77 per condition.
+
+    ``text`` is B x 77 x D prompt token features, each condition 77 x D. Also returns the
+    boolean keep masks. Computed in fp32 whatever the model dtype.
+    """
+    import torch
+
+    text32 = text.float()
+    masks, keeps = [], []
+    for cond in conditions:
+        sim = (text32 @ cond.float().T).amax(dim=-1)  # B x 77: best match in the condition
+        keep = (sim / sim.amax(dim=-1, keepdim=True)) > threshold
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        mask.masked_fill_(~keep, float("-inf"))
+        masks.append(mask)
+        keeps.append(keep)
+    return masks, keeps
+
+
+def score_image_tokens(model, image_tokens, text, embedding, masks: Sequence) -> list:
+    """``exp(logit_scale) * cos(e, cross(V, T, m)[:, 0])`` as a B fp32 tensor per mask.
+
+    ``embedding`` is the B x D prompt embeddings (the rows at the first EOT). A float64
+    model (the reward's gradient check) stays in float64.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.promote_types(model.logit_scale.dtype, torch.float32)
+    emb = F.normalize(embedding.to(dtype), dim=-1)
+    scale = model.logit_scale.to(dtype).exp()
+    return [scale * (F.normalize(cls.to(dtype), dim=-1) * emb).sum(dim=-1)
+            for cls in model.cross(image_tokens, text, list(masks))]
+
+
 class Scorer:
     """A loaded MPS model. Build it with :func:`load_scorer`."""
 
@@ -220,28 +258,18 @@ class Scorer:
 
     def _score_batch(self, pixels: list, prompts: list[str], conditions, threshold: float):
         import torch
-        import torch.nn.functional as F
 
         with torch.inference_mode():
             px = torch.stack(pixels).to(self.device, self.dtype)
             image_tokens = self.model.encode_image(px)
             feats = self._prompt_features(prompts)
             text = torch.stack([f.tokens for f in feats])
-            emb = F.normalize(torch.stack([f.embedding for f in feats]).float(), dim=-1)
-            scale = self.model.logit_scale.float().exp()
-            text32 = text.float()
-            masks, kept = [], {}
-            for key, cond_text in conditions:
-                cond = self._condition_features(cond_text).float()
-                sim = (text32 @ cond.T).amax(dim=-1)  # B x 77: best match in the condition
-                keep = (sim / sim.amax(dim=-1, keepdim=True)) > threshold
-                mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device)
-                mask.masked_fill_(~keep, float("-inf"))
-                masks.append(mask)
-                kept[key] = keep.sum(dim=-1).tolist()
-            scores: dict[str, list[float]] = {}
-            for (key, _), cls in zip(conditions, self.model.cross(image_tokens, text, masks)):
-                scores[key] = (scale * (F.normalize(cls.float(), dim=-1) * emb).sum(dim=-1)).tolist()
+            conds = [self._condition_features(cond_text) for _, cond_text in conditions]
+            masks, keeps = condition_masks(text, conds, threshold, self.dtype)
+            emb = torch.stack([f.embedding for f in feats])
+            kept = {key: keep.sum(dim=-1).tolist() for (key, _), keep in zip(conditions, keeps, strict=True)}
+            scores = score_image_tokens(self.model, image_tokens, text, emb, masks)
+            scores = {key: s.tolist() for (key, _), s in zip(conditions, scores, strict=True)}
             self.stats["image_batches"] += 1
         return scores, kept, [f.truncated for f in feats]
 
