@@ -538,9 +538,10 @@ def _freeze(model) -> None:
 
 
 def _target_dtype(target: str, dtype):
+    """The dtype tensor ``target`` is loaded in; ``dtype`` is the load's :class:`mps_cli.devices.Precision`."""
     import torch
 
-    return torch.float32 if _KEEP_FP32.match(target) else dtype
+    return torch.float32 if _KEEP_FP32.match(target) else dtype.tensor_dtype(target)
 
 
 def _release_free_memory() -> None:
@@ -571,7 +572,7 @@ def fill(source: TensorSource, key: str, out) -> None:
 
 def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,
                  config: ModelConfig, device, dtype, prepared: bool = True):
-    """Build the model on meta for these weights, check it strictly, and load it.
+    """Build the model on meta for these weights, check it strictly, and load it in ``dtype`` (a Precision).
 
     With ``prepared`` (and :mod:`mps_cli.prepared` enabled), a CPU load that converts the
     weights maps the converted copy cached by an earlier load, or writes one for the next.
@@ -588,8 +589,7 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
     check_against_model(plan, shapes, expected, source.name, config.source)
     # Only reduced precision gains from the transposed layout (oneDNN repacks bf16/fp16
     # weights per call); fp32 runs as fast either way and loads faster without it.
-    reduced = dtype in (torch.bfloat16, torch.float16)
-    transposed = frozenset(model.transposed_weights()) if torch.device(device).type == "cpu" and reduced \
+    transposed = frozenset(model.transposed_weights()) if torch.device(device).type == "cpu" and dtype.reduced \
         else frozenset()
     cache = _prepared_file(source, plan, device, dtype, transposed) if prepared else None
     if cache is not None and _load_prepared(model, cache, expected, dtype, transposed):
@@ -644,7 +644,7 @@ def _prepared_file(source: TensorSource, plan: RemapPlan, device, dtype, transpo
     if not converts:
         return None
     try:
-        return prepared.prepared_path(source.path, str(dtype).removeprefix("torch."), transposed)
+        return prepared.prepared_path(source.path, dtype.key, transposed)
     except OSError:
         return None
 

@@ -413,7 +413,7 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
     """
-    from .scorer import dtype_name, resolve_conditions
+    from .scorer import resolve_conditions
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]
@@ -421,7 +421,8 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     threshold = float(mask_threshold)
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
-    weights, dtype = scorer.identity, dtype_name(scorer.dtype)
+    # The precision label (``bf16/fp32``: image side, text side) keys cached scores.
+    weights, dtype = scorer.identity, scorer.precision.label
     own_cache = cache is None
     cache = ScoreCache(None) if own_cache else cache
     try:

@@ -223,6 +223,29 @@ class CrossModel(nn.Module):
         return out
 
 
+def condition_keep(text: torch.Tensor, condition: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which prompt positions the condition keeps: B x 77 bool, from fp32 features.
+
+    A position's similarity is its best match among the condition's tokens, normalised by the
+    prompt's largest; positions over ``threshold`` are kept. text: B x 77 x D, condition:
+    C x D (or B x C x D), both the text tower's projected features.
+    """
+    sim = (text.float() @ condition.float().transpose(-1, -2)).amax(dim=-1)
+    return (sim / sim.amax(dim=-1, keepdim=True)) > threshold
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cross-attention mask of ``keep``: 0 where kept, -inf elsewhere, in the attention's dtype."""
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return mask.masked_fill_(~keep, float("-inf"))
+
+
+def preference_logits(cls: torch.Tensor, embedding: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The score: ``exp(logit_scale) * cosine(cross-model class token, prompt embedding)``, in fp32, B."""
+    emb = F.normalize(embedding.float(), dim=-1)
+    return logit_scale.float().exp() * (F.normalize(cls.float(), dim=-1) * emb).sum(dim=-1)
+
+
 class MPSModel(nn.Module):
     """CLIP text and vision towers (open_clip modules) plus the MPS cross model."""
 
