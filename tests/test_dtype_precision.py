@@ -78,8 +78,10 @@ def test_bf16_keeps_every_mask_and_the_ranking(bf16_scorer, fp32_rows):
 def test_all_bf16_is_still_there_when_asked(fp32_rows):
     scorer = load_scorer(WEIGHTS, device="cpu", dtype="bf16/bf16")
     assert scorer.precision.label == "bf16" and scorer.text_dtype == torch.bfloat16
-    _, kept = _score_rows(scorer, [r for r in ROWS if r[3] is None and r[1] == ROWS[0][1]])
-    # bf16 text features move the mask (measured: 35 of the 140 rows): why the text side stays fp32.
+    fisherman = next(p for p in dict.fromkeys(r[1] for r in ROWS) if "fisherman" in p)
+    _, kept = _score_rows(scorer, [r for r in ROWS if r[3] is None and r[1] == fisherman])
+    # bf16 text features move the mask (measured: 35 of the 140 rows, 14 of them for this prompt):
+    # why the text side stays fp32.
     assert any(fp32_rows[1][k] != v for k, v in kept.items())
 
 
