@@ -39,7 +39,7 @@ AUTO_DTYPE = {"cpu": "fp32", "accelerator": "fp16"}
 #: dtype spelling names another for it (``IMAGE/TEXT``): a reduced-precision mask flips tokens.
 TEXT_DTYPE = "fp32"
 DTYPE_CHOICES = "auto, fp32, fp16 or bf16"
-DTYPE_SYNTAX = "IMAGE[/TEXT], each auto, fp32, fp16 or bf16"
+DTYPE_SYNTAX = "IMAGE or IMAGE/TEXT, each auto, fp32, fp16 or bf16"
 
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -72,7 +72,7 @@ def parse_dtype(spec: str) -> str:
 
 
 def parse_precision(spec: str) -> tuple[str, str]:
-    """``IMAGE[/TEXT]`` as two canonical names; TEXT is ``auto`` when not given."""
+    """``IMAGE`` or ``IMAGE/TEXT`` as two canonical names; TEXT is ``auto`` when not given."""
     image, sep, text = (spec or "auto").partition("/")
     if sep and not text.strip():
         raise DeviceError(f"dtype {spec!r}: nothing after '/': expected {DTYPE_SYNTAX}")

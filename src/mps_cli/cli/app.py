@@ -130,7 +130,7 @@ Device = Annotated[str, typer.Option(
     help=f"{DEVICE_CHOICES}; auto: CUDA, then Apple mps, then CPU.")]
 Dtype = Annotated[str, typer.Option(
     "--dtype", callback=_check_dtype, rich_help_panel="Model",
-    help="IMAGE[/TEXT]: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
+    help="IMAGE or IMAGE/TEXT: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
     "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
     "A dtype this CPU does not run natively is slow: mps info says which.")]
 BatchSize = Annotated[Optional[int], typer.Option(
