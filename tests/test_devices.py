@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE, IMAGES, WEIGHTS, run_mps
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, IMAGES, WEIGHTS, run_mps
 from mps_cli import devices, load_scorer
 from mps_cli.devices import (
     CpuProbe,

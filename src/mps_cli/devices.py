@@ -376,7 +376,6 @@ def list_devices(probe: bool = False) -> list[dict]:
     """Every usable device with, per dtype, whether it is native (and on CPU, with ``probe``, its speed)."""
     import torch
 
-    cpu = torch.device("cpu")
     flags = cpu_flags()
     measured = probe_cpu(DTYPES) if probe else None
     entry = {"device": "cpu", "name": _cpu_name(), "capability": cpu_capability(),
@@ -391,7 +390,6 @@ def list_devices(probe: bool = False) -> list[dict]:
                           "seconds": round(measured.seconds, 3), "injected": measured.injected,
                           "matmul": f"{PROBE_SIZE}x{PROBE_SIZE}"}
     found = [entry]
-    del cpu
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             dev = torch.device("cuda", i)
