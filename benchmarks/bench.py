@@ -63,7 +63,8 @@ from bench_report import Report, Row, evaluate_targets, render
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mps_cli.devices import DTYPES, DeviceError, parse_dtype
+    from mps_cli.devices import DTYPES, parse_dtype
+    from mps_cli.errors import DeviceError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
