@@ -32,8 +32,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROMPT = ("a watercolor painting of a lighthouse on a rocky coast at sunset, "
           "soft golden light, detailed waves and seagulls")
-# bf16 runs where its matmul is at most this much slower than fp32.
-MAX_BF16_SLOWDOWN = 3.0
 
 
 def log(msg: str) -> None:
@@ -54,22 +52,6 @@ def machine_line(device: str) -> str:
     if device.startswith("cuda"):
         line += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
     return line
-
-
-def matmul_seconds(dtype_name: str, size: int = 1024, reps: int = 5) -> float:
-    """Best-of-``reps`` seconds of one ``size``-square CPU ``torch.mm`` at this dtype."""
-    import torch
-
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=gen).to(dt) for _ in range(2))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def rss_bytes(field: str) -> int | None:
@@ -226,27 +208,26 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(HERE))
-    from bench import check_outside_repo, default_cache_dir, ensure_assets
+    from bench_assets import check_outside_repo, default_cache_dir, ensure_assets
 
     cache = check_outside_repo(args.cache_dir or default_cache_dir())
     os.environ.setdefault("MPS_CACHE_DIR", str(cache / "mps-cache"))
     cuda = args.device.startswith("cuda")
     dtypes = (args.dtypes or ("fp16,bf16" if cuda else "fp32,bf16")).split(",")
     notes = []
-    if not cuda and "bf16" in dtypes:
-        fp32_s, bf16_s = matmul_seconds("fp32"), matmul_seconds("bf16")
-        slowdown = bf16_s / fp32_s
-        log(f"1024^2 matmul: fp32 {2 * 1024**3 / fp32_s / 1e9:.0f} GFLOP/s, bf16 {2 * 1024**3 / bf16_s / 1e9:.0f} "
-            f"GFLOP/s ({slowdown:.2f}x the fp32 time)")
-        if slowdown > MAX_BF16_SLOWDOWN:
-            dtypes.remove("bf16")
-            notes.append(f"bf16 skipped: a bf16 matmul takes {slowdown:.1f}x the fp32 time here (not native)")
-        else:
-            notes.append(f"bf16 matmul at {1 / slowdown:.2f}x the fp32 speed (native)")
-    if not cuda and "fp16" in dtypes:
-        dtypes.remove("fp16")
-        notes.append("fp16 skipped on CPU: no native fp16 matmul")
-    ckpt, _ = ensure_assets(cache, 1, rebuild=False)
+    if not cuda:
+        from mps_cli.devices import dtype_support, resolve_device
+
+        # Never run a dtype this CPU only emulates: the library's own native decision (probe + flags).
+        for dt in [d for d in dtypes if d != "fp32"]:
+            support = dtype_support(resolve_device("cpu"), dt)
+            speed = f"{support.relative_speed:.2f}x the fp32 speed" if support.relative_speed else "not measured"
+            if support.native is False:
+                dtypes.remove(dt)
+                notes.append(f"{dt} skipped: not native on this CPU ({speed}, decided by {support.basis})")
+            else:
+                notes.append(f"{dt}: native on this CPU ({speed})")
+    ckpt, _ = ensure_assets(cache, 1, rebuild=False, device=args.device)
     rows = []
     for dtype in dtypes:
         for checkpointing in (False, True):

@@ -11,8 +11,7 @@ import torch
 
 from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS
 from mps_cli import load_scorer
-from mps_cli.errors import CheckpointError, ConfigError, DeviceError
-from mps_cli.scorer import resolve_device, resolve_dtype
+from mps_cli.errors import CheckpointError, ConfigError
 
 CONFIG = FIXTURE / "config.json"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -298,43 +297,3 @@ def test_fp16_file_loads_into_bf16(fp16_weights):
     # Same loose bound as the bf16 parity test (test_parity.py explains it).
     for row in rows:
         assert abs(results[row["image"]].scores[row["dim"]] - row["score"]) < 3.0, row
-
-
-# --- devices ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spec", ["tpu", "cuda:x", "gpu", "cuda:-1"])
-def test_unknown_devices_are_refused(spec):
-    with pytest.raises(DeviceError) as info:
-        resolve_device(spec)
-    assert repr(spec) in str(info.value)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("spec", ["cuda", "cuda:0"])
-def test_cuda_without_a_gpu_is_refused(spec):
-    with pytest.raises(DeviceError, match="CUDA is not available"):
-        resolve_device(spec)
-
-
-def test_load_scorer_refuses_a_bad_device_before_reading_weights(tmp_path):
-    with pytest.raises(DeviceError):
-        load_scorer(tmp_path / "not-even-there.safetensors", config=CONFIG, device="tpu")
-
-
-def test_cpu_and_auto_resolve_here():
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type in ("cpu", "mps")
-
-
-def test_dtype_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
-    # A torch.device for CUDA can be built without a GPU: only the default is looked at.
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert resolve_dtype("fp16", cpu) == torch.float16
-    assert resolve_dtype("bf16", cpu) == torch.bfloat16
-    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
-    with pytest.raises(DeviceError, match="'int8'"):
-        resolve_dtype("int8", cpu)

@@ -22,10 +22,10 @@ _KEEP_FP32 = re.compile(r"^(logit_scale|cross\.parallel\.\d+\.inv_freq)$")
 
 
 def tensor_dtype(target: str, dtype):
-    """The dtype model tensor ``target`` is loaded in, for a model running in ``dtype``."""
+    """The dtype model tensor ``target`` is loaded in, for a model running in ``dtype`` (a Precision)."""
     import torch
 
-    return torch.float32 if _KEEP_FP32.match(target) else dtype
+    return torch.float32 if _KEEP_FP32.match(target) else dtype.tensor_dtype(target)
 
 
 def convert_each(source: TensorSource, plan: RemapPlan, dtype,
@@ -117,7 +117,7 @@ def fill(source: TensorSource, key: str, out) -> None:
 
 def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,
                  config: ModelConfig, device, dtype):
-    """Build the model on meta for these weights, check it strictly, and load it.
+    """Build the model on meta for these weights, check it strictly, and load it in ``dtype`` (a Precision).
 
     A CPU load that converts the weights maps the converted copy cached by an earlier load,
     or writes one for the next (:func:`mps_cli.prepared.obtain`).
@@ -135,8 +135,7 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
     # Only reduced precision gains from the transposed layout (oneDNN repacks bf16/fp16
     # weights per call); fp32 runs as fast either way and loads faster without it.
     on_cpu = torch.device(device).type == "cpu"
-    reduced = dtype in (torch.bfloat16, torch.float16)
-    transposed = frozenset(model.transposed_weights()) if on_cpu and reduced else frozenset()
+    transposed = frozenset(model.transposed_weights()) if on_cpu and dtype.reduced else frozenset()
     state = None
     if on_cpu and isinstance(source, SafetensorsFile) and prepared.enabled() \
             and _converts(source, plan, dtype, transposed):
@@ -145,7 +144,7 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
         def convert(writer) -> None:
             convert_each(source, plan, dtype, lambda target, shape, want: writer.buffer(target), writer.write)
 
-        state = prepared.obtain(source, specs, transposed, str(dtype).removeprefix("torch."), convert)
+        state = prepared.obtain(source, specs, transposed, dtype.key, convert)
     if state is not None:
         model.load_state_dict(state, strict=True, assign=True)
         _freeze(model)

@@ -49,6 +49,8 @@ WEIGHTS_ENV = "MPS_WEIGHTS"
 CACHE_ENV = "MPS_CACHE_DIR"
 #: 0 / off / false / no: never read or write prepared weights.
 PREPARED_ENV = "MPS_PREPARED_WEIGHTS"
+#: Test hook: replaces the CPU matmul probe's answer, e.g. ``bf16=0.005,fp16=0.005`` (speed relative to fp32).
+CPU_PROBE_ENV = "MPS_TEST_CPU_PROBE"
 
 #: The paper's published accuracies for MPS (mps-model.md §6), in percent.
 PUBLISHED_ACCURACY = {"imagereward": 67.5, "hpdv2": 83.5}

@@ -14,14 +14,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .devices import DTYPES, dtype_name, parse_dtype, torch_dtype
+from .errors import CheckpointError, DeviceError
 from .reader import read_safetensors_header
 from .remap import cross_config_from_shapes, detect_prefix, plan_remap
 
 _DROPPED = re.compile(r"(^|\.)position_ids$")
-_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-           "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
     ``dtype`` (fp32, fp16 or bf16) casts the floating-point tensors; None keeps them as they are.
     """
-    import torch
-
     from .weights import open_source
 
     src, dst = Path(src), Path(dst)
@@ -48,9 +44,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         raise CheckpointError(f"{dst}: the output must be a .safetensors file")
     target = None
     if dtype is not None:
-        if dtype.strip().lower() not in _DTYPES:
-            raise CheckpointError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16")
-        target = getattr(torch, _DTYPES[dtype.strip().lower()])
+        try:
+            name = parse_dtype(dtype)
+        except DeviceError:
+            name = "auto"
+        if name not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}: expected {', '.join(DTYPES)}")
+        target = torch_dtype(name)
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst}: folder {dst.parent} does not exist")
 
@@ -82,10 +82,17 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         seen_storage.add(t.untyped_storage().data_ptr())
         tensors[name] = t
 
-    floating = {str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()}
-    label = _SHORT.get(next(iter(floating)), next(iter(floating))) if len(floating) == 1 else "mixed"
+    floating = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+    label = _short_name(next(iter(floating))) if len(floating) == 1 else "mixed"
     _write_atomically(tensors, dst, src)
     return ConvertResult(dst=dst, tensors=len(tensors), bytes=dst.stat().st_size, dtype=label)
+
+
+def _short_name(torch_name: str) -> str:
+    try:
+        return dtype_name(torch_name)
+    except DeviceError:
+        return torch_name
 
 
 def _write_atomically(tensors: dict, dst: Path, src: Path) -> None:

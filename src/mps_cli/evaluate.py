@@ -408,10 +408,9 @@ class ScoreCache:
 # ---------------------------------------------------------------- scoring through the cache
 
 def cache_identity(scorer) -> tuple[str, str]:
-    """What names the model in a cache key: (weights identity, dtype name)."""
-    from .scorer import dtype_name
-
-    return scorer.identity, dtype_name(scorer.dtype)
+    """What names the model in a cache key: (weights identity, precision label)."""
+    # The precision label (``bf16/fp32``: image side, text side) keys cached scores.
+    return scorer.identity, scorer.precision.label
 
 
 def hash_images(cache: ScoreCache, paths: Sequence[str], progress: ProgressFn | None = None

@@ -247,6 +247,33 @@ class CrossModel(nn.Module):
         return self.parallel[i](h, class_token_only=i == self.cfg.layers - 1)
 
 
+def condition_keep(text: torch.Tensor, condition: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which prompt positions the condition keeps: B x 77 bool, from fp32 features.
+
+    A position's similarity is its best match among the condition's tokens, normalised by the
+    prompt's largest; positions over ``threshold`` are kept. text: B x 77 x D, condition:
+    C x D (or B x C x D), both the text tower's projected features.
+    """
+    sim = (text.float() @ condition.float().transpose(-1, -2)).amax(dim=-1)
+    return (sim / sim.amax(dim=-1, keepdim=True)) > threshold
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cross-attention mask of ``keep``: 0 where kept, -inf elsewhere, in the attention's dtype."""
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return mask.masked_fill_(~keep, float("-inf"))
+
+
+def preference_logits(cls: torch.Tensor, embedding: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The score: ``exp(logit_scale) * cosine(cross-model class token, prompt embedding)``, B.
+
+    In fp32, or float64 for a float64 model (the reward's gradient check).
+    """
+    dtype = torch.promote_types(logit_scale.dtype, torch.float32)
+    emb = F.normalize(embedding.to(dtype), dim=-1)
+    return logit_scale.to(dtype).exp() * (F.normalize(cls.to(dtype), dim=-1) * emb).sum(dim=-1)
+
+
 class MPSModel(nn.Module):
     """CLIP text and vision towers (open_clip modules) plus the MPS cross model."""
 

@@ -11,16 +11,12 @@ from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from .config import ModelConfig
 from .constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
-from .errors import DeviceError, ImageError, InputError, MPSError, PromptError
+from .devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
+from .errors import ImageError
 from .preprocess import ImageInput, Tokenizer, load_pixels
 
 PromptInput = Union[str, Sequence[Union[str, None]]]
 
-_DTYPE_NAMES = {
-    "fp32": "float32", "float32": "float32", "float": "float32",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-}
 PROMPT_CACHE_SIZE = 256
 
 
@@ -104,53 +100,6 @@ def resolve_conditions(dims: Iterable[str] | None, condition: str | None) -> lis
     return list(seen.items())
 
 
-def resolve_device(spec: str = "auto"):
-    """``auto`` (CUDA, then Apple mps, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    import torch
-
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {spec!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"device {spec!r}: Apple MPS is not available here; use --device cpu")
-        return device
-    raise DeviceError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
-def resolve_dtype(spec: str, device):
-    """fp32 on CPU and fp16 on accelerators by default (as the original ran); bf16 on request."""
-    import torch
-
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if spec not in _DTYPE_NAMES:
-        raise DeviceError(f"unknown dtype {spec!r}: use auto, fp32, fp16 or bf16")
-    return getattr(torch, _DTYPE_NAMES[spec])
-
-
-def dtype_name(dtype) -> str:
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).replace("torch.", "")]
-
-
 def image_label(image: ImageInput, index: int) -> str:
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
@@ -159,68 +108,69 @@ def image_label(image: ImageInput, index: int) -> str:
 
 @dataclass
 class _PromptFeatures:
-    tokens: object  # 77 x D features, model dtype
+    tokens: object  # 77 x D features, the text side's dtype
     embedding: object  # D, the row at the first EOT
     truncated: bool
 
 
-# The scoring formula (mps-model.md §3, steps 4-6), shared by Scorer and the differentiable reward.
+# The scoring formula, shared by Scorer and the differentiable reward; its parts live in model.py.
 
 def condition_masks(text, conditions: Sequence, threshold: float, dtype):
     """Additive masks (0 kept, -inf dropped) over the prompt positions, one B x 77 per condition.
 
     ``text`` is B x 77 x D prompt token features, each condition 77 x D. Also returns the
-    boolean keep masks. Computed in fp32 whatever the model dtype.
+    boolean keep masks, computed from fp32 features whatever the model dtype.
     """
-    import torch
+    from .model import additive_mask, condition_keep
 
-    text32 = text.float()
-    masks, keeps = [], []
-    for cond in conditions:
-        sim = (text32 @ cond.float().T).amax(dim=-1)  # B x 77: best match in the condition
-        keep = (sim / sim.amax(dim=-1, keepdim=True)) > threshold
-        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-        mask.masked_fill_(~keep, float("-inf"))
-        masks.append(mask)
-        keeps.append(keep)
-    return masks, keeps
+    keeps = [condition_keep(text, cond, threshold) for cond in conditions]
+    return [additive_mask(keep, dtype) for keep in keeps], keeps
 
 
 def score_image_tokens(model, image_tokens, text, embedding, masks: Sequence) -> list:
     """``exp(logit_scale) * cos(e, cross(V, T, m)[:, 0])`` as a B fp32 tensor per mask.
 
-    ``embedding`` is the B x D prompt embeddings (the rows at the first EOT). A float64
-    model (the reward's gradient check) stays in float64.
+    ``embedding`` is the B x D prompt embeddings (the rows at the first EOT). The cross model
+    reads the prompt's features in the image side's dtype (the text side may be fp32). A
+    float64 model (the reward's gradient check) stays in float64.
     """
-    import torch
-    import torch.nn.functional as F
+    from .model import preference_logits
 
-    dtype = torch.promote_types(model.logit_scale.dtype, torch.float32)
-    emb = F.normalize(embedding.to(dtype), dim=-1)
-    scale = model.logit_scale.to(dtype).exp()
-    return [scale * (F.normalize(cls.to(dtype), dim=-1) * emb).sum(dim=-1)
+    text = text.to(image_tokens.dtype)
+    return [preference_logits(cls, embedding, model.logit_scale)
             for cls in model.cross(image_tokens, text, list(masks))]
 
 
 class Scorer:
     """A loaded MPS model. Build it with :func:`load_scorer`."""
 
-    def __init__(self, model, config: ModelConfig, device, dtype, weights: str, identity: str,
-                 batch_size: int | None = None):
+    def __init__(self, model, config: ModelConfig, device, precision: Precision, weights: str, identity: str,
+                 batch_size: int | None = None, dtype_support: dict[str, DtypeSupport] | None = None):
         self.model = model
         self.config = config
         self.device = device
-        self.dtype = dtype
+        self.precision = precision
+        #: The image side's torch dtype (vision tower, cross model: where the time goes).
+        self.dtype = precision.image_dtype
+        #: The text side's torch dtype (prompt and condition features, hence the condition mask).
+        self.text_dtype = precision.text_dtype
+        #: Per dtype this scorer computes in: whether the device runs it natively (see :mod:`mps_cli.devices`).
+        self.dtype_support = dtype_support or {}
         self.weights = weights
         self.identity = identity
-        self.batch_size = batch_size or (4 if device.type == "cpu" else 32)
+        self.batch_size = batch_size or default_batch_size(device)
         self.tokenizer = Tokenizer(config.text.context_length)
         self._prompts: OrderedDict[str, _PromptFeatures] = OrderedDict()
         self._conditions: dict[str, object] = {}
         self.stats = {"prompt_encodes": 0, "condition_encodes": 0, "image_batches": 0}
 
     def __repr__(self) -> str:
-        return f"Scorer(weights={self.weights!r}, device={self.device}, dtype={dtype_name(self.dtype)})"
+        return f"Scorer(weights={self.weights!r}, device={self.device}, dtype={self.precision.label})"
+
+    @property
+    def slow_dtypes(self) -> list[DtypeSupport]:
+        """The dtypes this scorer computes in that its device does not run natively (slow fallbacks)."""
+        return [s for s in self.dtype_support.values() if s.native is False]
 
     # text side: every distinct prompt once (LRU), every condition once per scorer
     def _encode_texts(self, texts: list[str]):
@@ -420,21 +370,27 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
     a known short name, or ``None`` for ``$MPS_WEIGHTS`` or the published default.
     ``config``: a ``config.json`` path; by default the one beside the weights, else ViT-H-14.
+    ``dtype``: ``IMAGE[/TEXT]``: the image side (vision tower, cross model) in IMAGE (``auto``: fp32
+    on CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in
+    fp32 unless TEXT names another. ``Scorer.dtype_support`` says whether the device runs each natively.
     """
     from .checkpoint import load_weights
     from .model import MPSModel
     from .weights import open_weights
 
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    precision = resolve_precision(dtype, dev)
+    # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
+    in_use = dict.fromkeys((precision.image, precision.text))
+    support = {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
     resolved = open_weights(weights, revision=revision, offline=offline, config=config)
     cfg = resolved.config
-    model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, dt)
-    return Scorer(model, cfg, dev, dt, weights=resolved.label, identity=resolved.identity, batch_size=batch_size)
+    model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
+    return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
+                  batch_size=batch_size, dtype_support=support)
 
 
 __all__ = [
     "Comparison", "PairResult", "ScoreResult", "Scorer", "compare_scores", "load_scorer",
-    "preference_probability", "resolve_conditions", "resolve_device", "resolve_dtype",
-    "InputError", "PromptError", "MPSError",
+    "preference_probability", "resolve_conditions",
 ]

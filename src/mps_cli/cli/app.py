@@ -14,6 +14,7 @@ from typing import Annotated, Iterator, List, Optional
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
+from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError
 
 DIMENSION_NOTE = (
@@ -114,18 +115,18 @@ def _check_batch(value: Optional[int]) -> Optional[int]:
 
 
 def _check_device(value: str) -> str:
-    v = value.strip().lower()
-    base = v.split(":", 1)[0]
-    if base not in ("auto", "cpu", "cuda", "mps") or (":" in v and (base != "cuda" or not v.split(":", 1)[1].isdigit())):
-        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
-    return v
+    try:
+        return check_device_spec(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _check_dtype(value: str) -> str:
-    v = value.strip().lower()
-    if v not in ("auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"):
-        raise typer.BadParameter(f"{value!r}: use auto, fp32, fp16 or bf16")
-    return v
+    try:
+        parse_precision(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value.strip().lower()
 
 
 _KNOWN = ", ".join(KNOWN_SOURCES)
@@ -145,13 +146,15 @@ Offline = Annotated[bool, typer.Option(
     help="Never touch the network; use cached weights only (also HF_HUB_OFFLINE=1).")]
 Device = Annotated[str, typer.Option(
     "--device", callback=_check_device, rich_help_panel="Model",
-    help="auto (CUDA, then Apple mps, then CPU), cpu, cuda, cuda:N or mps.")]
+    help=f"{DEVICE_CHOICES}; auto: CUDA, then Apple mps, then CPU.")]
 Dtype = Annotated[str, typer.Option(
     "--dtype", callback=_check_dtype, rich_help_panel="Model",
-    help="auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16.")]
+    help="IMAGE or IMAGE/TEXT: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
+    "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
+    "A dtype this CPU does not run natively is slow: mps info says which.")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
-    help="Images per forward pass (default: 4 on CPU, 32 on GPU).")]
+    help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
 Dims = Annotated[Optional[List[str]], typer.Option(
     "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
     help="Dimension to score, repeatable: overall (default), aesthetics, detail, alignment, or all. "
@@ -169,17 +172,28 @@ DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
 def load_scorer_for_cli(weights: Optional[str], config: Optional[Path], device: str, dtype: str,
                         revision: Optional[str] = None, offline: bool = False,
                         batch_size: Optional[int] = None):
-    """Load the scorer with a status line on stderr when it is a terminal."""
+    """Load the scorer with a status line on stderr when it is a terminal; warn once about a slow dtype."""
     from ..scorer import load_scorer
 
     if sys.stderr.isatty():
         from rich.console import Console
 
         with Console(stderr=True).status("loading MPS weights…"):
-            return load_scorer(weights, config, device, dtype, revision=revision,
-                               offline=offline or None, batch_size=batch_size)
-    return load_scorer(weights, config, device, dtype, revision=revision, offline=offline or None,
-                       batch_size=batch_size)
+            scorer = load_scorer(weights, config, device, dtype, revision=revision,
+                                 offline=offline or None, batch_size=batch_size)
+    else:
+        scorer = load_scorer(weights, config, device, dtype, revision=revision, offline=offline or None,
+                             batch_size=batch_size)
+    warn_slow_dtypes(scorer)
+    return scorer
+
+
+def warn_slow_dtypes(scorer) -> None:
+    """One stderr line per dtype the device runs through a slow fallback; scoring goes on (the user asked)."""
+    for s in scorer.slow_dtypes:
+        factor = f", about {s.slowdown:.0f}x slower than fp32 per core (measured)" if s.slowdown else ""
+        say(f"mps: warning: {s.dtype} is not native on this {s.device.upper()}{factor}; going on in {s.dtype} "
+            "as asked (--dtype fp32 is faster here; `mps info --probe` shows each dtype)")
 
 
 # --server: the same commands, with the work sent to a running `mps serve` instead of a local model.

@@ -70,23 +70,6 @@ def download(
     print(f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}")
 
 
-def _devices() -> list[dict]:
-    import torch
-
-    found = [{"device": "cpu", "name": platform.processor() or platform.machine(),
-              "dtypes": ["fp32", "bf16", "fp16"]}]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            with torch.cuda.device(i):
-                bf16 = torch.cuda.is_bf16_supported()
-            found.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i),
-                          "dtypes": ["fp16", "fp32"] + (["bf16"] if bf16 else [])})
-    mps_backend = getattr(torch.backends, "mps", None)
-    if mps_backend is not None and mps_backend.is_available():
-        found.append({"device": "mps", "name": "Apple Metal", "dtypes": ["fp16", "fp32", "bf16"]})
-    return found
-
-
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,14 +92,19 @@ def info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check every prepared-weights file against its checksums in full; delete the damaged.")] = False,
+    probe: Annotated[bool, typer.Option(
+        "--probe", help="Also time a small matmul per dtype on the CPU (well under a second) and show its "
+        "speed relative to fp32.")] = False,
 ) -> None:
-    """Show the version, where weights are cached (and whether they are), devices, dtypes and library versions.
+    """Show the version, where weights are cached (and whether they are), devices, their native dtypes and
+    library versions.
 
-    Never touches the network.
+    A dtype is native when the device's own arithmetic runs it; on CPUs without AVX-512 BF16 or AMX,
+    bf16 and fp16 run through a fallback tens to hundreds of times slower than fp32. Never touches the network.
     """
     from .. import __version__
+    from ..devices import list_devices, resolve_device, resolve_precision
     from ..hub import cache_dir, cached_weights, config_filename, endpoint, is_offline
-    from ..scorer import resolve_device, resolve_dtype
     from ..weights import HubFile, hub_file_for, weights_spec
 
     with handle_errors():
@@ -132,7 +120,7 @@ def info(
             weights = {"source": spec, "hub": True, "uri": hub_file.uri, "cached": path is not None,
                        "path": str(path) if path else None, "config": str(config) if config else None}
         device = resolve_device("auto")
-        dtype = resolve_dtype("auto", device)
+        precision = resolve_precision("auto", device)
         doc = {
             "version": __version__,
             "python": platform.python_version(),
@@ -140,10 +128,10 @@ def info(
             "endpoint": endpoint(),
             "offline": is_offline(None),
             "weights": weights,
-            "devices": _devices(),
+            "devices": list_devices(probe=probe),
             "default_device": str(device),
-            "default_dtype": str(dtype).replace("torch.", "").replace("float32", "fp32")
-            .replace("float16", "fp16").replace("bfloat16", "bf16"),
+            "default_dtype": precision.image,
+            "default_text_dtype": precision.text,
             "versions": {d: _version(d) for d in ("torch", "open_clip_torch", "huggingface_hub", "safetensors")},
             "prepared": _prepared_summary(),
         }
@@ -176,10 +164,29 @@ def info(
         lines.append(f"  {'ok' if v['ok'] else 'damaged, deleted'}: {v['path']}" + (f" ({v['error']})" if v["error"] else ""))
     lines.append("devices:")
     for d in doc["devices"]:
-        lines.append(f"  {d['device']:<8} {d['name']}  dtypes: {', '.join(d['dtypes'])}")
-    lines.append(f"default: --device auto -> {doc['default_device']}, --dtype auto -> {doc['default_dtype']}")
+        lines += _device_lines(d)
+    lines.append(f"default: --device auto -> {doc['default_device']}, --dtype auto -> {doc['default_dtype']} "
+                 f"(text side {doc['default_text_dtype']})")
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in doc["versions"].items()))
     print("\n".join(lines))
+
+
+def _device_lines(d: dict) -> list[str]:
+    head = f"  {d['device']:<8} {d['name']}"
+    if d.get("capability"):
+        head += f"  (torch kernels: {d['capability']}; flags: {', '.join(d['flags'] or []) or 'none for bf16/fp16'})"
+    lines = [head]
+    for name, s in d["dtypes"].items():
+        native = {True: "native", False: "NOT native (slow fallback)", None: "unknown"}[s["native"]]
+        speed = f", {s['relative_speed']:.2f}x fp32's matmul speed" if "relative_speed" in s else ""
+        lines.append(f"    {name}: {native}{speed} [{s['basis']}]")
+    if "probe" in d:
+        p = d["probe"]
+        lines.append(f"    probe: {p['matmul']} matmul on one core, {p['seconds']:.2f} s: " + ", ".join(
+            f"{k} {v:g} GFLOP/s" for k, v in p["gflops"].items()) + (" (injected)" if p["injected"] else ""))
+    elif d["device"] == "cpu":
+        lines.append("    (from the CPU's flags; `mps info --probe` measures)")
+    return lines
 
 
 @app.command()
@@ -199,8 +206,7 @@ def convert(
     """
     if dst.suffix.lower() != ".safetensors":
         raise typer.BadParameter(f"{dst}: must end in .safetensors", param_hint="DST")
-    if dtype is not None and dtype.strip().lower() not in ("fp32", "float32", "fp16", "float16", "half",
-                                                           "bf16", "bfloat16"):
+    if dtype is not None and _storage_dtype(dtype) is None:
         raise typer.BadParameter(f"{dtype!r}: use fp32, fp16 or bf16", param_hint="--dtype")
     if not src.exists():
         raise fail(f"{src}: no such file", Exit.USAGE)
@@ -219,6 +225,17 @@ def convert(
     print(f"tensors: {result.tensors}")
     print(f"size: {result.bytes} bytes ({_human(result.bytes)})")
     print(f"dtype: {result.dtype}")
+
+
+def _storage_dtype(spec: str) -> str | None:
+    from ..devices import DTYPES, parse_dtype
+    from ..errors import DeviceError
+
+    try:
+        name = parse_dtype(spec)
+    except DeviceError:
+        return None
+    return name if name in DTYPES else None
 
 
 __all__ = ["convert", "download", "info"]
