@@ -33,7 +33,7 @@ class ModelSpec:
 
     weights: str
     identity: str
-    dtype: str  # fp32, fp16 or bf16, resolved
+    dtype: str  # the resolved precision label: fp32, or IMAGE/TEXT such as bf16/fp32
     config: str | None = None
     device: str = "auto"
     revision: str | None = None
@@ -43,9 +43,7 @@ class ModelSpec:
 
     @classmethod
     def from_scorer(cls, scorer) -> ModelSpec:
-        from .scorer import dtype_name
-
-        return cls(weights=scorer.weights, identity=scorer.identity, dtype=dtype_name(scorer.dtype),
+        return cls(weights=scorer.weights, identity=scorer.identity, dtype=scorer.precision.label,
                    device=str(scorer.device), batch_size=scorer.batch_size,
                    image_size=scorer.config.vision.image_size)
 
@@ -60,21 +58,18 @@ def resolve_model(weights: str | None = None, config: str | os.PathLike | None =
     """
     import torch
 
-    from .config import builtin_config, read_config
-    from .scorer import dtype_name, resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_precision
     from .weights import open_weights, weights_spec
 
-    opened = open_weights(weights, revision=revision, offline=offline)
-    cfg_path = config if config is not None else opened.config_path
-    cfg = read_config(cfg_path) if cfg_path is not None else builtin_config()
+    opened = open_weights(weights, revision=revision, offline=offline, config=config)
     if device_kind is not None and device == "auto":
         dev = torch.device(device_kind)
     else:
         dev = resolve_device(device) if device_kind is None else torch.device(device)
     return ModelSpec(weights=weights_spec(weights), identity=opened.identity,
-                     dtype=dtype_name(resolve_dtype(dtype, dev)),
+                     dtype=resolve_precision(dtype, dev).label,
                      config=None if config is None else os.fspath(config), device=device, revision=revision,
-                     offline=offline, batch_size=batch_size, image_size=cfg.vision.image_size)
+                     offline=offline, batch_size=batch_size, image_size=opened.config.vision.image_size)
 
 
 @dataclass(frozen=True)

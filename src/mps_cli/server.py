@@ -42,7 +42,7 @@ from .constants import (
 )
 from .errors import ImageError
 from .preprocess import open_image, open_image_bytes, resize_crop
-from .scorer import ScoreResult, compare_scores, dtype_name, resolve_conditions
+from .scorer import ScoreResult, compare_scores, resolve_conditions
 
 log = logging.getLogger("mps_cli.server")
 
@@ -401,7 +401,7 @@ class ScoringService:
         s = self.scorer
         return {
             "version": __version__, "weights": s.weights, "identity": s.identity, "device": str(s.device),
-            "dtype": dtype_name(s.dtype), "batch_size": s.batch_size,
+            "dtype": s.precision.label, "batch_size": s.batch_size,
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,
                        "server_paths": self.allow_dir is not None},

@@ -42,10 +42,11 @@ def write_html(path: Path | None, records: list, scorer=None, threshold: float |
     meta = Meta(threshold=threshold, conditions=list(conditions or []))
     if scorer is not None:
         from .. import __version__
-        from ..scorer import dtype_name
 
-        meta.weights, meta.identity = scorer.weights, scorer.identity
-        meta.dtype, meta.version = dtype_name(scorer.dtype), __version__
+        # A local Scorer, or a server's Client, which knows these only when the server said them.
+        meta.weights, meta.identity = getattr(scorer, "weights", None), getattr(scorer, "identity", None)
+        precision = getattr(scorer, "precision", None)
+        meta.dtype, meta.version = precision.label if precision else None, __version__
     with handle_errors():
         results = results_from_records(records, Path.cwd(), "this run", meta)
         if results.empty:
