@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def scorer():
     from mps_cli import load_scorer
 
     return load_scorer(WEIGHTS, device="cpu", dtype="fp32")
+
+
+def messages(stderr: str) -> list[str]:
+    """The per-input error and warning lines of stderr: not the closing hints, notes and summary."""
+    return [line for line in stderr.splitlines() if line.startswith(("mps: error:", "mps: warning:"))]
+
+
+def summary(stderr: str) -> str:
+    """The closing "N scored, M failed" line."""
+    lines = [line for line in stderr.splitlines() if re.fullmatch(r"mps: \d+ scored, \d+ failed", line)]
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 def mps_executable() -> list[str]:

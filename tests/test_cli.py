@@ -18,7 +18,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, IMAGES, WEIGHTS, mps_executable, run_mps
+from conftest import FIXTURE, IMAGES, WEIGHTS, messages, mps_executable, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"
@@ -119,7 +119,8 @@ def test_rank_folder_and_stdin_by_dimension_with_failed_input_last(tmp_path, exp
     assert proc.returncode == 1, proc.stderr
     clean_stderr(proc)
     # Non-image files are skipped silently; the one failure is reported once.
-    assert len(proc.stderr.splitlines()) == 1 and "nothere.png" in proc.stderr
+    assert len(messages(proc.stderr)) == 1 and "nothere.png" in proc.stderr
+    assert summary(proc.stderr) == "mps: 7 scored, 1 failed"
     rows = jsonl(proc.stdout)
     label = {s: outside if s == "alpha.png" else os.path.join("gallery", names[s]) for s in names}
     want = sorted(names, key=lambda s: -exp[(s, FOX, "alignment")])

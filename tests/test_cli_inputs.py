@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, WEIGHTS, run_mps
+from conftest import IMAGES, WEIGHTS, messages, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"
@@ -79,7 +79,10 @@ def test_bad_images_fail_alone_and_the_rest_are_scored(bad_inputs, expected):
     assert "Traceback" not in proc.stderr
     for name in culprits:
         assert len(lines_naming(proc.stderr, name)) == 1, (name, proc.stderr)
-    assert len(proc.stderr.splitlines()) == len(culprits), proc.stderr
+    assert len(messages(proc.stderr)) == len(culprits), proc.stderr
+    assert summary(proc.stderr) == f"mps: {len(args) - len(culprits)} scored, {len(culprits)} failed"
+    # The remedy for the folder is said once, at the end, in terms of this command's flags.
+    assert "mps: hint: use --recursive to look in sub-folders too" in proc.stderr.splitlines()
 
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in rows] == args
@@ -109,7 +112,7 @@ def test_empty_folder_alone_is_an_error(tmp_path):
     proc = run_mps("rank", "emptydir", "--prompt", FOX, "--json", "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.splitlines()) == 1 and "emptydir" in proc.stderr
+    assert len(messages(proc.stderr)) == 1 and "emptydir" in proc.stderr
     doc = json.loads(proc.stdout)
     assert len(doc) == 1 and set(doc[0]) == {"image", "error"} and doc[0]["image"] == "emptydir"
 
@@ -204,6 +207,6 @@ def test_prompts_file_bad_lines_fail_alone(tmp_path, expected):
     assert "gone.png" in rows[1]["error"]
     assert "p.jsonl:3" in rows[2]["error"]
     assert "p.jsonl:4" in rows[3]["error"] and "prompt" in rows[3]["error"]
-    assert len(proc.stderr.splitlines()) == 3, proc.stderr
+    assert len(messages(proc.stderr)) == 3, proc.stderr
     for culprit in ("gone.png", "p.jsonl:3", "p.jsonl:4"):
         assert len(lines_naming(proc.stderr, culprit)) == 1, (culprit, proc.stderr)
