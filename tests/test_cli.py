@@ -309,13 +309,17 @@ def test_python_dash_m_help_works_without_importing_torch():
     (["compare", "a.png", "b.png"], "--prompt"),
     (["compare", "a.png", "--prompt", "p"], "'b'"),
 ])
-def test_usage_errors_exit_2_before_loading_anything(args, culprit):
+def test_usage_errors_exit_2_before_loading_anything(args, culprit, tmp_path):
     from mps_cli.cli import app
+    from mps_cli.cli.app import LOADS
 
-    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    loads = LOADS["count"]
+    # Weights that do not exist: had loading started, the exit would be 3 and the message would name them.
+    res = CliRunner().invoke(app, [*args, "-w", str(tmp_path / "absent.safetensors")], env={"COLUMNS": "200"})
     assert res.exit_code == 2, res.output
     assert culprit in flat(res.output)
     assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert LOADS["count"] == loads and "absent" not in res.output
 
 
 def test_prompts_file_with_positional_images_is_a_usage_error(tmp_path):
@@ -326,3 +330,140 @@ def test_prompts_file_with_positional_images_is_a_usage_error(tmp_path):
     res = CliRunner().invoke(app, ["score", "x.png", "--prompts", str(f)])
     assert res.exit_code == 2
     assert "--prompts" in res.output
+
+
+# --------------------------------------------------------------------------- the JSON contract in-process
+# These share one loaded scorer: the CLI keeps loaded models per process, keyed by the model options.
+
+
+def invoke(*args: str, env: dict | None = None):
+    from mps_cli.cli import app
+
+    return CliRunner().invoke(app, [*args, "-w", str(WEIGHTS), "--device", "cpu"],
+                              env={"COLUMNS": "100", **(env or {})})
+
+
+def test_dims_comma_separated_same_as_repeated(expected):
+    exp = table(expected)
+    res = invoke("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "--dim", "aesthetics,detail", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert list(doc[0]["scores"]) == ["aesthetics", "detail"]
+    for dim in ("aesthetics", "detail"):
+        assert doc[0]["scores"][dim] == pytest.approx(exp[("sunset.png", FOX, dim)], abs=TOL)
+
+
+def test_rank_groups_by_prompt_with_per_image_prompts(tmp_path, expected):
+    exp = table(expected)
+    plan = [(n, p) for p in (FOX, CUBES) for n in ("sunset.png", "gray.png", "crop.png")]
+    # Hugging Face imagefolder spelling: file_name and text.
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": str(IMAGES / n), "text": p}) + "\n" for n, p in plan))
+    res = invoke("rank", "--prompts", str(tmp_path / "metadata.jsonl"), "--top", "2", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    for group, prompt in ((1, FOX), (2, CUBES)):
+        rows = [d for d in doc if d["group"] == group]
+        want = sorted(("sunset.png", "gray.png", "crop.png"), key=lambda n: -exp[(n, prompt, "overall")])[:2]
+        assert [os.path.basename(d["image"]) for d in rows] == want
+        assert [d["rank"] for d in rows] == [1, 2] and {d["prompt"] for d in rows} == {prompt}
+    table_res = invoke("rank", "--prompts", str(tmp_path / "metadata.jsonl"))
+    assert "group 1 of 2" in table_res.stdout and "group 2 of 2" in table_res.stdout
+
+
+def test_compare_failure_is_one_document_and_csv_names_like_json(tmp_path):
+    res = invoke("compare", str(IMAGES / "sunset.png"), str(tmp_path / "gone.png"), "--prompt", FOX, "--json")
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)  # one document, not two
+    assert "gone.png" in doc["error"] and "results" not in doc
+    ok = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--dim", "all",
+                "--json")
+    as_csv = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--dim",
+                    "all", "--csv")
+    row = next(csv.DictReader(io.StringIO(as_csv.stdout)))
+    results = json.loads(ok.stdout)["results"]
+    for dim, fields in results.items():
+        for key, value in fields.items():
+            got = row[f"{dim}.{key}"]
+            assert (float(got) == pytest.approx(value, abs=1e-5)) if key != "winner" else got == value
+
+
+def test_compare_prompt_from_sidecar(tmp_path):
+    for name in ("sunset.png", "gray.png"):
+        shutil.copy(IMAGES / name, tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(FOX)
+    res = invoke("compare", str(tmp_path / "sunset.png"), str(tmp_path / "gray.png"), "--prompt-from", "sidecar",
+                 "--json")
+    want = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["results"] == json.loads(want.stdout)["results"]
+    (tmp_path / "gray.txt").write_text(CUBES)
+    res = invoke("compare", str(tmp_path / "sunset.png"), str(tmp_path / "gray.png"), "--prompt-from", "sidecar",
+                 "--json")
+    assert res.exit_code == 1 and "different prompts" in json.loads(res.stdout)["error"]
+
+
+def test_table_lists_failed_inputs_and_prompt_wraps_to_the_terminal(tmp_path):
+    long_prompt = " ".join(["a very long prompt"] * 12)
+    res = invoke("score", str(IMAGES / "gray.png"), str(tmp_path / "gone.png"), "--prompt", long_prompt,
+                 env={"COLUMNS": "200"})
+    assert res.exit_code == 1
+    lines = res.stdout.splitlines()
+    assert any("gone.png" in line and "failed" in line for line in lines)
+    table_width = max(len(line) for line in lines if line.startswith(("┏", "└")))
+    caption = [line for line in lines if line.startswith("prompt: ")]
+    assert len(caption) == 1 and len(caption[0]) > table_width  # not folded to the table's width
+
+
+def test_revision_conflicting_with_source_is_a_usage_error():
+    from mps_cli.cli import app
+
+    res = CliRunner().invoke(app, ["score", "x.png", "--prompt", "p", "-w", "hf://o/r/f.safetensors@v1",
+                                   "--revision", "v2"])
+    assert res.exit_code == 2 and "v1" in res.output and "v2" in res.output
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path):
+    from mps_cli.cli import app
+
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"keep me")
+    src = FIXTURE / "original-format" / "MPS_tiny_state_dict.pth"
+    res = CliRunner().invoke(app, ["convert", str(src), str(dst)])
+    assert res.exit_code == 2 and "--force" in res.output and dst.read_bytes() == b"keep me"
+    res = CliRunner().invoke(app, ["convert", str(src), str(dst), "--force"])
+    assert res.exit_code == 0, res.output and dst.stat().st_size > 1000
+
+
+def test_unexpected_errors_are_one_line_exit_3_and_never_exit_1(capsys, monkeypatch):
+    import typer as _typer
+
+    from mps_cli.cli.app import handle_errors
+    from mps_cli.errors import MPSError
+
+    # A real exception of a kind nothing expects, raised where loading would be.
+    for exc in (RuntimeError("boom"), MemoryError(), MPSError("nothing scored")):
+        with pytest.raises(_typer.Exit) as info, handle_errors("loading the weights"):
+            raise exc
+        assert info.value.exit_code == 3
+    err = capsys.readouterr().err
+    assert "unexpected RuntimeError while loading the weights: boom" in err
+    assert "MPS_DEBUG=1" in err and "Traceback" not in err
+    monkeypatch.setenv("MPS_DEBUG", "1")
+    with pytest.raises(_typer.Exit), handle_errors("loading the weights"):
+        raise RuntimeError("boom")
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_large_prepared_weights_are_announced_once(capsys):
+    import logging
+
+    from mps_cli.cli.app import NOTICE_MIN_BYTES, _route_library_notices
+
+    _route_library_notices()
+    log = logging.getLogger("mps_cli")
+    for _ in range(2):
+        log.info("writing %.1f GiB of prepared weights", 4.1, extra={"nbytes": 4 * 2**30})
+    log.info("small file", extra={"nbytes": NOTICE_MIN_BYTES - 1})
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mps: note: writing 4.1 GiB of prepared weights"]

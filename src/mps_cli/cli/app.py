@@ -268,6 +268,11 @@ MaskThreshold = Annotated[float, typer.Option(
 
 DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
 
+AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
+AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
+                                       help="One JSON object per line, streamed.")]
+AsCsv = Annotated[bool, typer.Option("--csv", rich_help_panel="Output", help="CSV with a header row.")]
+
 
 # --------------------------------------------------------------------------- the model
 

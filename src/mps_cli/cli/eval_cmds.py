@@ -10,8 +10,8 @@ import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from .app import (
-    DIMENSION_NOTE, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions, Offline,
-    Revision, Weights, fail, handle_errors, load_model, say,
+    DIMENSION_NOTE, AsJson, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions,
+    Offline, Revision, Weights, fail, handle_errors, load_model, say,
 )
 from .output import Progress, quiet_broken_pipe, render_eval_report
 
@@ -57,7 +57,7 @@ def eval_command(
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
+    as_json: AsJson = False,
     cache: Annotated[Path | None, typer.Option(
         "--cache", help="Score cache (SQLite). Default: $XDG_CACHE_HOME/mps-cli/scores.sqlite "
         "(~/.cache when unset).")] = None,

@@ -17,8 +17,8 @@ from ..constants import CUSTOM_KEY, DIMENSIONS
 from ..errors import ImageError, PromptError
 from ..inputs import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import (
-    DEFAULT_THRESHOLD, INPUT_HINTS, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold,
-    ModelOptions, Offline, Revision, Weights, fail, handle_errors, load_model,
+    DEFAULT_THRESHOLD, INPUT_HINTS, AsCsv, AsJson, AsJsonl, BatchSize, Condition, Config, Device, Dims, Dtype, Exit,
+    MaskThreshold, ModelOptions, Offline, Revision, Weights, fail, handle_errors, load_model,
 )
 from .output import Progress, Report, ResultWriter, Row, finite_or_error, quiet_broken_pipe, render_comparison
 
@@ -36,10 +36,6 @@ PromptFromOpt = Annotated[PromptSource | None, typer.Option(
 Null = Annotated[bool, typer.Option(
     "--null", "-0", rich_help_panel="Inputs",
     help="Paths read from stdin (-) are NUL-separated, as find -print0 writes them.")]
-AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
-AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
-                                       help="One JSON object per line, streamed.")]
-AsCsv = Annotated[bool, typer.Option("--csv", rich_help_panel="Output", help="CSV with a header row.")]
 Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="Inputs",
                                          help="Descend into sub-folders of folder arguments.")]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 from pathlib import Path
@@ -12,9 +11,9 @@ import typer
 
 from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
-from .app import Exit, Revision, check_revision, fail, handle_errors, say
+from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
+from .output import emit_json
 
-AsJson = Annotated[bool, typer.Option("--json", help="One JSON document.")]
 _DOWNLOAD_FLAGS = re.compile(r",? (?:or )?(?:use --offline with cached weights|pass --weights PATH)")
 
 
@@ -68,7 +67,7 @@ def download(
         "downloaded": fetched.downloaded,
     }
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
     print(f"path: {fetched.path}")
@@ -152,7 +151,7 @@ def info(as_json: AsJson = False) -> None:
             "prepared": _prepared_summary(),
         }
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     w = doc["weights"]
     lines = [
@@ -212,7 +211,7 @@ def convert(
         result = convert_checkpoint(src, dst, dtype)
     doc = {"path": str(result.dst), "tensors": result.tensors, "size": result.bytes, "dtype": result.dtype}
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     say(f"converted {src} -> {result.dst}")
     print(f"path: {result.dst}")
