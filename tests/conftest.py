@@ -62,6 +62,27 @@ def summary(stderr: str) -> str:
     return lines[0]
 
 
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd=None):
+    """The command in this process (Typer's runner), answered like :func:`run_mps`: for tests of what
+    the command prints, where the process itself is not under test. Loaded models are shared."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from mps_cli.cli import app
+
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(app, list(args), input=input, env=env)
+    finally:
+        os.chdir(old)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+
+
 def mps_executable() -> list[str]:
     """The installed console script, as users run it."""
     exe = shutil.which("mps", path=str(Path(sys.executable).parent)) or shutil.which("mps")

@@ -1,6 +1,7 @@
 """The ``mps`` command line as people and pipelines use it: the JSON contract checked against
 the original implementation's scores (expected.json), rank/compare semantics, pipes, Ctrl-C
-and help. Scoring runs go through the real console script in a subprocess."""
+and help. What a command prints is tested in-process on one shared scorer; the console script runs
+in a subprocess where the process itself is under test (pipes, Ctrl-C, help and import time)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, IMAGES, WEIGHTS, messages, mps_executable, run_mps, summary
+from conftest import FIXTURE, IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"
@@ -59,7 +60,7 @@ def test_score_json_all_dims_matches_expected_and_echoes_paths_as_given(expected
     # Paths in several spellings: the output must echo each exactly, not a resolved form.
     args = ["images/sunset.png", "./images/gray.png", str(IMAGES / "wide.webp"), "images/palette.gif",
             "images/portrait.jpg", "images/alpha.png", "images/crop.png"]
-    proc = run_mps("score", *args, "--prompt", FOX, "--dim", "all", "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
+    proc = run_cli("score", *args, "--prompt", FOX, "--dim", "all", "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     doc = json.loads(proc.stdout)
@@ -77,7 +78,7 @@ def test_score_csv_with_paths_from_stdin(expected):
     exp = table(expected)
     names = ["crop.png", "portrait.jpg", "wide.webp"]
     stdin = "".join(f"images/{n}\n" for n in names) + "\n"  # a blank line is not a path
-    proc = run_mps("score", "-", "--prompt", CAFE, "--dim", "overall", "--dim", "detail", "--csv",
+    proc = run_cli("score", "-", "--prompt", CAFE, "--dim", "overall", "--dim", "detail", "--csv",
                    "-w", str(WEIGHTS), cwd=FIXTURE, input=stdin)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -114,7 +115,7 @@ def test_rank_folder_and_stdin_by_dimension_with_failed_input_last(tmp_path, exp
     _, names = _gallery(tmp_path, sub_image="alpha.png")
     # alpha.png sits in sub/ (not recursed into) but arrives by its own path on stdin.
     outside = str(IMAGES / "alpha.png")
-    proc = run_mps("rank", "gallery", "nothere.png", "-", "--prompt", FOX, "--by", "alignment", "--jsonl",
+    proc = run_cli("rank", "gallery", "nothere.png", "-", "--prompt", FOX, "--by", "alignment", "--jsonl",
                    "-w", str(WEIGHTS), cwd=tmp_path, input=outside + "\n")
     assert proc.returncode == 1, proc.stderr
     clean_stderr(proc)
@@ -140,7 +141,7 @@ def test_rank_recursive_top_k_json(tmp_path, expected):
     # Put the best image for this prompt in the sub-folder: without --recursive it could not lead.
     best = max(FIXTURE_IMAGES, key=lambda s: exp[(s, CUBES, "overall")])
     _, names = _gallery(tmp_path, sub_image=best)
-    proc = run_mps("rank", "gallery", "--recursive", "--top", "3", "--prompt", CUBES, "--json",
+    proc = run_cli("rank", "gallery", "--recursive", "--top", "3", "--prompt", CUBES, "--json",
                    "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -160,7 +161,7 @@ def test_rank_recursive_top_k_json(tmp_path, expected):
 
 def test_compare_json_per_dimension(expected):
     exp = table(expected)
-    proc = run_mps("compare", "images/sunset.png", "images/palette.gif", "--prompt", FOX, "--dim", "all",
+    proc = run_cli("compare", "images/sunset.png", "images/palette.gif", "--prompt", FOX, "--dim", "all",
                    "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""

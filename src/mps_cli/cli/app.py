@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ app = typer.Typer(
 def _main(version: Annotated[bool, typer.Option(
         "--version", "-V", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
+    # Images between PIL's warning and refusal sizes are decoded; the warning would only be noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     _route_library_notices()
 
 
