@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,39 @@ def scorer():
     from mps_cli import load_scorer
 
     return load_scorer(WEIGHTS, device="cpu", dtype="fp32")
+
+
+def messages(stderr: str) -> list[str]:
+    """The per-input error and warning lines of stderr: not the closing hints, notes and summary."""
+    return [line for line in stderr.splitlines() if line.startswith(("mps: error:", "mps: warning:"))]
+
+
+def summary(stderr: str) -> str:
+    """The closing "N scored, M failed" line."""
+    lines = [line for line in stderr.splitlines() if re.fullmatch(r"mps: \d+ scored, \d+ failed", line)]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, cwd=None):
+    """The command in this process (Typer's runner), answered like :func:`run_mps`: for tests of what
+    the command prints, where the process itself is not under test. Loaded models are shared."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from mps_cli.cli import app
+
+    old = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(app, list(args), input=input, env=env)
+    finally:
+        os.chdir(old)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 def mps_executable() -> list[str]:

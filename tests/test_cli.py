@@ -1,6 +1,7 @@
 """The ``mps`` command line as people and pipelines use it: the JSON contract checked against
 the original implementation's scores (expected.json), rank/compare semantics, pipes, Ctrl-C
-and help. Scoring runs go through the real console script in a subprocess."""
+and help. What a command prints is tested in-process on one shared scorer; the console script runs
+in a subprocess where the process itself is under test (pipes, Ctrl-C, help and import time)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FIXTURE, IMAGES, WEIGHTS, mps_executable, run_mps
+from conftest import FIXTURE, IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"
@@ -59,7 +60,7 @@ def test_score_json_all_dims_matches_expected_and_echoes_paths_as_given(expected
     # Paths in several spellings: the output must echo each exactly, not a resolved form.
     args = ["images/sunset.png", "./images/gray.png", str(IMAGES / "wide.webp"), "images/palette.gif",
             "images/portrait.jpg", "images/alpha.png", "images/crop.png"]
-    proc = run_mps("score", *args, "--prompt", FOX, "--dim", "all", "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
+    proc = run_cli("score", *args, "--prompt", FOX, "--dim", "all", "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     doc = json.loads(proc.stdout)
@@ -77,7 +78,7 @@ def test_score_csv_with_paths_from_stdin(expected):
     exp = table(expected)
     names = ["crop.png", "portrait.jpg", "wide.webp"]
     stdin = "".join(f"images/{n}\n" for n in names) + "\n"  # a blank line is not a path
-    proc = run_mps("score", "-", "--prompt", CAFE, "--dim", "overall", "--dim", "detail", "--csv",
+    proc = run_cli("score", "-", "--prompt", CAFE, "--dim", "overall", "--dim", "detail", "--csv",
                    "-w", str(WEIGHTS), cwd=FIXTURE, input=stdin)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -114,12 +115,13 @@ def test_rank_folder_and_stdin_by_dimension_with_failed_input_last(tmp_path, exp
     _, names = _gallery(tmp_path, sub_image="alpha.png")
     # alpha.png sits in sub/ (not recursed into) but arrives by its own path on stdin.
     outside = str(IMAGES / "alpha.png")
-    proc = run_mps("rank", "gallery", "nothere.png", "-", "--prompt", FOX, "--by", "alignment", "--jsonl",
+    proc = run_cli("rank", "gallery", "nothere.png", "-", "--prompt", FOX, "--by", "alignment", "--jsonl",
                    "-w", str(WEIGHTS), cwd=tmp_path, input=outside + "\n")
     assert proc.returncode == 1, proc.stderr
     clean_stderr(proc)
     # Non-image files are skipped silently; the one failure is reported once.
-    assert len(proc.stderr.splitlines()) == 1 and "nothere.png" in proc.stderr
+    assert len(messages(proc.stderr)) == 1 and "nothere.png" in proc.stderr
+    assert summary(proc.stderr) == "mps: 7 scored, 1 failed"
     rows = jsonl(proc.stdout)
     label = {s: outside if s == "alpha.png" else os.path.join("gallery", names[s]) for s in names}
     want = sorted(names, key=lambda s: -exp[(s, FOX, "alignment")])
@@ -139,7 +141,7 @@ def test_rank_recursive_top_k_json(tmp_path, expected):
     # Put the best image for this prompt in the sub-folder: without --recursive it could not lead.
     best = max(FIXTURE_IMAGES, key=lambda s: exp[(s, CUBES, "overall")])
     _, names = _gallery(tmp_path, sub_image=best)
-    proc = run_mps("rank", "gallery", "--recursive", "--top", "3", "--prompt", CUBES, "--json",
+    proc = run_cli("rank", "gallery", "--recursive", "--top", "3", "--prompt", CUBES, "--json",
                    "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -159,7 +161,7 @@ def test_rank_recursive_top_k_json(tmp_path, expected):
 
 def test_compare_json_per_dimension(expected):
     exp = table(expected)
-    proc = run_mps("compare", "images/sunset.png", "images/palette.gif", "--prompt", FOX, "--dim", "all",
+    proc = run_cli("compare", "images/sunset.png", "images/palette.gif", "--prompt", FOX, "--dim", "all",
                    "--json", "-w", str(WEIGHTS), cwd=FIXTURE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -308,13 +310,17 @@ def test_python_dash_m_help_works_without_importing_torch():
     (["compare", "a.png", "b.png"], "--prompt"),
     (["compare", "a.png", "--prompt", "p"], "'b'"),
 ])
-def test_usage_errors_exit_2_before_loading_anything(args, culprit):
+def test_usage_errors_exit_2_before_loading_anything(args, culprit, tmp_path):
     from mps_cli.cli import app
+    from mps_cli.cli.app import LOADS
 
-    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    loads = LOADS["count"]
+    # Weights that do not exist: had loading started, the exit would be 3 and the message would name them.
+    res = CliRunner().invoke(app, [*args, "-w", str(tmp_path / "absent.safetensors")], env={"COLUMNS": "200"})
     assert res.exit_code == 2, res.output
     assert culprit in flat(res.output)
     assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert LOADS["count"] == loads and "absent" not in res.output
 
 
 def test_prompts_file_with_positional_images_is_a_usage_error(tmp_path):
@@ -325,3 +331,140 @@ def test_prompts_file_with_positional_images_is_a_usage_error(tmp_path):
     res = CliRunner().invoke(app, ["score", "x.png", "--prompts", str(f)])
     assert res.exit_code == 2
     assert "--prompts" in res.output
+
+
+# --------------------------------------------------------------------------- the JSON contract in-process
+# These share one loaded scorer: the CLI keeps loaded models per process, keyed by the model options.
+
+
+def invoke(*args: str, env: dict | None = None):
+    from mps_cli.cli import app
+
+    return CliRunner().invoke(app, [*args, "-w", str(WEIGHTS), "--device", "cpu"],
+                              env={"COLUMNS": "100", **(env or {})})
+
+
+def test_dims_comma_separated_same_as_repeated(expected):
+    exp = table(expected)
+    res = invoke("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "--dim", "aesthetics,detail", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert list(doc[0]["scores"]) == ["aesthetics", "detail"]
+    for dim in ("aesthetics", "detail"):
+        assert doc[0]["scores"][dim] == pytest.approx(exp[("sunset.png", FOX, dim)], abs=TOL)
+
+
+def test_rank_groups_by_prompt_with_per_image_prompts(tmp_path, expected):
+    exp = table(expected)
+    plan = [(n, p) for p in (FOX, CUBES) for n in ("sunset.png", "gray.png", "crop.png")]
+    # Hugging Face imagefolder spelling: file_name and text.
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": str(IMAGES / n), "text": p}) + "\n" for n, p in plan))
+    res = invoke("rank", "--prompts", str(tmp_path / "metadata.jsonl"), "--top", "2", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    for group, prompt in ((1, FOX), (2, CUBES)):
+        rows = [d for d in doc if d["group"] == group]
+        want = sorted(("sunset.png", "gray.png", "crop.png"), key=lambda n: -exp[(n, prompt, "overall")])[:2]
+        assert [os.path.basename(d["image"]) for d in rows] == want
+        assert [d["rank"] for d in rows] == [1, 2] and {d["prompt"] for d in rows} == {prompt}
+    table_res = invoke("rank", "--prompts", str(tmp_path / "metadata.jsonl"))
+    assert "group 1 of 2" in table_res.stdout and "group 2 of 2" in table_res.stdout
+
+
+def test_compare_failure_is_one_document_and_csv_names_like_json(tmp_path):
+    res = invoke("compare", str(IMAGES / "sunset.png"), str(tmp_path / "gone.png"), "--prompt", FOX, "--json")
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)  # one document, not two
+    assert "gone.png" in doc["error"] and "results" not in doc
+    ok = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--dim", "all",
+                "--json")
+    as_csv = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--dim",
+                    "all", "--csv")
+    row = next(csv.DictReader(io.StringIO(as_csv.stdout)))
+    results = json.loads(ok.stdout)["results"]
+    for dim, fields in results.items():
+        for key, value in fields.items():
+            got = row[f"{dim}.{key}"]
+            assert (float(got) == pytest.approx(value, abs=1e-5)) if key != "winner" else got == value
+
+
+def test_compare_prompt_from_sidecar(tmp_path):
+    for name in ("sunset.png", "gray.png"):
+        shutil.copy(IMAGES / name, tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(FOX)
+    res = invoke("compare", str(tmp_path / "sunset.png"), str(tmp_path / "gray.png"), "--prompt-from", "sidecar",
+                 "--json")
+    want = invoke("compare", str(IMAGES / "sunset.png"), str(IMAGES / "gray.png"), "--prompt", FOX, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["results"] == json.loads(want.stdout)["results"]
+    (tmp_path / "gray.txt").write_text(CUBES)
+    res = invoke("compare", str(tmp_path / "sunset.png"), str(tmp_path / "gray.png"), "--prompt-from", "sidecar",
+                 "--json")
+    assert res.exit_code == 1 and "different prompts" in json.loads(res.stdout)["error"]
+
+
+def test_table_lists_failed_inputs_and_prompt_wraps_to_the_terminal(tmp_path):
+    long_prompt = " ".join(["a very long prompt"] * 12)
+    res = invoke("score", str(IMAGES / "gray.png"), str(tmp_path / "gone.png"), "--prompt", long_prompt,
+                 env={"COLUMNS": "200"})
+    assert res.exit_code == 1
+    lines = res.stdout.splitlines()
+    assert any("gone.png" in line and "failed" in line for line in lines)
+    table_width = max(len(line) for line in lines if line.startswith(("┏", "└")))
+    caption = [line for line in lines if line.startswith("prompt: ")]
+    assert len(caption) == 1 and len(caption[0]) > table_width  # not folded to the table's width
+
+
+def test_revision_conflicting_with_source_is_a_usage_error():
+    from mps_cli.cli import app
+
+    res = CliRunner().invoke(app, ["score", "x.png", "--prompt", "p", "-w", "hf://o/r/f.safetensors@v1",
+                                   "--revision", "v2"])
+    assert res.exit_code == 2 and "v1" in res.output and "v2" in res.output
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path):
+    from mps_cli.cli import app
+
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"keep me")
+    src = FIXTURE / "original-format" / "MPS_tiny_state_dict.pth"
+    res = CliRunner().invoke(app, ["convert", str(src), str(dst)])
+    assert res.exit_code == 2 and "--force" in res.output and dst.read_bytes() == b"keep me"
+    res = CliRunner().invoke(app, ["convert", str(src), str(dst), "--force"])
+    assert res.exit_code == 0, res.output and dst.stat().st_size > 1000
+
+
+def test_unexpected_errors_are_one_line_exit_3_and_never_exit_1(capsys, monkeypatch):
+    import typer as _typer
+
+    from mps_cli.cli.app import handle_errors
+    from mps_cli.errors import MPSError
+
+    # A real exception of a kind nothing expects, raised where loading would be.
+    for exc in (RuntimeError("boom"), MemoryError(), MPSError("nothing scored")):
+        with pytest.raises(_typer.Exit) as info, handle_errors("loading the weights"):
+            raise exc
+        assert info.value.exit_code == 3
+    err = capsys.readouterr().err
+    assert "unexpected RuntimeError while loading the weights: boom" in err
+    assert "MPS_DEBUG=1" in err and "Traceback" not in err
+    monkeypatch.setenv("MPS_DEBUG", "1")
+    with pytest.raises(_typer.Exit), handle_errors("loading the weights"):
+        raise RuntimeError("boom")
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_large_prepared_weights_are_announced_once(capsys):
+    import logging
+
+    from mps_cli.cli.app import NOTICE_MIN_BYTES, _route_library_notices
+
+    _route_library_notices()
+    log = logging.getLogger("mps_cli")
+    for _ in range(2):
+        log.info("writing %.1f GiB of prepared weights", 4.1, extra={"nbytes": 4 * 2**30})
+    log.info("small file", extra={"nbytes": NOTICE_MIN_BYTES - 1})
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mps: note: writing 4.1 GiB of prepared weights"]

@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, WEIGHTS, run_mps
+from conftest import IMAGES, WEIGHTS, messages, run_cli, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"
@@ -73,13 +73,16 @@ def test_bad_images_fail_alone_and_the_rest_are_scored(bad_inputs, expected):
     fine = ["cmyk.jpg", "deep16.png", "anim.gif", "anim_first.png", "anim_second.png"]
     args = ["sunset.png", "nothere.png", "emptydir", "cmyk.jpg", "zerobyte.png", "truncated.png", "deep16.png",
             "notanimage.png", "anim.gif", "anim_first.png", "anim_second.png", "bomb.png", "gray.png"]
-    proc = run_mps("score", *args, "--prompt", FOX, "--jsonl", "--batch-size", "2", "-w", str(WEIGHTS),
+    proc = run_cli("score", *args, "--prompt", FOX, "--jsonl", "--batch-size", "2", "-w", str(WEIGHTS),
                    cwd=bad_inputs)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for name in culprits:
         assert len(lines_naming(proc.stderr, name)) == 1, (name, proc.stderr)
-    assert len(proc.stderr.splitlines()) == len(culprits), proc.stderr
+    assert len(messages(proc.stderr)) == len(culprits), proc.stderr
+    assert summary(proc.stderr) == f"mps: {len(args) - len(culprits)} scored, {len(culprits)} failed"
+    # The remedy for the folder is said once, at the end, in terms of this command's flags.
+    assert "mps: hint: use --recursive to look in sub-folders too" in proc.stderr.splitlines()
 
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in rows] == args
@@ -106,10 +109,10 @@ def test_bad_images_fail_alone_and_the_rest_are_scored(bad_inputs, expected):
 def test_empty_folder_alone_is_an_error(tmp_path):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "emptydir" / "notes.txt").write_text("nothing\n")
-    proc = run_mps("rank", "emptydir", "--prompt", FOX, "--json", "-w", str(WEIGHTS), cwd=tmp_path)
+    proc = run_cli("rank", "emptydir", "--prompt", FOX, "--json", "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.splitlines()) == 1 and "emptydir" in proc.stderr
+    assert len(messages(proc.stderr)) == 1 and "emptydir" in proc.stderr
     doc = json.loads(proc.stdout)
     assert len(doc) == 1 and set(doc[0]) == {"image", "error"} and doc[0]["image"] == "emptydir"
 
@@ -146,7 +149,7 @@ def test_cuda_on_a_machine_without_one_is_one_line():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the test is about one that does not")
-    proc = run_mps("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "--device", "cuda", "-w", str(WEIGHTS))
+    proc = run_cli("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "--device", "cuda", "-w", str(WEIGHTS))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -157,7 +160,7 @@ def test_truncated_weights_exit_3(tmp_path):
     data = WEIGHTS.read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
-    proc = run_mps("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "-w", str(bad))
+    proc = run_cli("score", str(IMAGES / "sunset.png"), "--prompt", FOX, "-w", str(bad))
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -167,7 +170,7 @@ def test_truncated_weights_exit_3(tmp_path):
 def test_csv_prompts_without_prompt_column_is_a_usage_error(tmp_path):
     f = tmp_path / "list.csv"
     f.write_text("image,caption\nsunset.png,a fox\n")
-    proc = run_mps("score", "--prompts", str(f), "-w", str(WEIGHTS))
+    proc = run_cli("score", "--prompts", str(f), "-w", str(WEIGHTS))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -191,7 +194,7 @@ def test_prompts_file_bad_lines_fail_alone(tmp_path, expected):
     (lists / "p.jsonl").write_text("\n".join(lines) + "\n")
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    proc = run_mps("score", "--prompts", "../lists/p.jsonl", "--jsonl", "-w", str(WEIGHTS), cwd=elsewhere)
+    proc = run_cli("score", "--prompts", "../lists/p.jsonl", "--jsonl", "-w", str(WEIGHTS), cwd=elsewhere)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -204,6 +207,6 @@ def test_prompts_file_bad_lines_fail_alone(tmp_path, expected):
     assert "gone.png" in rows[1]["error"]
     assert "p.jsonl:3" in rows[2]["error"]
     assert "p.jsonl:4" in rows[3]["error"] and "prompt" in rows[3]["error"]
-    assert len(proc.stderr.splitlines()) == 3, proc.stderr
+    assert len(messages(proc.stderr)) == 3, proc.stderr
     for culprit in ("gone.png", "p.jsonl:3", "p.jsonl:4"):
         assert len(lines_naming(proc.stderr, culprit)) == 1, (culprit, proc.stderr)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from conftest import IMAGES, WEIGHTS, run_mps
+from conftest import IMAGES, WEIGHTS, messages, run_cli
 from mps_cli.errors import PromptError
 from mps_cli.prompts import (
     a1111_prompt, comfy_prompt, decode_user_comment, metadata_prompt, read_prompt_file, sidecar_prompt,
@@ -55,7 +55,7 @@ def test_prompts_jsonl_relative_paths_with_custom_condition(tmp_path, expected):
     (lists / "p.jsonl").write_text("".join(json.dumps({"image": i, "prompt": p}) + "\n" for i, p in entries),
                                    encoding="utf-8")
     cond = expected["conditions"]["overall"]
-    proc = run_mps("score", "--prompts", "../lists/p.jsonl", "--condition", cond, "--mask-threshold", "0.01",
+    proc = run_cli("score", "--prompts", "../lists/p.jsonl", "--condition", cond, "--mask-threshold", "0.01",
                    "--jsonl", "-w", str(WEIGHTS), cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -78,7 +78,7 @@ def test_prompts_csv_relative_and_absolute_paths_repeated_dims(tmp_path, expecte
         w.writerow(["image", "prompt", "seed"])  # extra columns are ignored
         for image, prompt in plan:
             w.writerow([image, prompt, 7])
-    proc = run_mps("score", "--prompts", str(lists / "p.csv"), "--dim", "alignment", "--dim", "aesthetics",
+    proc = run_cli("score", "--prompts", str(lists / "p.csv"), "--dim", "alignment", "--dim", "aesthetics",
                    "--jsonl", "-w", str(WEIGHTS), cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -110,7 +110,7 @@ def test_sidecar_captions_and_one_truncation_warning(tmp_path, expected):
         shutil.copy(IMAGES / "gray.png", d / f"{stem}.png")
         (d / f"{stem}{ext}").write_text(f"{FOX} {words} {tail}", encoding="utf-8")
     shutil.copy(IMAGES / "crop.png", d / "f.png")  # no caption beside it
-    proc = run_mps("score", "set", "--prompt-from", "sidecar", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    proc = run_cli("score", "set", "--prompt-from", "sidecar", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     rows = rows_of(proc)
     assert set(rows) == {f"set/{s}" for s in ("a.png", "b.jpg", "c.png", "d.png", "e.png", "f.png")}
@@ -121,7 +121,7 @@ def test_sidecar_captions_and_one_truncation_warning(tmp_path, expected):
     assert rows["set/c.png"]["scores"]["overall"] == pytest.approx(rows["set/d.png"]["scores"]["overall"], abs=1e-5)
     assert rows["set/c.png"]["scores"]["overall"] == pytest.approx(rows["set/e.png"]["scores"]["overall"], abs=1e-5)
     assert set(rows["set/f.png"]) == {"image", "error"}
-    err = proc.stderr.splitlines()
+    err = messages(proc.stderr)
     assert len([line for line in err if "77" in line]) == 1, proc.stderr
     assert len([line for line in err if "f.png" in line]) == 1, proc.stderr
     assert len(err) == 2, proc.stderr
@@ -180,7 +180,7 @@ def test_metadata_prompts_from_a1111_comfy_and_exif(tmp_path, expected):
     shutil.copy(IMAGES / "crop.png", d / "plain.png")
 
     args = ["gen/a1111.png", "gen/noneg.png", "gen/plain.png", "gen/comfy.png", "gen/exif.jpg"]
-    proc = run_mps("score", *args, "--prompt-from", "metadata", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    proc = run_cli("score", *args, "--prompt-from", "metadata", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     rows = rows_of(proc)
     assert list(rows) == args
@@ -198,8 +198,11 @@ def test_metadata_prompts_from_a1111_comfy_and_exif(tmp_path, expected):
         exp[("portrait.jpg", FISHER, "overall")], abs=0.05)
 
     assert set(rows["gen/plain.png"]) == {"image", "error"}
-    assert proc.stderr.splitlines() == [line for line in proc.stderr.splitlines() if "plain.png" in line]
-    assert len(proc.stderr.splitlines()) == 1
+    assert messages(proc.stderr) == [line for line in proc.stderr.splitlines() if "plain.png" in line]
+    assert len(messages(proc.stderr)) == 1
+    # The remedy names flags, once, from the CLI; the library's message names none.
+    assert "--" not in rows["gen/plain.png"]["error"]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("mps: hint:")]) == 1
 
 
 # --------------------------------------------------------------------------- in-process pieces

@@ -40,6 +40,7 @@ class Client:
         self.timeout = timeout
         self._batch_size = batch_size
         self._info: dict | None = None
+        self._truncated: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"Client(url={self.url!r})"
@@ -168,8 +169,16 @@ class Client:
         status, doc = self._call("POST", "/v1/compare", body)
         if status != 200:
             raise (ImageError if "results" in doc else ValueError)(doc.get("error", f"HTTP {status}"))
+        self._truncated[prompt] = bool(doc.get("prompt_truncated"))
         return Comparison(prompt=doc["prompt"], a=la, b=lb,
                           results={k: PairResult(**v) for k, v in doc["results"].items()})
+
+    def prompt_truncated(self, prompt: str) -> bool:
+        """Whether ``prompt`` is longer than the 77 tokens the model reads, as the server said for it.
+
+        Known once a request with this prompt was answered (tokenising here would import the model's code).
+        """
+        return self._truncated.get(prompt, False)
 
     def _score_chunk(self, images: list, labels: list[str], prompts: list, common: dict) -> list[ScoreResult]:
         encoded = [_encode(img, label) for img, label in zip(images, labels)]

@@ -412,7 +412,10 @@ class PreparedWriter:
 def open_writer(path: Path, specs: Specs, transposed: frozenset[str], source: SourceIdentity) -> PreparedWriter | None:
     """A :class:`PreparedWriter`, or None (with a log line saying why) when the cache is unwritable."""
     try:
-        return PreparedWriter(path, specs, transposed, source)
+        writer = PreparedWriter(path, specs, transposed, source)
+        log.info("writing %.1f GiB of prepared weights to %s once; later loads map it (%s=0 turns this off)",
+                 writer._total / 2**30, path.parent, SWITCH_ENV, extra={"nbytes": writer._total})
+        return writer
     except OSError as exc:
         log.warning("mps: not caching prepared weights in %s: %s (set %s=0 to stop trying)",
                     path.parent, exc.strerror or exc, SWITCH_ENV)

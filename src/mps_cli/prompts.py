@@ -19,6 +19,37 @@ _CONDITIONING_INPUTS = ("positive", "conditioning", "conditioning_to", "conditio
                         "conditioning_2", "guider", "base_positive")
 _STRING_INPUTS = ("text", "string", "value", "text_g", "prompt", "positive", "text_positive", "wildcard_text",
                   "populated_text")
+# Column / key names: ours first, then Hugging Face imagefolder's metadata.jsonl / metadata.csv.
+_IMAGE_KEYS = ("image", "file_name")
+_PROMPT_KEYS = ("prompt", "text")
+
+
+class MissingPromptError(PromptError):
+    """The prompt source has no prompt for this image (as opposed to one it cannot read)."""
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a prompt (it is not encodable text), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds U+{ord(text[exc.start]):04X} at character {exc.start + 1}, which is not text (a lone surrogate)"
+    return None
+
+
+def _loads(raw: str):
+    """``json.loads``, with absurdly deep nesting treated as invalid JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", raw[:20], 0) from None
+
+
+def _first(obj: dict, keys: tuple[str, ...]):
+    for k in keys:
+        if k in obj:
+            return obj[k]
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,7 +63,9 @@ class PromptEntry:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[PromptEntry]:
-    """Read a JSONL (``{"image", "prompt"}`` per line) or CSV (``image``, ``prompt`` columns) prompts file.
+    """Read a prompts file: JSONL (``{"image", "prompt"}`` per line), a JSON array of such objects
+    (what ``mps score --json`` prints), or CSV/TSV (``image``, ``prompt`` columns). Hugging Face
+    imagefolder names (``file_name``, ``text``) are read too.
 
     Relative image paths resolve against the file's folder. A bad line becomes an entry with
     ``error`` set; a file that cannot be read at all raises :class:`PromptError`.
@@ -44,27 +77,68 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptEntry]:
         raise PromptError(f"{path}: prompts file not found") from None
     except IsADirectoryError:
         raise PromptError(f"{path}: is a directory, not a prompts file") from None
-    except UnicodeDecodeError:
-        raise PromptError(f"{path}: not UTF-8 text; save the prompts file as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{path}: not UTF-8 text; save the prompts file as UTF-8") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise PromptError(f"{str(path)!r}: not a usable file name ({exc})") from exc
     except OSError as exc:
-        raise PromptError(f"{path}: cannot read prompts file ({exc.strerror or exc})") from None
+        raise PromptError(f"{path}: cannot read prompts file ({exc.strerror or exc})") from exc
     base = path.parent
     if path.suffix.lower() in (".csv", ".tsv"):
         entries = _read_csv(path, text, base, "\t" if path.suffix.lower() == ".tsv" else ",")
+    elif path.suffix.lower() == ".json" or _is_json_array(text):
+        entries = _read_json_array(path, text, base)
     else:
         entries = _read_jsonl(path, text, base)
     if not entries:
-        raise PromptError(f"{path}: no entries (expected JSONL lines or CSV rows with image and prompt)")
+        raise PromptError(f"{path}: no entries (expected JSONL lines, a JSON array, or CSV rows with image and prompt)")
     return entries
 
 
 def _entry(base: Path, image, prompt, where: str) -> PromptEntry:
     if not isinstance(image, str) or not image.strip():
         return PromptEntry(image=where, path=None, prompt=None, error=f"{where}: missing 'image'")
+    if text_problem(image) or "\0" in image:
+        return PromptEntry(image=where, path=None, prompt=None, error=f"{where}: 'image' is not a usable file name")
     if not isinstance(prompt, str):
         what = "missing 'prompt'" if prompt is None else "'prompt' is not a string"
         return PromptEntry(image=image, path=base / image, prompt=None, error=f"{where}: {what}")
+    problem = text_problem(prompt)
+    if problem:
+        return PromptEntry(image=image, path=base / image, prompt=None, error=f"{where}: the prompt {problem}")
     return PromptEntry(image=image, path=base / os.path.expanduser(image), prompt=prompt)
+
+
+def _object_entry(base: Path, obj, where: str) -> PromptEntry:
+    if not isinstance(obj, dict):
+        return PromptEntry(image=where, path=None, prompt=None,
+                           error=f"{where}: expected an object with image and prompt")
+    image, prompt = _first(obj, _IMAGE_KEYS), _first(obj, _PROMPT_KEYS)
+    if prompt is None and isinstance(obj.get("error"), str) and isinstance(image, str):
+        # A failed row of an earlier run's --json output: it has no prompt to reuse.
+        return PromptEntry(image=image, path=base / image, prompt=None,
+                           error=f"{where}: no prompt (this entry records an earlier failure)")
+    return _entry(base, image, prompt, where)
+
+
+def _is_json_array(text: str) -> bool:
+    """Whether the whole text is one JSON array (a JSONL file may start with a line that is one)."""
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(_loads(text), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_json_array(path: Path, text: str, base: Path) -> list[PromptEntry]:
+    try:
+        data = _loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, list):
+        raise PromptError(f"{path}: expected a JSON array of objects with image and prompt")
+    return [_object_entry(base, obj, f"{path}[{n}]") for n, obj in enumerate(data)]
 
 
 def _read_jsonl(path: Path, text: str, base: Path) -> list[PromptEntry]:
@@ -74,15 +148,11 @@ def _read_jsonl(path: Path, text: str, base: Path) -> list[PromptEntry]:
             continue
         where = f"{path}:{n}"
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
         except json.JSONDecodeError as exc:
             out.append(PromptEntry(image=where, path=None, prompt=None, error=f"{where}: bad JSON ({exc.msg})"))
             continue
-        if not isinstance(obj, dict):
-            out.append(PromptEntry(image=where, path=None, prompt=None,
-                                   error=f"{where}: expected an object with image and prompt"))
-            continue
-        out.append(_entry(base, obj.get("image"), obj.get("prompt"), where))
+        out.append(_object_entry(base, obj, where))
     return out
 
 
@@ -93,7 +163,9 @@ def _read_csv(path: Path, text: str, base: Path, delimiter: str) -> list[PromptE
         fields = [f.strip() for f in reader.fieldnames or []]
     except csv.Error as exc:
         raise PromptError(f"{path}: not valid CSV ({exc})") from None
-    missing = [c for c in ("image", "prompt") if c not in fields]
+    image_col = next((c for c in _IMAGE_KEYS if c in fields), "image")
+    prompt_col = next((c for c in _PROMPT_KEYS if c in fields), "prompt")
+    missing = [c for c in (image_col, prompt_col) if c not in fields]
     if missing:
         raise PromptError(
             f"{path}: missing column {', '.join(repr(m) for m in missing)} "
@@ -103,7 +175,7 @@ def _read_csv(path: Path, text: str, base: Path, delimiter: str) -> list[PromptE
     try:
         for row in reader:
             row = {(k or "").strip(): v for k, v in row.items()}
-            out.append(_entry(base, row.get("image"), row.get("prompt"), f"{path}:{reader.line_num}"))
+            out.append(_entry(base, row.get(image_col), row.get(prompt_col), f"{path}:{reader.line_num}"))
     except csv.Error as exc:
         raise PromptError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     return out
@@ -118,11 +190,11 @@ def sidecar_prompt(image: str | os.PathLike) -> str:
             try:
                 text = cand.read_text(encoding="utf-8-sig").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise PromptError(f"{cand}: cannot read caption ({exc})") from None
+                raise PromptError(f"{cand}: cannot read caption ({exc})") from exc
             if not text:
-                raise PromptError(f"{cand}: caption file is empty")
+                raise MissingPromptError(f"{cand}: caption file is empty")
             return text
-    raise PromptError(f"{image}: no caption file beside it ({p.stem}.txt or {p.stem}.caption)")
+    raise MissingPromptError(f"{image}: no caption file beside it ({p.stem}.txt or {p.stem}.caption)")
 
 
 def metadata_prompt(image: str | os.PathLike) -> str:
@@ -139,14 +211,25 @@ def metadata_prompt(image: str | os.PathLike) -> str:
             description = exif.get(0x010E) if exif else None
     except FileNotFoundError:
         raise PromptError(f"{image}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PromptError(f"{image}: cannot read metadata ({exc})") from None
-    found = _prompt_from_info(info, user_comment, description)
+    except Image.DecompressionBombError as exc:
+        raise PromptError(f"{image}: image is too large to open safely (decompression bomb?)") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        # ValueError: PIL refuses a text chunk that inflates past its limit.
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise PromptError(f"{image}: cannot read metadata ({detail})") from exc
+    try:
+        found = _prompt_from_info(info, user_comment, description)
+    except (RecursionError, TypeError, AttributeError, ValueError, KeyError) as exc:
+        # Metadata is whatever a generator (or anyone) wrote: a shape we do not expect is unreadable, not a bug.
+        raise PromptError(f"{image}: metadata is malformed ({type(exc).__name__})") from exc
     if found is None or not found.strip():
-        raise PromptError(
+        raise MissingPromptError(
             f"{image}: no generator prompt in its metadata (looked for A1111 parameters, ComfyUI, "
-            "InvokeAI, Fooocus, NovelAI); use --prompt, --prompts FILE or --prompt-from sidecar"
+            "InvokeAI, Fooocus, NovelAI)"
         )
+    problem = text_problem(found)
+    if problem:
+        raise PromptError(f"{image}: the prompt in its metadata {problem}")
     return found.strip()
 
 
@@ -161,7 +244,7 @@ def _prompt_from_info(info: dict, user_comment, description) -> str | None:
     if params and params.strip():
         if params.lstrip().startswith("{"):
             try:
-                data = json.loads(params)
+                data = _loads(params)
                 if isinstance(data, dict) and isinstance(data.get("prompt"), str):
                     return data["prompt"]  # Fooocus writes its parameters as JSON
             except json.JSONDecodeError:
@@ -180,9 +263,9 @@ def _prompt_from_info(info: dict, user_comment, description) -> str | None:
     legacy = _text(info.get("sd-metadata"))
     if legacy:
         try:
-            p = json.loads(legacy).get("image", {}).get("prompt")
+            p = _loads(legacy).get("image", {}).get("prompt")
             if isinstance(p, list):
-                p = " ".join(x.get("prompt", "") for x in p if isinstance(x, dict))
+                p = " ".join(x["prompt"] for x in p if isinstance(x, dict) and isinstance(x.get("prompt"), str))
             if isinstance(p, str) and p:
                 return p
         except (json.JSONDecodeError, AttributeError):
@@ -203,7 +286,7 @@ def _prompt_from_info(info: dict, user_comment, description) -> str | None:
 
 def _json_field(raw: str, keys: tuple[str, ...]) -> str | None:
     try:
-        data = json.loads(raw)
+        data = _loads(raw)
     except json.JSONDecodeError:
         return None
     if isinstance(data, dict):
@@ -244,16 +327,21 @@ def decode_user_comment(raw) -> str | None:
 def comfy_prompt(raw: str) -> str | None:
     """The positive text of the first sampler's conditioning in a ComfyUI API ``prompt`` graph."""
     try:
-        graph = json.loads(raw)
+        graph = _loads(raw)
     except json.JSONDecodeError:
         return None
     if not isinstance(graph, dict):
         return None
 
     def node(ref):
-        if isinstance(ref, list) and ref:
-            return graph.get(str(ref[0]))
+        if isinstance(ref, list) and ref and isinstance(ref[0], (str, int)):
+            n = graph.get(str(ref[0]))
+            return n if isinstance(n, dict) else None
         return None
+
+    def inputs_of(n) -> dict:
+        inputs = n.get("inputs")
+        return inputs if isinstance(inputs, dict) else {}
 
     def string_of(value, depth=0):
         if isinstance(value, str):
@@ -261,7 +349,7 @@ def comfy_prompt(raw: str) -> str | None:
         n = node(value)
         if n is None or depth > 20:
             return None
-        inputs = n.get("inputs", {})
+        inputs = inputs_of(n)
         for key in _STRING_INPUTS:
             if key in inputs:
                 s = string_of(inputs[key], depth + 1)
@@ -273,7 +361,7 @@ def comfy_prompt(raw: str) -> str | None:
         n = node(ref)
         if n is None or depth > 20:
             return None
-        inputs = n.get("inputs", {})
+        inputs = inputs_of(n)
         for key in ("text", "text_g", "text_l", "prompt"):
             if key in inputs:
                 s = string_of(inputs[key])
@@ -287,13 +375,13 @@ def comfy_prompt(raw: str) -> str | None:
         return None
 
     def order(k: str):
-        return (0, int(k)) if k.isdigit() else (1, k)
+        return (0, int(k)) if k.isdecimal() else (1, k)
 
     for key in sorted(graph, key=order):
         n = graph[key]
         if not isinstance(n, dict) or n.get("class_type") not in _SAMPLERS:
             continue
-        inputs = n.get("inputs", {})
+        inputs = inputs_of(n)
         for k in ("positive", "guider"):
             if k in inputs:
                 found = text_of(inputs[k])

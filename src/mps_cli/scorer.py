@@ -278,6 +278,8 @@ class Scorer:
                 return load_pixels(images[i], size), None
             except ImageError as exc:
                 return None, str(exc)
+            except Exception as exc:  # whatever else one file does to a decoder, it fails alone
+                return None, f"{labels[i]}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
         ready: dict[int, ScoreResult] = {}
         next_out = 0

@@ -1,23 +1,84 @@
-"""The ``mps`` command line: a thin layer over :mod:`mps_cli`."""
+"""The ``mps`` command line: a thin layer over :mod:`mps_cli`.
+
+One module per command family, ``*_cmds.py``; every command is registered here, in the order
+``mps --help`` lists them.
+"""
 
 from __future__ import annotations
 
 import typer
 
+from . import dataset_cmds, eval_cmds, report_cmds, scoring_cmds, serve_cmds, versus_cmds, weights_cmds
 from .app import app
-from . import scoring  # noqa: F401  (registers score, compare, rank)
-from . import weights_cmds  # noqa: F401
-from . import eval_cmd  # noqa: F401
-from . import versus_cmd  # noqa: F401
-from . import report_cmd  # noqa: F401
-from . import serve_cmd  # noqa: F401
-from . import dataset_cmd  # noqa: F401
+
+_EXAMPLES = {
+    "score": ["mps score gen.png --prompt 'a red fox in the snow'",
+              "mps score out/ --prompt 'a cozy café' --dim aesthetics,detail --jsonl",
+              "mps score --prompts prompts.jsonl --csv > scores.csv",
+              "find runs -name '*.png' -print0 | mps score - -0 --prompt-from metadata --jsonl"],
+    "compare": ["mps compare a.png b.png --prompt 'three blue cubes on a table'",
+                "mps compare a.png b.png --prompt-from metadata --dim all --json"],
+    "rank": ["mps rank samples/ --prompt 'portrait of an old fisherman' --top 5",
+             "mps rank samples/ --prompt-from metadata --by aesthetics --json"],
+    "eval": ["mps eval pairs pairs.jsonl --images-root images/ --json"],
+    "download": ["mps download", "mps download hf://RE-N-Y/mpsv1/model.safetensors"],
+    "info": ["mps info --json"],
+    "convert": ["mps convert MPS_overall_checkpoint.pth mps.safetensors --dtype fp16"],
+    "versus": ["mps versus runs/v1 runs/v2 --prompts prompts.jsonl",
+               "mps versus runs/v1 runs/v2 runs/v3 --prompt-from sidecar --dim all --json",
+               "mps versus v1.jsonl dataset-out/ --details --html versus.html"],
+    "dataset": ["mps dataset 'shards/{00000..00127}.tar' --out scores/ --dim all",
+                "mps dataset data/*.parquet --out scores/ --shard-index $SLURM_ARRAY_TASK_ID --num-shards 16",
+                "mps dataset shards/ --out scores/ --engine ray --workers 4 --gpus-per-worker 1"],
+    "report": ["mps rank samples/ --prompt 'a castle' --jsonl > ranked.jsonl && mps report ranked.jsonl -o report.html",
+               "mps report scores/ -o dataset.html --max-images 500"],
+    "serve": ["mps serve --port 8000",
+              "mps score out/*.png --prompt 'a red fox' --server http://127.0.0.1:8000 --jsonl"],
+}
+
+
+def _epilog(name: str) -> str:
+    # One paragraph per example: Typer's Rich help keeps paragraphs, not single newlines.
+    return "Examples:\n\n" + "\n\n".join(_EXAMPLES[name])
+
+
+app.command("score", epilog=_epilog("score"), help=scoring_cmds.score.__doc__ + "\n\n" + scoring_cmds.EXIT_CODES)(
+    scoring_cmds.score)
+app.command("compare", epilog=_epilog("compare"))(scoring_cmds.compare)
+app.command("rank", epilog=_epilog("rank"))(scoring_cmds.rank)
+app.command("eval", help=eval_cmds.EVAL_HELP, no_args_is_help=True, epilog=_epilog("eval"))(eval_cmds.eval_command)
+app.command("download", epilog=_epilog("download"))(weights_cmds.download)
+app.command("info", epilog=_epilog("info"))(weights_cmds.info)
+app.command("convert", epilog=_epilog("convert"))(weights_cmds.convert)
+app.command("versus", help=versus_cmds.VERSUS_HELP, no_args_is_help=True, epilog=_epilog("versus"))(
+    versus_cmds.versus_command)
+app.command("dataset", help=dataset_cmds.DATASET_HELP, no_args_is_help=True, epilog=_epilog("dataset"))(
+    dataset_cmds.dataset_command)
+app.command("report", epilog=_epilog("report"))(report_cmds.report)
+app.command("serve", epilog=_epilog("serve"))(serve_cmds.serve)
+
+
+def _closed_pipe(exc: SystemExit) -> bool:
+    import sys
+
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "on_broken_pipe":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def main() -> None:
-    """Console-script entry point: usage errors become one ``mps: error:`` line, exit 2."""
+    """Console-script entry point: usage errors become one ``mps: error:`` line (exit 2), a closed
+    pipe a quiet exit 0, and anything unforeseen one line (exit 3), never a traceback."""
     import sys
     import warnings
+
+    from .app import unexpected
+    from .output import quiet_broken_pipe
 
     # Images between PIL's warning and refusal sizes are decoded; the warning would only be noise.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
@@ -25,16 +86,33 @@ def main() -> None:
         code = app(standalone_mode=False)
     except typer.Abort:
         code = 130
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        code = 0
+    except SystemExit as exc:
+        # Rich and Click answer a closed pipe (`mps --help | head -1`) with exit 1; for us it is a quiet 0.
+        code = 0 if _closed_pipe(exc) else exc.code
+    except KeyboardInterrupt:
+        print("mps: interrupted", file=sys.stderr)
+        code = 130
     except Exception as exc:
         # Typer's usage errors (vendored click's UsageError) carry these two attributes.
-        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
-            raise
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "mps"
-        message = " ".join(exc.format_message().split())
-        if message:  # a bare `mps` has already printed its help
-            print(f"mps: error: {message} (see '{where} --help')", file=sys.stderr)
-        code = exc.exit_code
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "mps"
+            message = " ".join(exc.format_message().split())
+            if message:  # a bare `mps` has already printed its help
+                print(f"mps: error: {message} (see '{where} --help')", file=sys.stderr)
+            code = exc.exit_code
+        else:
+            code = unexpected(exc, "running").exit_code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        code = 0
     sys.exit(code if isinstance(code, int) else 0)
 
 

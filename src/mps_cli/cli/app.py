@@ -1,31 +1,56 @@
-"""The Typer app, the options commands share, and the one place errors become messages and exit codes.
+"""The Typer app, the options commands share, model loading, and the one place errors become
+messages, flag hints and exit codes.
 
 Nothing here imports torch: ``mps --help`` must stay instant.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import traceback
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Iterator, List, Optional
+from typing import Annotated
 
 import typer
+import typer.core
 
 from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
 from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
-from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError
+from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
+from ..inputs import Problem
 
 DIMENSION_NOTE = (
     "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
     "and alignment are that model read through their condition masks."
 )
+DEBUG_ENV = "MPS_DEBUG"
+#: Tell the user, once, when the library writes a file at least this large (the prepared weights).
+NOTICE_MIN_BYTES = 256 * 2**20
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"mps-cli {__version__}")
+        raise typer.Exit(0)
+
 
 app = typer.Typer(
     name="mps",
     help="Score text-to-image generations with MPS, the Multi-dimensional Preference Score "
     "(CVPR 2024): how much people would prefer an image for its prompt.\n\n" + DIMENSION_NOTE,
+    epilog="Examples:\n\n"
+    "mps score gen.png --prompt 'a red fox in the snow'\n\n"
+    "mps rank samples/ --prompt-from metadata --top 5\n\n"
+    "find runs -name '*.png' -print0 | mps rank - -0 --prompt 'a castle' --jsonl | head -3",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,18 +58,56 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    # Images between PIL's warning and refusal sizes are decoded; the warning would only be noise.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    _route_library_notices()
+
+
+_typer_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _display_type(self, ctx):
+    # A flag takes no value; Typer would label it "<bool>" as if it did.
+    if self.is_flag and self.metavar is None:
+        return None
+    return _typer_display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _display_type
+
+
 class Exit(IntEnum):
     OK = 0
     PARTIAL = 1  # some inputs failed; the rest were scored and printed
     USAGE = 2  # bad flag value, unknown dimension, bad device, no prompt source
-    WEIGHTS = 3  # weights or config unreadable or mismatched
+    WEIGHTS = 3  # weights or config unreadable or mismatched; out of memory; an unexpected error
     FETCH = 4  # network, Hub or offline-cache problem
     INTERRUPTED = 130
 
 
+#: The remedy for an input problem, in terms of this command line's flags (the library names none).
+INPUT_HINTS: dict[Problem, str] = {
+    Problem.EMPTY_FOLDER: "use --recursive to look in sub-folders too",
+    Problem.NUL_IN_PATH: "for NUL-separated paths (find -print0, xargs -0), pass -0/--null",
+    Problem.NO_PROMPT: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from sidecar|metadata",
+}
+#: The remedy for a run-level error, added when the message does not already name a flag.
+ERROR_HINTS: list[tuple[type, str]] = [
+    (ServerError, "check --server and --token, and that `mps serve` is running there"),
+    (FetchError, "pass --weights PATH for a local file, or --offline to use the cache only"),
+    (DeviceError, "choose another with --device or --dtype"),
+]
+
+
 def say(message: str) -> None:
     """One line on stderr (never stdout, which carries results only)."""
-    print(message, file=sys.stderr, flush=True)
+    from .output import stderr_line
+
+    stderr_line(message)
 
 
 def fail(message: str, code: Exit) -> typer.Exit:
@@ -66,17 +129,38 @@ FLAG_HINTS = {
 
 
 def describe(exc: BaseException) -> str:
-    """The library's message with the CLI's advice for its kind of error (see :data:`FLAG_HINTS`)."""
-    hint = FLAG_HINTS.get(getattr(exc, "hint", None) or "", "")
-    return str(exc) + hint.format(uri=getattr(exc, "uri", None) or "")
+    """The library's message with this command line's remedy for its kind of error.
+
+    A structured hint (``MPSError.hint``, see :data:`FLAG_HINTS`) wins; otherwise the remedy
+    for the error's type (:data:`ERROR_HINTS`).
+    """
+    message = str(exc)
+    key = getattr(exc, "hint", None) or ""
+    if key in FLAG_HINTS:
+        return message + FLAG_HINTS[key].format(uri=getattr(exc, "uri", None) or "")
+    for kind, hint in ERROR_HINTS:
+        if isinstance(exc, kind):
+            return f"{message} ({hint})"
+    return message
+
+
+def unexpected(exc: BaseException, doing: str) -> typer.Exit:
+    """The last line of defence: a bug or an unforeseen failure is one line (exit 3), never a traceback."""
+    detail = " ".join(str(exc).split())
+    say(f"mps: error: unexpected {type(exc).__name__} while {doing}" + (f": {detail}" if detail else ""))
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        traceback.print_exception(exc, file=sys.stderr)
+    else:
+        say(f"mps: hint: rerun with {DEBUG_ENV}=1 to see the traceback (and please report it)")
+    return typer.Exit(int(Exit.WEIGHTS))
 
 
 @contextmanager
-def handle_errors() -> Iterator[None]:
+def handle_errors(doing: str = "running") -> Iterator[None]:
     """Map the library's typed errors to one stderr line and an exit code; never a traceback."""
     try:
         yield
-    except typer.Exit:
+    except (typer.Exit, typer.Abort, BrokenPipeError):
         raise
     except DeviceError as exc:
         raise fail(describe(exc), Exit.USAGE) from None
@@ -85,21 +169,61 @@ def handle_errors() -> Iterator[None]:
     except FetchError as exc:
         raise fail(describe(exc), Exit.FETCH) from None
     except InputError as exc:
-        raise fail(describe(exc), Exit.PARTIAL) from None
+        # Reaching here, it stopped the run: nothing more was scored, so it is not "some inputs failed".
+        raise fail(describe(exc), Exit.USAGE) from None
     except MPSError as exc:
-        raise fail(describe(exc), Exit.PARTIAL) from None
+        raise fail(describe(exc), Exit.WEIGHTS) from None
     except KeyboardInterrupt:
         say("mps: interrupted")
         raise typer.Exit(int(Exit.INTERRUPTED)) from None
     except MemoryError:
-        raise fail("out of memory: try a smaller --batch-size or --dtype bf16", Exit.PARTIAL) from None
+        raise fail(f"out of memory while {doing}: try a smaller --batch-size or --dtype bf16", Exit.WEIGHTS) from None
+    except RecursionError as exc:
+        raise unexpected(exc, doing) from None
+    except Exception as exc:
+        raise unexpected(exc, doing) from None
 
 
-def _check_dims(values: Optional[List[str]]) -> Optional[List[str]]:
-    for v in values or []:
-        if v != "all" and v not in DIMENSIONS:
-            raise typer.BadParameter(f"{v!r} is not one of {', '.join(DIMENSIONS)}, all")
-    return values
+class _NoticeHandler(logging.Handler):
+    """Library log records on stderr: warnings always, large-file notices once, nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and getattr(record, "nbytes", 0) < NOTICE_MIN_BYTES:
+            return
+        message = record.getMessage()
+        if message in self.seen:
+            return
+        self.seen.add(message)
+        say(message if message.startswith("mps: ") else f"mps: note: {message}")
+
+
+def _route_library_notices() -> None:
+    logger = logging.getLogger("mps_cli")
+    if not any(isinstance(h, _NoticeHandler) for h in logger.handlers):
+        logger.addHandler(_NoticeHandler())
+        logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _check_dims(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return values
+    out = []
+    for value in values:
+        for v in (p.strip() for p in value.split(",")):
+            if not v:
+                continue
+            if v != "all" and v not in DIMENSIONS:
+                raise typer.BadParameter(f"{v!r} is not one of {', '.join(DIMENSIONS)}, all")
+            out.append(v)
+    return out or None
 
 
 def _check_threshold(value: float) -> float:
@@ -108,7 +232,7 @@ def _check_threshold(value: float) -> float:
     return value
 
 
-def _check_batch(value: Optional[int]) -> Optional[int]:
+def _check_batch(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter("must be at least 1")
     return value
@@ -131,16 +255,18 @@ def _check_dtype(value: str) -> str:
 
 _KNOWN = ", ".join(KNOWN_SOURCES)
 
-Weights = Annotated[Optional[str], typer.Option(
+# "\\[" is a literal bracket in Rich's help markup, which would read "[@REV]" as a style tag and drop it.
+Weights = Annotated[str | None, typer.Option(
     "--weights", "-w", envvar=WEIGHTS_ENV, show_envvar=True, rich_help_panel="Model",
-    help=f"Weights: a local .safetensors (or original .pth) file, hf://OWNER/REPO/PATH[@REV], "
+    help=f"Weights: a local .safetensors (or original .pth) file, hf://OWNER/REPO/PATH\\[@REV], "
     f"or a known name ({_KNOWN}). Default: the published MPS overall checkpoint.")]
-Config = Annotated[Optional[Path], typer.Option(
+Config = Annotated[Path | None, typer.Option(
     "--config", rich_help_panel="Model",
     help="Architecture config.json (transformers CLIPConfig). Default: the one beside the weights, "
     "else the built-in ViT-H-14.")]
-Revision = Annotated[Optional[str], typer.Option(
-    "--revision", rich_help_panel="Model", help="Hub revision (commit, branch or tag) to pin.")]
+Revision = Annotated[str | None, typer.Option(
+    "--revision", rich_help_panel="Model",
+    help="Hub revision (commit, branch or tag) to pin; the same as an @REV in the source.")]
 Offline = Annotated[bool, typer.Option(
     "--offline", rich_help_panel="Model",
     help="Never touch the network; use cached weights only (also HF_HUB_OFFLINE=1).")]
@@ -152,14 +278,14 @@ Dtype = Annotated[str, typer.Option(
     help="IMAGE or IMAGE/TEXT: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
     "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
     "A dtype this CPU does not run natively is slow: mps info says which.")]
-BatchSize = Annotated[Optional[int], typer.Option(
+BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
     help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
-Dims = Annotated[Optional[List[str]], typer.Option(
+Dims = Annotated[list[str] | None, typer.Option(
     "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
-    help="Dimension to score, repeatable: overall (default), aesthetics, detail, alignment, or all. "
-    + DIMENSION_NOTE)]
-Condition = Annotated[Optional[str], typer.Option(
+    help="Dimension to score, repeatable or comma-separated: overall (default), aesthetics, detail, "
+    "alignment, or all. " + DIMENSION_NOTE)]
+Condition = Annotated[str | None, typer.Option(
     "--condition", rich_help_panel="Scoring",
     help="A custom condition text (comma-separated attribute words); its score is keyed 'custom'.")]
 MaskThreshold = Annotated[float, typer.Option(
@@ -168,23 +294,76 @@ MaskThreshold = Annotated[float, typer.Option(
 
 DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
 
+AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
+AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
+                                       help="One JSON object per line, streamed.")]
+AsCsv = Annotated[bool, typer.Option("--csv", rich_help_panel="Output", help="CSV with a header row.")]
 
-def load_scorer_for_cli(weights: Optional[str], config: Optional[Path], device: str, dtype: str,
-                        revision: Optional[str] = None, offline: bool = False,
-                        batch_size: Optional[int] = None):
-    """Load the scorer with a status line on stderr when it is a terminal; warn once about a slow dtype."""
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Everything the model options of a command say about which scorer to load, and how."""
+
+    weights: str | None = None
+    config: Path | None = None
+    revision: str | None = None
+    offline: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        check_revision(self.weights, self.revision)
+
+    def key(self) -> tuple:
+        """What decides the loaded model (not the batch size), with a local file's size and time."""
+        stamp = None
+        if self.weights:
+            try:
+                st = os.stat(self.weights)
+                stamp = (st.st_size, st.st_mtime_ns)
+            except (OSError, ValueError):
+                pass
+        return (self.weights, stamp, str(self.config) if self.config else None, self.revision, self.offline,
+                self.device, self.dtype)
+
+
+def check_revision(source: str | None, revision: str | None) -> None:
+    """``--revision`` and an ``@REV`` in the source must not disagree (one would be silently ignored)."""
+    if not source or not revision or not source.startswith("hf://"):
+        return
+    from ..weights import parse_hf_uri
+
+    try:
+        pinned = parse_hf_uri(source).revision
+    except MPSError:
+        return  # the loader reports a malformed source
+    if pinned and pinned != revision:
+        raise fail(f"{source} pins revision {pinned!r} but --revision says {revision!r}: give one", Exit.USAGE)
+
+
+_SCORERS: dict[tuple, object] = {}
+#: How many times this process loaded a model: tests check that bad input never gets that far.
+LOADS = {"count": 0}
+
+
+def load_model(options: ModelOptions):
+    """The scorer for these options: loaded once per process (a status line while a terminal waits)."""
+    key = options.key()
+    if key in _SCORERS:
+        return _SCORERS[key]
     from ..scorer import load_scorer
+    from .output import status
 
-    if sys.stderr.isatty():
-        from rich.console import Console
-
-        with Console(stderr=True).status("loading MPS weights…"):
-            scorer = load_scorer(weights, config, device, dtype, revision=revision,
-                                 offline=offline or None, batch_size=batch_size)
-    else:
-        scorer = load_scorer(weights, config, device, dtype, revision=revision, offline=offline or None,
-                             batch_size=batch_size)
+    LOADS["count"] += 1
+    with handle_errors("loading the weights"), status("loading MPS weights…"):
+        scorer = load_scorer(options.weights, options.config, options.device, options.dtype,
+                             revision=options.revision, offline=options.offline or None)
     warn_slow_dtypes(scorer)
+    _SCORERS[key] = scorer
     return scorer
 
 
@@ -197,18 +376,16 @@ def warn_slow_dtypes(scorer) -> None:
 
 
 # --server: the same commands, with the work sent to a running `mps serve` instead of a local model.
-ServerUrl = Annotated[Optional[str], typer.Option(
+ServerUrl = Annotated[str | None, typer.Option(
     "--server", envvar=SERVER_ENV, show_envvar=True, rich_help_panel="Server",
     help="Send the work to a running `mps serve` at this URL instead of loading the model here "
     "(the model options are then the server's; --batch-size is images per request).")]
-ServerToken = Annotated[Optional[str], typer.Option(
+ServerToken = Annotated[str | None, typer.Option(
     "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
     help="Bearer token for --server.")]
 
 
-def open_scorer(server: Optional[str], token: Optional[str], weights: Optional[str], config: Optional[Path],
-                device: str, dtype: str, revision: Optional[str] = None, offline: bool = False,
-                batch_size: Optional[int] = None):
+def open_scorer(options: ModelOptions, server: str | None = None, token: str | None = None):
     """What the scoring commands score with: a client of ``server`` if one is given, else the local model.
 
     Both offer ``iter_score``, ``score``, ``compare`` and ``batch_size``.
@@ -216,5 +393,5 @@ def open_scorer(server: Optional[str], token: Optional[str], weights: Optional[s
     if server:
         from ..client import Client
 
-        return Client(server, token=token, batch_size=batch_size)
-    return load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+        return Client(server, token=token, batch_size=options.batch_size)
+    return load_model(options)

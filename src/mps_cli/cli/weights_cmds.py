@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
-from .app import Exit, Revision, app, fail, handle_errors, say
-
-AsJson = Annotated[bool, typer.Option("--json", help="One JSON document.")]
-
+from ..errors import FetchError
+from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
+from .output import emit_json
 
 def _human(n: int) -> str:
     size = float(n)
@@ -24,10 +22,9 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-@app.command()
 def download(
-    source: Annotated[Optional[str], typer.Argument(
-        help=f"hf://OWNER/REPO/PATH[@REV] or a known name ({', '.join(KNOWN_SOURCES)}). "
+    source: Annotated[str | None, typer.Argument(
+        help=f"hf://OWNER/REPO/PATH\\[@REV] or a known name ({', '.join(KNOWN_SOURCES)}). "
         f"Default: ${WEIGHTS_ENV}, else the published MPS overall checkpoint.", show_default=False)] = None,
     revision: Revision = None,
     as_json: AsJson = False,
@@ -39,15 +36,22 @@ def download(
     """
     from ..weights import hub_file_for, weights_spec
 
-    spec = weights_spec(source)
-    hub_file = hub_file_for(spec, revision)
+    check_revision(source, revision)
+    with handle_errors("reading the source"):
+        spec = weights_spec(source)
+        hub_file = hub_file_for(spec, revision)
     if hub_file is None:
         raise fail(f"{spec}: not a Hub source: give hf://OWNER/REPO/PATH[@REV] or one of "
                    f"{', '.join(KNOWN_SOURCES)} (a local file needs no download)", Exit.USAGE)
-    with handle_errors():
-        from ..hub import fetch_weights, file_sha256
+    with handle_errors("downloading"):
+        from ..hub import fetch_weights
+        from ..reader import file_sha256
 
-        fetched = fetch_weights(hub_file, offline=False)
+        try:
+            fetched = fetch_weights(hub_file, offline=False)
+        except FetchError as exc:
+            # The library's message alone: the scoring commands' remedies (--weights, --offline) are not download's.
+            raise fail(str(exc), Exit.FETCH) from None
         sha = fetched.sha256 or file_sha256(fetched.path)
     size = fetched.path.stat().st_size
     doc = {
@@ -60,7 +64,7 @@ def download(
         "downloaded": fetched.downloaded,
     }
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
     print(f"path: {fetched.path}")
@@ -87,7 +91,6 @@ def _prepared_summary() -> dict:
             "files": found.files, "bytes": found.bytes}
 
 
-@app.command()
 def info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option(
@@ -141,7 +144,7 @@ def info(
             checked = verify_all()
             doc["prepared"]["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     w = doc["weights"]
     lines = [
@@ -189,20 +192,21 @@ def _device_lines(d: dict) -> list[str]:
     return lines
 
 
-@app.command()
 def convert(
     src: Annotated[Path, typer.Argument(
         help="The checkpoint: the authors' MPS_overall_checkpoint.pth (a pickled module), a state-dict "
         ".pth, or a .safetensors under an 'mps.'/'module.' prefix.", show_default=False)],
     dst: Annotated[Path, typer.Argument(help="Output .safetensors file.", show_default=False)],
-    dtype: Annotated[Optional[str], typer.Option(
+    dtype: Annotated[str | None, typer.Option(
         "--dtype", help="Cast floating tensors to fp32, fp16 or bf16 (default: keep them).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace DST if it exists.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Convert a checkpoint to the published safetensors layout, reading pickles without running their code.
 
     The output loads with --weights and scores as the source does. A failed conversion leaves
-    no output file. Exit codes: 0 written, 2 usage error, 3 unreadable or unsafe checkpoint.
+    no output file, and an existing DST is kept unless --force is given. Exit codes: 0 written,
+    2 usage error (DST exists without --force), 3 unreadable or unsafe checkpoint.
     """
     if dst.suffix.lower() != ".safetensors":
         raise typer.BadParameter(f"{dst}: must end in .safetensors", param_hint="DST")
@@ -212,13 +216,15 @@ def convert(
         raise fail(f"{src}: no such file", Exit.USAGE)
     if src.resolve() == dst.resolve():
         raise fail(f"{dst}: the output would overwrite the input; choose another name", Exit.USAGE)
-    with handle_errors():
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise fail(f"{dst}: already exists; pass --force to replace it", Exit.USAGE)
+    with handle_errors("converting"):
         from ..convert import convert_checkpoint
 
         result = convert_checkpoint(src, dst, dtype)
     doc = {"path": str(result.dst), "tensors": result.tensors, "size": result.bytes, "dtype": result.dtype}
     if as_json:
-        print(json.dumps(doc, indent=2))
+        emit_json(doc)
         return
     say(f"converted {src} -> {result.dst}")
     print(f"path: {result.dst}")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from .app import (
-    DIMENSION_NOTE, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline,
-    Revision, Weights, app, describe, fail, handle_errors, load_scorer_for_cli, say,
+    DIMENSION_NOTE, AsJson, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions,
+    Offline, Revision, Weights, describe, fail, handle_errors, load_model, say,
 )
+from .output import Progress, quiet_broken_pipe, render_eval_report
 
 MAX_PROBLEM_LINES = 20
 
@@ -48,68 +46,19 @@ EVAL_HELP = "\n\n".join([
 ])
 
 
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator:
-    """A Rich progress bar with ETA on stderr, or a no-op callback when stderr is not a terminal."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-    )
-
-    labels = {"hash": "reading images", "score": "scoring"}
-    tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
-
-
-def _percent(value: Optional[float]) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def _print_table(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"MPS accuracy on {report.benchmark}", title_justify="left")
-    table.add_column("dimension")
-    table.add_column("accuracy %", justify="right")
-    table.add_column("paper (MPS) %", justify="right")
-    for dim, acc in report.accuracy.items():
-        paper = report.published if dim == "overall" and report.published is not None else None
-        table.add_row(dim, _percent(acc), "—" if paper is None else f"{paper:.1f}")
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-    console.print(table)
-    ties = "" if report.benchmark == "hpdv2" else f", {report.human_ties} human ties left out"
-    # Plain lines are not re-wrapped, so they stay greppable when stdout is a file.
-    console.print(f"{report.file}: {report.prompts} prompts, {report.pairs} pairs{ties}, {report.skipped} items "
-                  f"skipped; {report.scored} images scored, {report.cached} from cache.", soft_wrap=True)
-    if any(dim != "overall" for dim in report.accuracy):
-        console.print(f"Note: {DIMENSION_NOTE}", soft_wrap=True)
-
-
-@app.command("eval", help=EVAL_HELP, no_args_is_help=True)
 def eval_command(
     benchmark: Annotated[BenchmarkKind, typer.Argument(help="Benchmark format: imagereward, hpdv2 or pairs.",
                                                         case_sensitive=False, show_default=False)],
     file: Annotated[Path, typer.Argument(help="The benchmark file (JSON, or JSON lines for pairs).",
                                          show_default=False)],
-    images_root: Annotated[Optional[Path], typer.Option(
+    images_root: Annotated[Path | None, typer.Option(
         "--images-root", "-r", help="Folder the benchmark's image paths are relative to "
         "(default: the benchmark file's folder).")] = None,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report instead of a table.")] = False,
-    cache: Annotated[Optional[Path], typer.Option(
+    as_json: AsJson = False,
+    cache: Annotated[Path | None, typer.Option(
         "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
         "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
@@ -121,10 +70,12 @@ def eval_command(
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
 ) -> None:
+    """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
     from ..scorer import resolve_conditions
 
-    with handle_errors():
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    with handle_errors("reading the benchmark"):
         try:
             resolve_conditions(dims, condition)
         except ValueError as exc:
@@ -141,19 +92,20 @@ def eval_command(
             store = ScoreCache(None if no_cache else (cache or default_cache_path()))
         except CacheError as exc:
             raise fail(describe(exc), Exit.USAGE) from None
-        with store:
-            scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
-            with _progress_bar(sys.stderr.isatty()) as progress:
-                report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                                  cache=store, batch_size=batch_size, progress=progress)
+    with store:
+        scorer = load_model(model)
+        with handle_errors("evaluating"), Progress(force=True) as progress:
+            report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
+                              cache=store, batch_size=batch_size, progress=progress.stage_callback)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
         say(f"mps: warning: {problem.item}: {problem.message}; item skipped")
     if len(report.problems) > MAX_PROBLEM_LINES:
         say(f"mps: warning: … and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        _print_table(report)
+    try:
+        render_eval_report(report, as_json, DIMENSION_NOTE)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        raise typer.Exit(int(Exit.OK)) from None
     if report.skipped:
         raise typer.Exit(int(Exit.PARTIAL))

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,13 +26,12 @@ from .app import (
     Device,
     Dtype,
     Exit,
+    ModelOptions,
     Offline,
     Revision,
     Weights,
-    app,
     fail,
-    handle_errors,
-    load_scorer_for_cli,
+    load_model,
     say,
 )
 
@@ -43,13 +42,11 @@ _NEEDS = ("starlette", "uvicorn", "python_multipart")
 def _missing() -> list[str]:
     return [m for m in _NEEDS if importlib.util.find_spec(m) is None]
 
-
-@app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", rich_help_panel="Server",
                                       help="Address to bind. Anything but loopback needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, rich_help_panel="Server")] = SERVE_DEFAULT_PORT,
-    token: Annotated[Optional[str], typer.Option(
+    token: Annotated[str | None, typer.Option(
         "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
         help="Require 'Authorization: Bearer TOKEN' on every call but /healthz.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, rich_help_panel="Batching",
@@ -67,7 +64,7 @@ def serve(
         "--max-image-mpx", min=0.000001, rich_help_panel="Limits",
         help="Largest image, in megapixels; bigger ones are refused from their header.")]
     = SERVE_MAX_IMAGE_PIXELS / 1e6,
-    allow_dir: Annotated[Optional[Path], typer.Option(
+    allow_dir: Annotated[Path | None, typer.Option(
         "--allow-dir", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
@@ -101,8 +98,10 @@ def serve(
     logger = logging.getLogger("mps_cli.server")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    with handle_errors():
-        scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+    logger.propagate = False  # its lines are the request log, not library notices
+    scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+    if batch_size:
+        scorer.batch_size = batch_size  # this process serves one model: its batch size is the server's
     say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
         + (" (token required)" if token else ""))
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with

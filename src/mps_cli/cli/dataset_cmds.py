@@ -6,15 +6,15 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import MissingExtraError, OutputError
 from .app import (
-    BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline, Revision, Weights, app,
-    fail, handle_errors, load_scorer_for_cli, say,
+    BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions, Offline, Revision, Weights,
+    fail, handle_errors, load_model, say,
 )
 
 
@@ -65,31 +65,30 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-@app.command("dataset", help=DATASET_HELP, no_args_is_help=True)
 def dataset_command(
-    sources: Annotated[List[str], typer.Argument(
+    sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).",
                                       show_default=False)],
-    prompt: Annotated[Optional[str], typer.Option(
+    prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", rich_help_panel="Prompts",
         help="One prompt for every image, instead of the captions.")] = None,
-    caption_column: Annotated[Optional[str], typer.Option(
+    caption_column: Annotated[str | None, typer.Option(
         "--caption-column", rich_help_panel="Prompts",
         help="Parquet column or webdataset .json field with the caption. Default: caption, then text, prompt "
         "(a webdataset .txt member first).")] = None,
-    image_column: Annotated[Optional[str], typer.Option(
+    image_column: Annotated[str | None, typer.Option(
         "--image-column", rich_help_panel="Inputs",
         help="Parquet column (or webdataset extension) with the image. Default: image, then jpg, png, webp.")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(
+    shard_index: Annotated[int | None, typer.Option(
         "--shard-index", rich_help_panel="Splitting",
         help="Take every --num-shards-th shard from this one (0-based).")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(
+    num_shards: Annotated[int | None, typer.Option(
         "--num-shards", rich_help_panel="Splitting", help="How many workers share the shards.")] = None,
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
         "(pip install \"mps-cli\\[ray]\").")] = Engine.local,
-    ray_address: Annotated[Optional[str], typer.Option(
+    ray_address: Annotated[str | None, typer.Option(
         "--ray-address", rich_help_panel="Engine",
         help="Ray cluster to join (default: start Ray on this machine).")] = None,
     workers: Annotated[int, typer.Option(
@@ -142,7 +141,7 @@ def dataset_command(
             summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
                                         cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
         else:
-            scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
             summary = score_dataset(plan, scorer, progress=progress, output=output)
 
     done = f"{summary.already_done} already done, " if summary.already_done else ""

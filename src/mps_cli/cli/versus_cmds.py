@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import PromptError
+from ..inputs import PromptSource
 from .app import (
-    DIMENSION_NOTE, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, Offline, Revision,
-    Weights, app, fail, handle_errors, load_scorer_for_cli, say,
+    DIMENSION_NOTE, AsJson, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions,
+    Offline, Revision, Weights, describe, fail, handle_errors, load_model, say,
 )
-from .eval_cmd import _progress_bar
-from .scoring import PromptFrom
+from .output import Progress, emit_json, quiet_broken_pipe
+from .report_cmds import Html, write_html
 
 MAX_PROBLEM_LINES = 20
 #: With more prompts than this, ``--details`` shows the best and the worst half of it.
@@ -140,18 +140,17 @@ def _warn(report) -> None:
         say(f"mps: warning: … and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
 
 
-@app.command("versus", help=VERSUS_HELP, no_args_is_help=True)
 def versus_command(
-    sides: Annotated[List[str], typer.Argument(
+    sides: Annotated[list[str], typer.Argument(
         help="Two or more sides: image folders, mps dataset folders, or JSON/JSONL from mps score.",
         show_default=False)],
-    prompt: Annotated[Optional[str], typer.Option(
+    prompt: Annotated[str | None, typer.Option(
         "--prompt", "-p", rich_help_panel="Prompts", help="The prompt, for every image.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(
+    prompts: Annotated[Path | None, typer.Option(
         "--prompts", rich_help_panel="Prompts",
         help="JSONL or CSV with image and prompt; images named by their path relative to each side, with or "
         "without extension. Several images of a side under one prompt (seeds) are all compared.")] = None,
-    prompt_from: Annotated[Optional[PromptFrom], typer.Option(
+    prompt_from: Annotated[PromptSource | None, typer.Option(
         "--prompt-from", rich_help_panel="Prompts",
         help="sidecar: the caption file beside each image; metadata: the prompt generators embed.")] = None,
     details: Annotated[bool, typer.Option(
@@ -160,10 +159,11 @@ def versus_command(
                                       help="Seed of the bootstrap, so reruns print the same interval.")] = 0,
     samples: Annotated[int, typer.Option("--bootstrap", min=1, rich_help_panel="Output",
                                          help="Bootstrap resamples.")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")] = False,
-    cache: Annotated[Optional[Path], typer.Option(
-        "--cache", help="Score cache (SQLite), shared with mps eval. Default: "
-        "$XDG_CACHE_HOME/mps-cli/scores.sqlite (~/.cache when unset).")] = None,
+    as_json: AsJson = False,
+    html: Html = None,
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="Score cache (SQLite), shared with mps eval. Default: scores.sqlite in $MPS_CACHE_DIR, "
+        "else in $XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
     dims: Dims = None,
     condition: Condition = None,
@@ -210,13 +210,13 @@ def versus_command(
             try:
                 store = ScoreCache(None if no_cache else (cache or default_cache_path()))
             except CacheError as exc:
-                raise fail(str(exc), Exit.USAGE) from None
-            scorer = load_scorer_for_cli(weights, config, device, dtype, revision, offline, batch_size)
+                raise fail(describe(exc), Exit.USAGE) from None
+            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
         try:
-            with _progress_bar(sys.stderr.isatty()) as progress:
+            with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
                                        cache=store, batch_size=batch_size, samples=samples, seed=seed,
-                                       progress=progress)
+                                       progress=progress.stage_callback)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         finally:
@@ -227,11 +227,16 @@ def versus_command(
     if not any(m.pairs for m in report.matchups):
         say("mps: error: no pairs to compare: no image of one side has a counterpart on another under the same "
             "prompt")
-    if as_json:
-        print(json.dumps(report.to_dict(details=details), indent=2, ensure_ascii=False))
-    elif len(report.sides) == 2:
-        _print_two(report, details)
-    else:
-        _print_many(report, details)
+    try:
+        if as_json:
+            emit_json(report.to_dict(details=details))
+        elif len(report.sides) == 2:
+            _print_two(report, details)
+        else:
+            _print_many(report, details)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        raise typer.Exit(int(Exit.OK)) from None
+    write_html(html, [report.to_dict(details=True)])
     if not report.ok or not any(m.pairs for m in report.matchups):
         raise typer.Exit(int(Exit.PARTIAL))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .app import Exit, app, fail, handle_errors, say
+from .app import Exit, fail, handle_errors, say
 
 
 class ThumbFormat(str, Enum):
@@ -64,7 +64,6 @@ def _said(summary) -> None:
         say(f"mps: warning: {len(summary.unreadable):,} image(s) could not be shown, e.g. {summary.unreadable[0]}")
 
 
-@app.command()
 def report(
     results: Annotated[list[str], typer.Argument(
         help="What the other commands wrote: score/rank/compare JSON, JSONL or CSV, versus --json, an mps dataset "

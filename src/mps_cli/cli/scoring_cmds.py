@@ -1,0 +1,303 @@
+"""``mps score``, ``mps rank`` and ``mps compare``: inputs are resolved and checked first, the model
+is loaded only when at least one input is usable, and results go out through :mod:`.output`."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..constants import CUSTOM_KEY, DIMENSIONS
+from ..errors import ImageError, PromptError
+from ..inputs import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
+from .app import (
+    DEFAULT_THRESHOLD, INPUT_HINTS, AsCsv, AsJson, AsJsonl, BatchSize, Condition, Config, Device, Dims, Dtype, Exit,
+    MaskThreshold, ModelOptions, Offline, Revision, ServerToken, ServerUrl, Weights, fail, handle_errors, open_scorer,
+)
+from .output import (
+    Progress, Report, ResultWriter, Row, comparison_record, finite_or_error, quiet_broken_pipe, render_comparison,
+)
+from .report_cmds import Html, write_html
+
+Prompt = Annotated[str | None, typer.Option(
+    "--prompt", "-p", rich_help_panel="Prompts", help="The prompt, for every image.")]
+PromptsFile = Annotated[Path | None, typer.Option(
+    "--prompts", rich_help_panel="Prompts",
+    help="The images and their prompts: JSONL ({\"image\": ..., \"prompt\": ...} per line), a JSON array "
+    "(what --json prints), CSV (image, prompt columns), or a Hugging Face imagefolder metadata.jsonl "
+    "(file_name, text). Relative image paths resolve against the file's folder.")]
+PromptFromOpt = Annotated[PromptSource | None, typer.Option(
+    "--prompt-from", rich_help_panel="Prompts",
+    help="sidecar: the caption file beside each image (same stem, .txt or .caption); metadata: the "
+    "prompt generators embed (AUTOMATIC1111, ComfyUI, InvokeAI, Fooocus, NovelAI).")]
+Null = Annotated[bool, typer.Option(
+    "--null", "-0", rich_help_panel="Inputs",
+    help="Paths read from stdin (-) are NUL-separated, as find -print0 writes them.")]
+Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="Inputs",
+                                         help="Descend into sub-folders of folder arguments.")]
+
+EXIT_CODES = ("Exit codes: 0 all scored, 1 some inputs failed (the rest are still printed), 2 usage error, "
+              "3 weights/config problem, 4 network or cache problem, 130 interrupted.")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What to score: dimensions, a custom condition, the mask threshold, and the result keys they give."""
+
+    dims: list[str] | None
+    condition: str | None
+    mask_threshold: float
+    keys: tuple[str, ...]
+
+
+def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float) -> Scoring:
+    from ..scorer import resolve_conditions
+
+    try:
+        keys = tuple(k for k, _ in resolve_conditions(dims, condition))
+    except ValueError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    return Scoring(dims, condition, mask_threshold, keys)
+
+
+def output_mode(as_json: bool, as_jsonl: bool, as_csv: bool) -> str:
+    chosen = [m for m, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv)) if on]
+    if len(chosen) > 1:
+        raise fail(f"choose one output format, not {' and '.join('--' + c for c in chosen)}", Exit.USAGE)
+    return chosen[0] if chosen else "table"
+
+
+def _one_prompt_source(prompt, prompts_file, prompt_from) -> None:
+    sources = [n for n, on in (("--prompt", prompt is not None), ("--prompts", prompts_file is not None),
+                               ("--prompt-from", prompt_from is not None)) if on]
+    if not sources:
+        raise fail("no prompt: give --prompt TEXT, --prompts FILE or --prompt-from sidecar|metadata", Exit.USAGE)
+    if len(sources) > 1:
+        raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+
+
+def _stdin() -> io.StringIO:
+    # Bytes, decoded as the OS decodes file names, so a name that is not UTF-8 still names its file.
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    return io.StringIO(os.fsdecode(raw))
+
+
+def collect(images: list[str], prompt: str | None, prompts_file: Path | None,
+            prompt_from: PromptSource | None, recursive: bool, null: bool) -> list[Item]:
+    """Every input resolved and checked, with its prompt or its error; usage errors exit 2."""
+    _one_prompt_source(prompt, prompts_file, prompt_from)
+    if prompts_file is not None:
+        if images:
+            raise fail("--prompts FILE lists the images itself; drop the image arguments", Exit.USAGE)
+        try:
+            return from_prompt_file(prompts_file)
+        except PromptError as exc:
+            raise fail(str(exc), Exit.USAGE) from None
+    if not images:
+        raise fail("no images given (paths, folders, or - to read paths from stdin)", Exit.USAGE)
+    items = expand(images, recursive, stdin=_stdin() if "-" in images else None, null=null)
+    attach_prompts(items, prompt, prompt_from)
+    return items
+
+
+def _rows(scorer, items: list[Item], how: Scoring, batch_size, progress, report: Report) -> Iterator[Row]:
+    """Rows in input order; items that failed before scoring come back as errors."""
+    good = [it for it in items if it.ok]
+    stream = iter(())
+    if good:
+        stream = scorer.iter_score([it.path for it in good], [it.prompt for it in good], dims=how.dims,
+                                   condition=how.condition, mask_threshold=how.mask_threshold,
+                                   batch_size=batch_size, progress=progress)
+    for it in items:
+        if not it.ok:
+            if progress:
+                progress(1)
+            row = Row(image=it.label, prompt=it.prompt, error=it.error)
+            report.result(row, it.problem)
+        else:
+            r = next(stream)
+            row = finite_or_error(Row(image=it.label, prompt=r.prompt, scores=dict(r.scores), error=r.error))
+            report.result(row, truncated=r.prompt_truncated)
+        yield row
+
+
+def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Row]:
+    """Best first within each prompt group (groups in order of first appearance); failures last."""
+    groups: dict[str | None, list[Row]] = {}
+    for r in rows:
+        if r.error is None:
+            groups.setdefault(r.prompt if grouped else None, []).append(r)
+    out = []
+    for n, members in enumerate(groups.values(), 1):
+        members.sort(key=lambda r: -r.scores[by])
+        for i, r in enumerate(members[:top] if top else members, 1):
+            r.rank, r.group = i, (n if grouped else None)
+            out.append(r)
+    return out + [r for r in rows if r.error is not None]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where the scoring happens when not here: a running ``mps serve`` (``--server``) and its token."""
+
+    server: str | None = None
+    token: str | None = None
+
+
+def run(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter,
+        rank_by: str | None = None, top: int | None = None, remote: Remote = Remote(),
+        html: Path | None = None) -> int:
+    """Score items and write them (and the ``html`` report); returns how many failed.
+
+    The model loads (or the server is reached) only if an input is usable.
+    """
+    report = Report(INPUT_HINTS)
+    written: list[Row] = []
+    scorer = None
+    try:
+        if any(it.ok for it in items):
+            scorer = open_scorer(model, remote.server, remote.token)
+        with handle_errors("scoring"):
+            batch = model.batch_size or (scorer.batch_size if scorer is not None else len(items))
+            with Progress(len(items), batch) as progress:
+                rows = _rows(scorer, items, how, model.batch_size, progress.callback, report)
+                if rank_by is not None:
+                    rows = _ranked(list(rows), rank_by, top, writer.grouped)
+                for row in rows:
+                    writer.add(row)
+                    written.append(row)
+            writer.close()
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        raise typer.Exit(int(Exit.OK)) from None
+    report.close(always=True)
+    write_html(html, [r.record() for r in written], scorer, how.mask_threshold, how.keys)
+    return report.failed
+
+
+def score(
+    images: Annotated[list[str] | None, typer.Argument(
+        help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
+    prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    recursive: Recursive = False, null: Null = False,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
+    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
+) -> None:
+    """Score images for their prompts: one result per image."""
+    mode = output_mode(as_json, as_jsonl, as_csv)
+    how = scoring(dim, condition, mask_threshold)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
+    failed = run(items, how, model, ResultWriter(mode, how.keys), remote=Remote(server, token), html=html)
+    raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
+
+
+def rank(
+    images: Annotated[list[str] | None, typer.Argument(
+        help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
+    prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", rich_help_panel="Scoring", help="Dimension to order by (default: the first requested).")] = None,
+    top: Annotated[int | None, typer.Option(
+        "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K (of each prompt group).")] = None,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    recursive: Recursive = False, null: Null = False,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
+    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
+) -> None:
+    """Rank images best first by one dimension; failed inputs are listed after the ranking.
+
+    Scores compare only within a prompt: with --prompts or --prompt-from, images are ranked within
+    each prompt group, and every row says its group (numbered in order of first appearance).
+    """
+    mode = output_mode(as_json, as_jsonl, as_csv)
+    if by is not None:
+        if by not in (*DIMENSIONS, CUSTOM_KEY):
+            raise typer.BadParameter(f"{by!r} is not one of {', '.join(DIMENSIONS)}, custom", param_hint="--by")
+        if by == CUSTOM_KEY and condition is None:
+            raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
+        if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
+            dim = [*(dim or ([] if condition else ["overall"])), by]
+    how = scoring(dim, condition, mask_threshold)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
+    grouped = prompt is None
+    failed = run(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped),
+                 rank_by=by or how.keys[0], top=top, remote=Remote(server, token), html=html)
+    raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
+
+
+def compare(
+    a: Annotated[str, typer.Argument(help="Image A.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Image B.", show_default=False)],
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", "-p", rich_help_panel="Prompts", help="The prompt both images were generated for.")] = None,
+    prompt_from: Annotated[PromptSource | None, typer.Option(
+        "--prompt-from", rich_help_panel="Prompts",
+        help="Read the prompt beside (sidecar) or inside (metadata) the images; both must hold the same.")] = None,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
+    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    server: ServerUrl = None, token: ServerToken = None,
+) -> None:
+    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501
+    mode = output_mode(as_json, as_jsonl, as_csv)
+    how = scoring(dim, condition, mask_threshold)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    if prompt is None and prompt_from is None:
+        raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
+    if prompt is not None and prompt_from is not None:
+        raise fail("choose one prompt source, not --prompt and --prompt-from", Exit.USAGE)
+    items = files([a, b])
+    attach_prompts(items, prompt, prompt_from)
+    report = Report(INPUT_HINTS)
+    for it in items:
+        if not it.ok:
+            report.result(Row(image=it.label, prompt=None, error=it.error), it.problem)
+    error = "; ".join(it.error for it in items if not it.ok) or None
+    if error is None and items[0].prompt != items[1].prompt:
+        error = (f"{a} and {b} hold different prompts ({items[0].prompt!r} and {items[1].prompt!r}); "
+                 "scores compare only for the same prompt")
+        report.result(Row(image=a, prompt=None, error=error))
+    the_prompt = prompt if prompt is not None else (items[0].prompt if items[0].ok else None)
+    results = scorer = None
+    try:
+        if error is None:
+            scorer = open_scorer(model, server, token)
+            with handle_errors("scoring"):
+                try:
+                    cmp = scorer.compare(items[0].path, items[1].path, the_prompt, dims=how.dims,
+                                         condition=how.condition, mask_threshold=how.mask_threshold)
+                except ImageError as exc:
+                    error = str(exc)
+                    report.result(Row(image=a, prompt=None, error=error))
+                else:
+                    results = cmp.results
+                    rows = [finite_or_error(Row(a, the_prompt, {k: v.a for k, v in results.items()})),
+                            finite_or_error(Row(b, the_prompt, {k: v.b for k, v in results.items()}))]
+                    bad = [r.error for r in rows if r.error]
+                    if bad:
+                        error, results = "; ".join(bad), None
+                        report.result(Row(image=a, prompt=None, error=error))
+                    elif scorer.prompt_truncated(the_prompt):
+                        report.result(rows[0], truncated=True)
+        render_comparison(mode, the_prompt, a, b, results, error)
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        raise typer.Exit(int(Exit.OK)) from None
+    report.close()
+    if results is not None:
+        write_html(html, [comparison_record(the_prompt, a, b, results)], scorer, how.mask_threshold, how.keys)
+    raise typer.Exit(int(Exit.PARTIAL if error else Exit.OK))
