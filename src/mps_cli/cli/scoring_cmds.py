@@ -17,11 +17,38 @@ from ..constants import CUSTOM_KEY, DIMENSIONS
 from ..errors import ImageError, PromptError
 from ..inputs import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import (
-    DEFAULT_THRESHOLD, INPUT_HINTS, AsCsv, AsJson, AsJsonl, BatchSize, Condition, Config, Device, Dims, Dtype, Exit,
-    MaskThreshold, ModelOptions, Offline, Revision, ServerToken, ServerUrl, Weights, fail, handle_errors, open_scorer,
+    DEFAULT_THRESHOLD,
+    INPUT_HINTS,
+    AsCsv,
+    AsJson,
+    AsJsonl,
+    BatchSize,
+    Condition,
+    Config,
+    Device,
+    Dims,
+    Dtype,
+    Exit,
+    MaskThreshold,
+    ModelOptions,
+    Offline,
+    Revision,
+    ServerToken,
+    ServerUrl,
+    Weights,
+    fail,
+    handle_errors,
+    open_scorer,
 )
 from .output import (
-    Progress, Report, ResultWriter, Row, comparison_record, finite_or_error, quiet_broken_pipe, render_comparison,
+    Progress,
+    Report,
+    ResultWriter,
+    Row,
+    comparison_record,
+    finite_or_error,
+    quiet_broken_pipe,
+    render_comparison,
 )
 from .report_cmds import Html, write_html
 
