@@ -112,8 +112,8 @@ class DatasetPlan:
 
 def require_pyarrow() -> None:
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (imported only to check the extra is installed)
     except ImportError:
         raise MissingExtraError('scoring a dataset needs pyarrow: pip install "mps-cli[dataset]"') from None
 

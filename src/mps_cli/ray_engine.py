@@ -33,7 +33,7 @@ def require_ray():
     """The ``ray`` module, or :class:`MissingExtraError` saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise MissingExtraError('the Ray engine needs Ray Data: pip install "mps-cli[ray]"') from None
     return ray

@@ -252,7 +252,6 @@ class Scorer:
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
-        workers: int | None = None,
     ) -> Iterator[ScoreResult]:
         """Like :meth:`score`, yielding each result in input order as soon as it is ready."""
         images = list(images)
@@ -313,7 +312,7 @@ class Scorer:
                 yield ready.pop(next_out)
                 next_out += 1
 
-        for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, workers, 2 * batch_size)):
+        for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, None, 2 * batch_size)):
             if error is not None:
                 ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
             else:

@@ -279,7 +279,7 @@ def compare(
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
-    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501
+    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
     model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
