@@ -202,12 +202,13 @@ def main() -> None:
     best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    batch = scorer.batch_size if args.batch_size is None else args.batch_size
     machine = (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.device}, "
-               f"{ModelSpec.from_scorer(scorer).dtype}, batch {scorer.batch_size if args.batch_size is None else args.batch_size}")
+               f"{ModelSpec.from_scorer(scorer).dtype}, batch {batch}")
     base = best["files"]["images_per_s"]
     lines = [f"machine: {machine}",
-             f"weights: {args.weights} (load {load_s:.2f} s); {n} images of {args.size}px, shards of {args.shard_size}; "
-             f"dims {','.join(dims)}; best of {args.repeats}",
+             f"weights: {args.weights} (load {load_s:.2f} s); {n} images of {args.size}px, "
+             f"shards of {args.shard_size}; dims {','.join(dims)}; best of {args.repeats}",
              "", "| path | images/s | steady images/s | vs mps score (files) |", "| --- | --- | --- | --- |"]
     labels = {"files": "`mps score` engine on files", "tar": "`mps dataset`, tar shards",
               "parquet": "`mps dataset`, parquet shards", "ray": "`mps dataset --engine ray`, tar shards"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from . import prepared
 from .config import CrossConfig, ModelConfig
@@ -46,7 +46,7 @@ def convert_each(source: TensorSource, plan: RemapPlan, dtype,
             fill(source, srcs[0], out.t())
         else:
             row = 0
-            for src, shape in zip(srcs, shapes):
+            for src, shape in zip(srcs, shapes, strict=True):
                 if op == "cat":
                     fill(source, src, out[row:row + shape[0]])
                     row += shape[0]

@@ -13,7 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .constants import DEFAULT_MASK_THRESHOLD
 from .errors import ImageError, ServerError
@@ -181,7 +181,7 @@ class Client:
         return self._truncated.get(prompt, False)
 
     def _score_chunk(self, images: list, labels: list[str], prompts: list, common: dict) -> list[ScoreResult]:
-        encoded = [_encode(img, label) for img, label in zip(images, labels)]
+        encoded = [_encode(img, label) for img, label in zip(images, labels, strict=True)]
         send = [i for i, e in enumerate(encoded) if not isinstance(e, ImageError)]
         rows: dict[int, ScoreResult] = {
             i: ScoreResult(image=labels[i], prompt=prompts[i], error=str(e))
@@ -199,7 +199,7 @@ class Client:
                 rows[send[0]] = ScoreResult(image=labels[send[0]], prompt=prompts[send[0]],
                                             error=f"{labels[send[0]]}: too large for the server ({doc.get('error')})")
             elif "results" in doc and status in (200, 422):
-                for i, row in zip(send, doc["results"]):
+                for i, row in zip(send, doc["results"], strict=False):
                     rows[i] = _result(row, labels[i], prompts[i])
             else:
                 raise ValueError(f"the scoring server refused the request (HTTP {status}): {doc.get('error', '')}")

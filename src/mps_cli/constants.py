@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-#: Condition texts, exactly as the original evaluation used them (mps-model.md §4).
+#: Condition texts, exactly as the original evaluation used them (the paper's condition words per dimension).
 CONDITIONS: dict[str, str] = {
     "overall": (
         "light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, "
@@ -22,7 +22,7 @@ DEFAULT_MASK_THRESHOLD = 0.3
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# CLIP byte-level BPE special ids; padding is EOT, not 0 (mps-model.md §2).
+# CLIP byte-level BPE special ids; padding is EOT, not 0 (the condition mask spans all 77 positions, padding included).
 SOT_ID = 49406
 EOT_ID = 49407
 CONTEXT_LENGTH = 77
@@ -33,7 +33,7 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-# Where the published weights live (mps-model.md §5).
+# Where the published weights live: the DiffSynth-Studio repository on the Hugging Face Hub, config.json beside them.
 DEFAULT_REPO = "DiffSynth-Studio/QualityMetric_reward_pretrained"
 DEFAULT_WEIGHTS_FILE = "MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors"
 DEFAULT_CONFIG_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K/config.json"
@@ -52,7 +52,7 @@ PREPARED_ENV = "MPS_PREPARED_WEIGHTS"
 #: Test hook: replaces the CPU matmul probe's answer, e.g. ``bf16=0.005,fp16=0.005`` (speed relative to fp32).
 CPU_PROBE_ENV = "MPS_TEST_CPU_PROBE"
 
-#: The paper's published accuracies for MPS (mps-model.md §6), in percent.
+#: The MPS paper's (CVPR 2024) published accuracies for MPS on the ImageReward and HPD v2 test sets, in percent.
 PUBLISHED_ACCURACY = {"imagereward": 67.5, "hpdv2": 83.5}
 
 # `mps serve` and its clients.

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import MissingExtraError, OutputError, ShardError
 from .shards import Sample, Shard, find_shards, read_shard
@@ -112,8 +112,8 @@ class DatasetPlan:
 
 def require_pyarrow() -> None:
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (imported only to check the extra is installed)
     except ImportError:
         raise MissingExtraError('scoring a dataset needs pyarrow: pip install "mps-cli[dataset]"') from None
 

@@ -22,9 +22,9 @@ import json
 import math
 import os
 import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .cachedir import scores_path
 from .constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
@@ -479,7 +479,8 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
     try:
         for miss, wks in streams.items():
             todo = [(work[wk], wk[1]) for wk in wks]
-            for wk, result in zip(wks, _score_stream(scorer, todo, list(miss), condition, threshold, batch_size)):
+            for wk, result in zip(wks, _score_stream(scorer, todo, list(miss), condition, threshold, batch_size),
+                                  strict=True):
                 if result.ok:
                     for k in miss:
                         value = float(result.scores[k])

@@ -1,4 +1,8 @@
-"""The MPS network: open_clip's CLIP towers plus our condition-masked cross model (mps-model.md §3)."""
+"""The MPS network: open_clip's CLIP towers plus our condition-masked cross model.
+
+Every image token feature (no ``ln_post``) attends to the prompt's 77 token features, masked to the
+tokens most like the condition text; the score is ``exp(logit_scale) * cos(prompt embedding, class token)``.
+"""
 
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ import socket
 import stat
 import time
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 from .cachedir import prepared_dir, version_of, weights_sha256
 from .constants import CACHE_ENV

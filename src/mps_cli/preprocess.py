@@ -7,7 +7,6 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -23,7 +22,7 @@ class EncodedImage:
     filename: str
 
 
-ImageInput = Union[str, Path, Image.Image, EncodedImage]
+ImageInput = str | Path | Image.Image | EncodedImage
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 

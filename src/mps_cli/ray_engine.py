@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from .dataset import (
-    DatasetPlan, DatasetProgress, DatasetSummary, ModelSpec, Output, Row, ShardFailure, Tracker, open_output,
+    DatasetPlan,
+    DatasetProgress,
+    DatasetSummary,
+    ModelSpec,
+    Output,
+    Row,
+    ShardFailure,
+    Tracker,
+    open_output,
 )
 from .errors import EngineError, MissingExtraError, MPSError, OutputError, ShardError
 from .shards import Shard, read_shard
@@ -25,7 +33,7 @@ def require_ray():
     """The ``ray`` module, or :class:`MissingExtraError` saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise MissingExtraError('the Ray engine needs Ray Data: pip install "mps-cli[ray]"') from None
     return ray
@@ -102,7 +110,7 @@ class _ScoreActor:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         for key in self.keys:
             col = np.full(n, np.nan, dtype=np.float64)
-            for i, r in zip(ok, results):
+            for i, r in zip(ok, results, strict=True):
                 col[i] = r.scores[key]
             out[_SCORE_PREFIX + key] = col
         return out

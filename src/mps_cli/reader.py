@@ -7,13 +7,15 @@ refusal to open anything that is not a regular file (a FIFO would block a reader
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import stat
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Mapping, Protocol
+from typing import BinaryIO, Protocol
 
 from .errors import CheckpointError
 
@@ -142,7 +144,7 @@ def validate_header(header: object, data_size: int, name: str, data_start: int =
         # A file cut short: name the sizes, which says what happened better than any entry.
         raise CheckpointError(f"{name}: truncated weights file ({data_start + data_size:,} of "
                               f"{data_start + end:,} bytes)")
-    for (_, stop, before), (start, _, key) in zip(spans, spans[1:]):
+    for (_, stop, before), (start, _, key) in itertools.pairwise(spans):
         if start < stop:
             raise CheckpointError(f"{name}: corrupt safetensors header entry for {key!r}: its data overlaps {before!r}")
     return entries

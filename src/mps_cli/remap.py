@@ -10,8 +10,8 @@ v projections are stored apart and fused here, and the two projections are trans
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from .config import CrossConfig
 from .errors import CheckpointError

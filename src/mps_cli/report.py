@@ -835,7 +835,7 @@ class _Page:
                         f'<h3 class="prompt">{_e(prompt or "(no prompt)")}</h3><p class="lead">{lead}</p>'
                         f'<div class="mps-cards" data-sortable="1">{cards}</div></section>')
         note = (f"Showing a random sample of {len(gallery):,} of {total:,} scored images (seed {SAMPLE_SEED}; "
-                "raise --max-images to see more); the histograms and top and bottom images use all of them."
+                "a higher image limit shows more); the histograms and top and bottom images use all of them."
                 if sampled else "")
         return (f'<section class="block gallery" data-default-sort="{_e(first)}"><h2>Images by prompt, best first'
                 f'</h2>{f"<p class=note>{note}</p>" if note else ""}{"".join(html)}</section>')
@@ -950,7 +950,7 @@ class _Page:
             dim = self._disagree_dim(v)
             detail = (f"<h3>Where A and B disagree most (by |Δ {_e(dim)}|)</h3>" + "".join(rows))
         elif not v.details:
-            detail = '<p class="note">No per-prompt details in this file (run versus with --details).</p>'
+            detail = '<p class="note">No per-prompt details in this file (the comparison was saved without them).</p>'
         html = self._section("Versus", self._ranking(v.ranking) + head + chart + explain + detail, "versus")
         if v.failed:
             html += self._errors(v.failed, len(v.failed))

@@ -2,7 +2,8 @@
 
 For reward fine-tuning (DRaFT, AlignProp, ReFL), policy-gradient loops (DDPO, GRPO) and
 test-time guidance. Images arrive as tensors straight from a decoder; preprocessing is the
-scorer's (mps-model.md §2) written in torch so the graph is never cut.
+scorer's (shorter side to the model's image size, bicubic, centre crop, CLIP mean/std) written in torch so the graph
+is never cut.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, Union
 
 from .config import ModelConfig
 from .constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
@@ -15,7 +15,7 @@ from .devices import DtypeSupport, Precision, default_batch_size, dtype_support,
 from .errors import ImageError
 from .preprocess import ImageInput, Tokenizer, load_pixels
 
-PromptInput = Union[str, Sequence[Union[str, None]]]
+PromptInput = str | Sequence[str | None]
 
 PROMPT_CACHE_SIZE = 256
 
@@ -186,7 +186,7 @@ class Scorer:
         if missing:
             feats, toks = self._encode_texts(missing)
             self.stats["prompt_encodes"] += len(missing)
-            for i, (p, tok) in enumerate(zip(missing, toks)):
+            for i, (p, tok) in enumerate(zip(missing, toks, strict=True)):
                 self._prompts[p] = _PromptFeatures(feats[i], feats[i, tok.eot_index], tok.truncated)
         out = []
         for p in prompts:
@@ -237,7 +237,7 @@ class Scorer:
             end = start + self.batch_size
             scores, kept, truncated = self._score_batch(list(pixels[start:end]), list(prompts[start:end]),
                                                         conditions, float(mask_threshold))
-            for j, (label, prompt) in enumerate(zip(labels[start:end], prompts[start:end])):
+            for j, (label, prompt) in enumerate(zip(labels[start:end], prompts[start:end], strict=True)):
                 out.append(ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
                                        kept_tokens={k: v[j] for k, v in kept.items()},
                                        prompt_truncated=truncated[j]))
@@ -252,7 +252,6 @@ class Scorer:
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
-        workers: int | None = None,
     ) -> Iterator[ScoreResult]:
         """Like :meth:`score`, yielding each result in input order as soon as it is ready."""
         images = list(images)
@@ -313,7 +312,7 @@ class Scorer:
                 yield ready.pop(next_out)
                 next_out += 1
 
-        for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, workers, 2 * batch_size)):
+        for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, None, 2 * batch_size)):
             if error is not None:
                 ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
             else:

@@ -125,7 +125,7 @@ class MicroBatcher:
 
     def submit(self, images: list, prompts: list[str], conditions: Conditions, threshold: float) -> list[Future]:
         """Queue images (decoded PIL images) with their prompts; one future of a ScoreResult per image."""
-        jobs = [_Job(img, p, conditions, threshold, Future()) for img, p in zip(images, prompts)]
+        jobs = [_Job(img, p, conditions, threshold, Future()) for img, p in zip(images, prompts, strict=True)]
         with self._cond:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -194,7 +194,7 @@ class MicroBatcher:
                 self._stats["batches"] += 1
                 self._stats["batched_images"] += len(batch)
                 self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
-            for j, r in zip(batch, results):
+            for j, r in zip(batch, results, strict=True):
                 j.future.set_result(r)
 
 
@@ -320,7 +320,7 @@ class ScoringService:
             raise RequestError(413, f"{len(images)} images in one request; this server takes at most "
                                     f"{self.options.max_queue}")
         prompts = self._prompts(body, len(images), single)
-        sources = [self._source(e, n) for e, n in zip(images, names)]
+        sources = [self._source(e, n) for e, n in zip(images, names, strict=True)]
         dims = body.get("dims", body.get("dim"))
         if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
                                                                and all(isinstance(d, str) for d in dims))):
@@ -368,7 +368,7 @@ class ScoringService:
 
         def decode_all() -> list:
             out = []
-            for src, prompt in zip(work.sources, work.prompts):
+            for src, prompt in zip(work.sources, work.prompts, strict=True):
                 if prompt is None:
                     out.append(f"{src.name}: no prompt for this image")
                     continue
@@ -387,8 +387,8 @@ class ScoringService:
             raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
         scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         results: list[ScoreResult] = []
-        by_index = dict(zip(good, scored))
-        for i, (src, prompt) in enumerate(zip(work.sources, work.prompts)):
+        by_index = dict(zip(good, scored, strict=True))
+        for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True)):
             if i in by_index:
                 r = by_index[i]
                 results.append(ScoreResult(image=src.name, prompt=prompt, scores=r.scores, kept_tokens=r.kept_tokens,

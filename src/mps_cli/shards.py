@@ -14,10 +14,11 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from .constants import IMAGE_EXTENSIONS
 from .errors import MissingExtraError, ShardError
@@ -336,7 +337,7 @@ def _read_parquet(source: str, caption_column: str | None, image_column: str | N
     captions = table.column(caption_col).to_pylist() if caption_col else [prompt] * len(images)
     keys = [str(k) for k in table.column(key_col).to_pylist()] if key_col else [str(i) for i in range(len(images))]
     samples = []
-    for key, cell, caption in zip(keys, images, captions):
+    for key, cell, caption in zip(keys, images, captions, strict=True):
         label = f"{source}:{key}"
         data, error = _image_bytes(cell, image_col)
         text = _clean_caption(caption)

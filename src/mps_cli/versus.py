@@ -317,7 +317,7 @@ def _read_jsonl(path: Path, name: str) -> Side:
     records = []
     for n, rec in numbered:
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise SideError(f"{name}:{n}: expected an object with 'image' as `mps score --jsonl` writes")
+            raise SideError(f"{name}:{n}: expected a score result (an object with an 'image' field)")
         records.append(rec)
     if not records:
         raise SideError(f"{name}: no results in it")

@@ -13,8 +13,22 @@ import typer
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import MissingExtraError, OutputError
 from .app import (
-    BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions, Offline, Revision, Weights,
-    fail, handle_errors, load_model, say,
+    BatchSize,
+    Condition,
+    Config,
+    Device,
+    Dims,
+    Dtype,
+    Exit,
+    MaskThreshold,
+    ModelOptions,
+    Offline,
+    Revision,
+    Weights,
+    fail,
+    handle_errors,
+    load_model,
+    say,
 )
 
 

@@ -10,8 +10,25 @@ import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from .app import (
-    DIMENSION_NOTE, AsJson, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions,
-    Offline, Revision, Weights, describe, fail, handle_errors, load_model, say,
+    DIMENSION_NOTE,
+    AsJson,
+    BatchSize,
+    Condition,
+    Config,
+    Device,
+    Dims,
+    Dtype,
+    Exit,
+    MaskThreshold,
+    ModelOptions,
+    Offline,
+    Revision,
+    Weights,
+    describe,
+    fail,
+    handle_errors,
+    load_model,
+    say,
 )
 from .output import Progress, quiet_broken_pipe, render_eval_report
 

@@ -134,7 +134,11 @@ class Progress:
         self._tasks: dict[str, int] = {}
         if sys.stderr.isatty() and (force or total > batch_size):
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
             )
             from rich.progress import Progress as Bar
 

@@ -17,11 +17,38 @@ from ..constants import CUSTOM_KEY, DIMENSIONS
 from ..errors import ImageError, PromptError
 from ..inputs import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import (
-    DEFAULT_THRESHOLD, INPUT_HINTS, AsCsv, AsJson, AsJsonl, BatchSize, Condition, Config, Device, Dims, Dtype, Exit,
-    MaskThreshold, ModelOptions, Offline, Revision, ServerToken, ServerUrl, Weights, fail, handle_errors, open_scorer,
+    DEFAULT_THRESHOLD,
+    INPUT_HINTS,
+    AsCsv,
+    AsJson,
+    AsJsonl,
+    BatchSize,
+    Condition,
+    Config,
+    Device,
+    Dims,
+    Dtype,
+    Exit,
+    MaskThreshold,
+    ModelOptions,
+    Offline,
+    Revision,
+    ServerToken,
+    ServerUrl,
+    Weights,
+    fail,
+    handle_errors,
+    open_scorer,
 )
 from .output import (
-    Progress, Report, ResultWriter, Row, comparison_record, finite_or_error, quiet_broken_pipe, render_comparison,
+    Progress,
+    Report,
+    ResultWriter,
+    Row,
+    comparison_record,
+    finite_or_error,
+    quiet_broken_pipe,
+    render_comparison,
 )
 from .report_cmds import Html, write_html
 
@@ -252,7 +279,7 @@ def compare(
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
-    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501
+    """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
     model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)

@@ -13,8 +13,25 @@ from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import PromptError
 from ..inputs import PromptSource
 from .app import (
-    DIMENSION_NOTE, AsJson, BatchSize, Condition, Config, Device, Dims, Dtype, Exit, MaskThreshold, ModelOptions,
-    Offline, Revision, Weights, describe, fail, handle_errors, load_model, say,
+    DIMENSION_NOTE,
+    AsJson,
+    BatchSize,
+    Condition,
+    Config,
+    Device,
+    Dims,
+    Dtype,
+    Exit,
+    MaskThreshold,
+    ModelOptions,
+    Offline,
+    Revision,
+    Weights,
+    describe,
+    fail,
+    handle_errors,
+    load_model,
+    say,
 )
 from .output import Progress, emit_json, quiet_broken_pipe
 from .report_cmds import Html, write_html

@@ -13,6 +13,7 @@ from ..errors import FetchError
 from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
 from .output import emit_json
 
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -94,7 +95,8 @@ def _prepared_summary() -> dict:
 def info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option(
-        "--verify", help="Check every prepared-weights file against its checksums in full; delete the damaged.")] = False,
+        "--verify",
+        help="Check every prepared-weights file against its checksums in full; delete the damaged.")] = False,
     probe: Annotated[bool, typer.Option(
         "--probe", help="Also time a small matmul per dtype on the CPU (well under a second) and show its "
         "speed relative to fp32.")] = False,
@@ -164,7 +166,8 @@ def info(
     lines.append(f"prepared weights: {p['dir']}: " + (
         f"{p['files']} file(s), {p['bytes'] / 2**30:.2f} GiB" if p["enabled"] else f"off ({p['switch']})"))
     for v in p.get("verified", []):
-        lines.append(f"  {'ok' if v['ok'] else 'damaged, deleted'}: {v['path']}" + (f" ({v['error']})" if v["error"] else ""))
+        error = f" ({v['error']})" if v["error"] else ""
+        lines.append(f"  {'ok' if v['ok'] else 'damaged, deleted'}: {v['path']}{error}")
     lines.append("devices:")
     for d in doc["devices"]:
         lines += _device_lines(d)
