@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_mps
+from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli, run_mps
 from mps_cli import load_scorer
 from mps_cli.prepared import FORMAT, SWITCH_ENV
 
@@ -249,8 +249,8 @@ def test_info_reports_the_prepared_copies(tmp_path, fp16_weights, monkeypatch):
     load_scorer(fp16_weights, device="cpu", dtype="bf16")
     [written] = _prepared(folder / "prepared")
     env = {"MPS_CACHE_DIR": str(folder), SWITCH_ENV: "1", "HF_HUB_OFFLINE": "1"}
-    doc = json.loads(run_mps("info", "--json", env=env).stdout)["prepared"]
+    doc = json.loads(run_cli("info", "--json", env=env).stdout)["prepared"]
     assert doc == {"dir": str(folder / "prepared"), "enabled": True, "switch": f"{SWITCH_ENV}=0",
                    "files": 1, "bytes": written.stat().st_size}
-    text = run_mps("info", env={**env, SWITCH_ENV: "off"})
+    text = run_cli("info", env={**env, SWITCH_ENV: "off"})
     assert text.returncode == 0 and f"prepared weights: {folder / 'prepared'}: off" in text.stdout
