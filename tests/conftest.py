@@ -10,7 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# One intra-op thread for torch, here and in every CLI subprocess (they inherit the environment). On a small
+# shared CPU, OpenMP's spinning workers made the tiny model 10-50x slower with two threads than with one;
+# the tests check results, never thread counts. Set before anything imports torch (which reads it then).
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MPS_SHARED", REPO.parent / "shared"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_mps
+from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli
 
 from mps_cli import CheckpointError, UnsafePickleError
 
@@ -60,7 +60,7 @@ def assert_scores_match(weights: Path, rows: list[dict]) -> None:
                          ids=["whole-module", "state-dict"])
 def test_convert_original_formats_to_the_published_layout(src, dtype, tmp_path, fp16_expected):
     dst = tmp_path / "converted.safetensors"
-    result = run_mps("convert", str(src), str(dst), *(["--dtype", dtype] if dtype else []))
+    result = run_cli("convert", str(src), str(dst), *(["--dtype", dtype] if dtype else []))
     assert result.returncode == 0, result.stderr
     fields = dict(line.split(": ", 1) for line in result.stdout.splitlines())
     header = safetensors_header(dst)
@@ -169,7 +169,7 @@ def test_unsafe_pickle_is_a_one_line_cli_error_and_writes_nothing(tmp_path):
     marker = tmp_path / "pwned"
     evil = _evil_files(tmp_path, marker)["zip"]
     dst = tmp_path / "out.safetensors"
-    result = run_mps("convert", str(evil), str(dst))
+    result = run_cli("convert", str(evil), str(dst))
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("mps: error:")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURE, IMAGES, WEIGHTS, run_mps
+from conftest import FIXTURE, IMAGES, WEIGHTS, run_cli
 from typer.testing import CliRunner
 
 from mps_cli import devices, load_scorer
@@ -174,12 +174,18 @@ def test_info_without_probe_reads_the_flags():
         assert cpu["dtypes"][dt] == {"native": flags_hint(dt, flags), "basis": "cpu flags"}
 
 
-def test_explicit_slow_dtype_warns_once_and_goes_on():
+def test_explicit_slow_dtype_warns_once_and_goes_on(monkeypatch):
+    import importlib
+
     from mps_cli.cli import app
 
+    app_module = importlib.import_module("mps_cli.cli.app")  # the module; the package's ``app`` is the Typer app
+    # The warning comes with loading: each run below starts, as a new process would, with no model loaded.
+    scorers: dict = {}
+    monkeypatch.setattr(app_module, "_SCORERS", scorers)
     image = str(IMAGES / "sunset.png")
     args = ["score", image, "--prompt", "a red fox", "--json", "-w", str(WEIGHTS), "--device", "cpu"]
-    slow = run_mps(*args, "--dtype", "bf16", env={"MPS_TEST_CPU_PROBE": "bf16=0.005"})
+    slow = run_cli(*args, "--dtype", "bf16", env={"MPS_TEST_CPU_PROBE": "bf16=0.005"})
     assert slow.returncode == 0, slow.stderr
     warnings = [line for line in slow.stderr.splitlines() if "warning" in line]
     assert warnings == [
@@ -189,6 +195,7 @@ def test_explicit_slow_dtype_warns_once_and_goes_on():
     assert json.loads(slow.stdout)[0]["scores"]["overall"]
     # Native bf16, and the default fp32: no warning (in-process: the same code path, faster).
     for dtype, probe in (("bf16", "bf16=3"), ("auto", "bf16=0.005,fp16=0.005")):
+        scorers.clear()
         fast = CliRunner().invoke(app, [*args, "--dtype", dtype], env={"MPS_TEST_CPU_PROBE": probe})
         assert fast.exit_code == 0 and "warning" not in fast.stderr, fast.stderr
         if dtype == "bf16":

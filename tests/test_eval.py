@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, WEIGHTS, mps_executable, run_mps
+from conftest import IMAGES, WEIGHTS, mps_executable, run_cli
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 FISHER = "portrait of an old fisherman with weathered hands, 35mm photo"
@@ -96,7 +96,7 @@ def groups_for(items, golden, dim, paths_key, ranks_key):
 
 
 def run_json(*args, env=None):
-    proc = run_mps("eval", *args, "--weights", str(WEIGHTS), "--device", "cpu", "--json", env=env)
+    proc = run_cli("eval", *args, "--weights", str(WEIGHTS), "--device", "cpu", "--json", env=env)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc, (json.loads(proc.stdout) if proc.stdout.strip() else None)
 
@@ -149,7 +149,7 @@ def test_imagereward_accuracy_ties_missing_and_cache(tmp_path, image_root, golde
     assert rows == 11 * 4
 
     # A second run over the same images costs no model time, and prints the table.
-    again = run_mps("eval", "imagereward", str(bench), "--images-root", str(image_root), "--dim", "all",
+    again = run_cli("eval", "imagereward", str(bench), "--images-root", str(image_root), "--dim", "all",
                     "--cache", str(cache), "--weights", str(WEIGHTS), "--device", "cpu")
     assert again.returncode == 1, again.stderr
     assert "0 images scored, 11 from cache" in again.stdout
@@ -258,7 +258,7 @@ def test_bad_benchmark_file_is_one_line_and_exit_2(tmp_path, kind, name, content
     bench = tmp_path / name
     if content is not None:
         bench.write_text(content)
-    proc = run_mps("eval", kind, str(bench), "--weights", str(WEIGHTS), "--json")
+    proc = run_cli("eval", kind, str(bench), "--weights", str(WEIGHTS), "--json")
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -281,7 +281,7 @@ def test_bad_benchmark_file_names_file_and_item(tmp_path, kind, name, content, c
 def test_images_root_must_be_a_folder(tmp_path):
     bench = tmp_path / "pairs.jsonl"
     bench.write_text(json.dumps(PAIRS[0]) + "\n")
-    proc = run_mps("eval", "pairs", str(bench), "--images-root", str(tmp_path / "nowhere"))
+    proc = run_cli("eval", "pairs", str(bench), "--images-root", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f"mps: error: --images-root {tmp_path / 'nowhere'}: not a folder"
 
@@ -307,7 +307,9 @@ def test_library_batches_images_of_different_prompts_together(scorer, image_root
 
 # ---------------------------------------------------------------- killed mid-way, then resumed
 
-N_IMAGES = 60
+# Small images, few of them: the kill lands after the first stored score, so a short run is enough.
+N_ITEMS, PER_ITEM = 6, 4
+N_IMAGES = N_ITEMS * PER_ITEM
 
 
 def _count_rows(db_path: Path) -> int:
@@ -325,10 +327,11 @@ def test_killed_eval_resumes_without_rescoring(tmp_path, scorer):
     root.mkdir()
     rng = np.random.default_rng(7)
     for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(root / f"g{i:02d}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / f"g{i:02d}.png")
     prompts = [FOX, CUBES, CAFE, FISHER, "a lighthouse in a storm", "two cats on a sofa"]
-    items = [{"id": f"p{k}", "prompt": prompts[k], "generations": [f"g{i:02d}.png" for i in range(10 * k, 10 * k + 10)],
-              "ranking": [int(r) for r in rng.permutation(10) + 1]} for k in range(6)]
+    items = [{"id": f"p{k}", "prompt": prompts[k],
+              "generations": [f"g{i:02d}.png" for i in range(PER_ITEM * k, PER_ITEM * (k + 1))],
+              "ranking": [int(r) for r in rng.permutation(PER_ITEM) + 1]} for k in range(N_ITEMS)]
     bench = tmp_path / "big.json"
     bench.write_text(json.dumps(items))
     db_path = tmp_path / "cache.sqlite"
@@ -364,4 +367,4 @@ def test_killed_eval_resumes_without_rescoring(tmp_path, scorer):
     for dim in ALL_DIMS:
         want, pairs = ir_accuracy([(ranks, [r.scores[dim] for r in results]) for ranks, results in engine])
         assert doc["accuracy"][dim] == pytest.approx(want, abs=1e-12), dim
-        assert doc["pairs"] == pairs == 6 * 45
+        assert doc["pairs"] == pairs == N_ITEMS * PER_ITEM * (PER_ITEM - 1) // 2

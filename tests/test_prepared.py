@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_mps
+from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli, run_mps
 from mps_cli import load_scorer
 from mps_cli.prepared import FORMAT, SWITCH_ENV
 
@@ -201,7 +201,9 @@ def test_cli_twice_same_output_and_a_quiet_second_run(tmp_path, fp16_weights):
     env = {"MPS_CACHE_DIR": str(tmp_path / "cli-cache"), SWITCH_ENV: "1"}
     args = ("score", *map(str, IMAGE_PATHS), "--prompt", PROMPT, "--weights", str(fp16_weights),
             "--dtype", "bf16", "--dim", "all", "--json")
-    first = run_mps(*args, env=env)
+    # The first run writes the prepared copy (in-process: what it prints is all that counts here);
+    # the second is a new process, as a user's next command is, and must find the copy.
+    first = run_cli(*args, env=env)
     second = run_mps(*args, env=env)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(second.stdout) == json.loads(first.stdout)
@@ -249,8 +251,8 @@ def test_info_reports_the_prepared_copies(tmp_path, fp16_weights, monkeypatch):
     load_scorer(fp16_weights, device="cpu", dtype="bf16")
     [written] = _prepared(folder / "prepared")
     env = {"MPS_CACHE_DIR": str(folder), SWITCH_ENV: "1", "HF_HUB_OFFLINE": "1"}
-    doc = json.loads(run_mps("info", "--json", env=env).stdout)["prepared"]
+    doc = json.loads(run_cli("info", "--json", env=env).stdout)["prepared"]
     assert doc == {"dir": str(folder / "prepared"), "enabled": True, "switch": f"{SWITCH_ENV}=0",
                    "files": 1, "bytes": written.stat().st_size}
-    text = run_mps("info", env={**env, SWITCH_ENV: "off"})
+    text = run_cli("info", env={**env, SWITCH_ENV: "off"})
     assert text.returncode == 0 and f"prepared weights: {folder / 'prepared'}: off" in text.stdout

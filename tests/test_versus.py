@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import IMAGES, WEIGHTS, run_mps
+from conftest import IMAGES, WEIGHTS, run_cli
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 FISHER = "portrait of an old fisherman with weathered hands, 35mm photo"
@@ -211,7 +211,7 @@ def test_bootstrap_is_seeded_contains_the_estimate_and_narrows_with_prompts(two,
 # ---------------------------------------------------------------- bad input
 
 def test_unpaired_missing_prompt_and_broken_image_are_reported_and_the_rest_compared(tmp_path, golden):
-    """The real console script: exit 1, one line per problem, no traceback, the good pair compared."""
+    """Exit 1, one line per problem, no traceback, the good pair compared."""
     a, b = tmp_path / "a", tmp_path / "b"
     for name, image in (("one.png", "sunset.png"), ("two.png", "gray.png"), ("three.png", "crop.png"),
                         ("four.png", "alpha.png")):
@@ -220,7 +220,7 @@ def test_unpaired_missing_prompt_and_broken_image_are_reported_and_the_rest_comp
     place(b, "two.png", "wide.webp")  # no caption: the prompt is missing on this side
     (b / "three.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (b / "three.txt").write_text(FOX)
-    proc = run_mps("versus", str(a), str(b), "--prompt-from", "sidecar", "--json", "--no-cache", *MODEL)
+    proc = run_cli("versus", str(a), str(b), "--prompt-from", "sidecar", "--json", "--no-cache", *MODEL)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     doc = json.loads(proc.stdout)
