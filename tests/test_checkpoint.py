@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS
+
 from mps_cli import load_scorer
 from mps_cli.errors import CheckpointError, ConfigError
 
@@ -173,7 +173,8 @@ def test_config_disagreeing_with_weights_passed_explicitly(tmp_path):
     config = _config_with(tmp_path, "patch16.json", patch_size=16)
     message = _load_error(WEIGHTS, config=config)
     assert str(WEIGHTS) in message and str(config) in message and "--config" in message
-    assert "model.vision_model.embeddings.patch_embedding.weight (64, 3, 32, 32) (model expects (64, 3, 16, 16))" in message
+    assert ("model.vision_model.embeddings.patch_embedding.weight (64, 3, 32, 32) (model expects (64, 3, 16, 16))"
+            in message)
 
 
 def test_config_disagreeing_with_weights_beside_them(tmp_path):
@@ -290,10 +291,11 @@ def test_fp16_file_loads_into_bf16(fp16_weights):
     assert scorer.dtype == torch.bfloat16
     assert torch.bfloat16 in _param_dtypes(scorer) and torch.float16 not in _param_dtypes(scorer)
     reference = json.loads((ORIGINAL / "expected-fp16-weights.json").read_text())["scores"]
-    prompt = reference[0]["prompt"]
-    rows = [r for r in reference if r["prompt"] == prompt]
-    results = {Path(r.image).name: r for r in scorer.score([IMAGES / n for n in sorted({r["image"] for r in rows})],
-                                                            prompt, dims=("overall", "aesthetics"))}
-    # Same loose bound as the bf16 parity test (test_parity.py explains it).
-    for row in rows:
-        assert abs(results[row["image"]].scores[row["dim"]] - row["score"]) < 3.0, row
+    # With the text side in fp32, bf16 images move fixture scores by at most 0.32 (measured on
+    # AVX-512 and on CUDA); every row of every prompt must stay within 0.5 of the original's.
+    for prompt in sorted({r["prompt"] for r in reference}):
+        rows = [r for r in reference if r["prompt"] == prompt]
+        images = [IMAGES / n for n in sorted({r["image"] for r in rows})]
+        results = {Path(r.image).name: r for r in scorer.score(images, prompt, dims=sorted({r["dim"] for r in rows}))}
+        for row in rows:
+            assert abs(results[row["image"]].scores[row["dim"]] - row["score"]) < 0.5, row

@@ -17,9 +17,8 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import FIXTURE, IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
+from typer.testing import CliRunner
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"

@@ -10,9 +10,8 @@ import time
 import zlib
 
 import pytest
-from PIL import Image
-
 from conftest import IMAGES, WEIGHTS, messages, run_cli, run_mps, summary
+from PIL import Image
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 CUBES = "three blue cubes stacked on top of a wooden table"

@@ -15,10 +15,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
-from conftest import IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 N_IMAGES = 6  # more than one batch of --batch-size 2: the progress bar is drawn
@@ -203,8 +202,8 @@ def test_hostile_metadata_and_nul_separated_stdin_fail_alone(hostile):
 def test_prompts_file_with_nul_path_lone_surrogate_and_json_array(tmp_path):
     shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
     shutil.copy(IMAGES / "gray.png", tmp_path / "b.png")
-    lines = ['{"image": "a.png", "prompt": "%s"}' % FOX, '{"image": "b\\u0000.png", "prompt": "x"}',
-             '{"image": "b.png", "prompt": "bad \\ud800 text"}', '{"file_name": "b.png", "text": "%s"}' % FOX]
+    lines = ['{"image": "a.png", "prompt": "' + FOX + '"}', '{"image": "b\\u0000.png", "prompt": "x"}',
+             '{"image": "b.png", "prompt": "bad \\ud800 text"}', '{"file_name": "b.png", "text": "' + FOX + '"}']
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
     proc = run_cli("score", "--prompts", "p.jsonl", "--json", "-w", str(WEIGHTS), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

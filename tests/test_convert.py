@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli
 
 from mps_cli import CheckpointError, UnsafePickleError
@@ -189,8 +188,8 @@ def test_other_globals_are_refused_by_name(tmp_path):
 
 
 def test_failed_conversions_leave_no_output_file(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from mps_cli.convert import convert_checkpoint
 

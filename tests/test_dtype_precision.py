@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURE, IMAGES, WEIGHTS
+
 from mps_cli import load_scorer
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

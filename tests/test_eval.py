@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import IMAGES, WEIGHTS, mps_executable, run_cli
+from PIL import Image
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 FISHER = "portrait of an old fisherman with weathered hands, 35mm photo"

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE, IMAGES, WEIGHTS, mps_executable, run_mps
 from hubserver import COMMIT, HubServer, free_port
 
@@ -152,7 +151,8 @@ def test_download_prints_path_size_and_sha256(hub, tmp_path):
     again = run_mps("download", URI, "--json", env=env)
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)
-    assert (doc["path"], doc["size"], doc["sha256"], doc["downloaded"]) == (str(path), FIXTURE_SIZE, FIXTURE_SHA256, False)
+    got = (doc["path"], doc["size"], doc["sha256"], doc["downloaded"])
+    assert got == (str(path), FIXTURE_SIZE, FIXTURE_SHA256, False)
     assert len(hub.requests("GET")) == gets
 
 

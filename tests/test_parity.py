@@ -9,7 +9,6 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE, IMAGES, WEIGHTS
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

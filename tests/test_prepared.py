@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli, run_mps
+
 from mps_cli import load_scorer
 from mps_cli.prepared import FORMAT, SWITCH_ENV
 

@@ -9,9 +9,9 @@ import zlib
 
 import pytest
 import torch
+from conftest import IMAGES
 from PIL import Image
 
-from conftest import IMAGES
 from mps_cli.errors import ImageError
 from mps_cli.preprocess import Tokenizer, open_image, pixels_from_image, resize_crop
 

@@ -8,13 +8,18 @@ import json
 import shutil
 
 import pytest
+from conftest import IMAGES, WEIGHTS, messages, run_cli
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from conftest import IMAGES, WEIGHTS, messages, run_cli
 from mps_cli.errors import PromptError
 from mps_cli.prompts import (
-    a1111_prompt, comfy_prompt, decode_user_comment, metadata_prompt, read_prompt_file, sidecar_prompt,
+    a1111_prompt,
+    comfy_prompt,
+    decode_user_comment,
+    metadata_prompt,
+    read_prompt_file,
+    sidecar_prompt,
 )
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"

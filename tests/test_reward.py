@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURE, IMAGES, REPO, WEIGHTS
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -447,7 +447,8 @@ def test_a_full_queue_answers_503_with_retry_after(scorer):
 def test_serve_refuses_a_public_address_without_a_token_and_explains_a_missing_extra(monkeypatch):
     from typer.testing import CliRunner
 
-    from mps_cli.cli import app, serve_cmds as serve_cmd
+    from mps_cli.cli import app
+    from mps_cli.cli import serve_cmds as serve_cmd
 
     monkeypatch.delenv("MPS_SERVE_TOKEN", raising=False)
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--weights", str(WEIGHTS)])

@@ -14,9 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from conftest import IMAGES, WEIGHTS, run_cli
+from typer.testing import CliRunner
 
 FOX = "a red fox sitting in a snowy forest at dawn, highly detailed"
 FISHER = "portrait of an old fisherman with weathered hands, 35mm photo"
