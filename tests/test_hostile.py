@@ -375,7 +375,8 @@ def test_weights_rewritten_with_same_size_and_mtime_are_never_served_from_a_cach
 
 
 def test_stale_temp_file_of_a_dead_writer_is_removed_at_once(cache):
-    from mps_cli.prepared import _host, summary
+    from mps_cli.cachedir import host_tag as _host
+    from mps_cli.prepared import summary
 
     cache.mkdir(parents=True)
     dead = subprocess.Popen(["true"])

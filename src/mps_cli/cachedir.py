@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
         return known["sha256"]
     digest = file_sha256(path)
     if version_of(check_regular_file(path)) == version:  # not rewritten while we read it
-        _write_record(record, {"path": real, "version": version, "sha256": digest})
+        write_small(record, json.dumps({"path": real, "version": version, "sha256": digest}))
     return digest
 
 
@@ -82,11 +83,17 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
-def _write_record(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def host_tag() -> str:
+    """This machine's name as it goes into temporary file names (so a stale one's writer can be told)."""
+    return "".join(c for c in socket.gethostname() if c.isalnum() or c == "-")[:40] or "host"
+
+
+def write_small(path: Path, text: str) -> None:
+    """Replace a small file whole (a temporary file, then a rename); on an OSError the old one stays."""
+    tmp = path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
         try:
@@ -95,4 +102,4 @@ def _write_record(path: Path, data: dict) -> None:
             pass
 
 
-__all__ = ["cache_root", "prepared_dir", "scores_path", "version_of", "weights_sha256"]
+__all__ = ["cache_root", "host_tag", "prepared_dir", "scores_path", "version_of", "weights_sha256", "write_small"]

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import stat
 import time
 import zlib
@@ -29,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cachedir import prepared_dir, version_of, weights_sha256
+from .cachedir import host_tag, prepared_dir, version_of, weights_sha256, write_small
 from .constants import CACHE_ENV
 from .constants import PREPARED_ENV as SWITCH_ENV
 from .errors import CheckpointError
@@ -197,7 +196,7 @@ def map_prepared(path: Path, expected: Specs, transposed: frozenset[str], source
             _check_data_seal(path, view[base:], meta)
         finally:
             _release(view)
-        _write_small(marker, json.dumps(version_of(st)))
+        write_small(marker, json.dumps(version_of(st)))
     data = torch.frombuffer(mapped, dtype=torch.uint8)
     state = {}
     for name in names:
@@ -264,22 +263,6 @@ def _read_small(path: Path) -> str | None:
         return f.read(4096).decode("ascii", "replace")
 
 
-def _write_small(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def _host() -> str:
-    return "".join(c for c in socket.gethostname() if c.isalnum() or c == "-")[:40] or "host"
-
-
 class PreparedWriter:
     """A new prepared file, written tensor by tensor as loading converts them.
 
@@ -329,7 +312,7 @@ class PreparedWriter:
         free = shutil.disk_usage(folder).free
         if free - self._total < MIN_FREE_AFTER:
             raise OSError(f"{free / 2**30:.1f} GiB free, {(self._total + MIN_FREE_AFTER) / 2**30:.1f} GiB needed")
-        self.tmp = folder / f".{path.name}.{_host()}.{os.getpid()}.tmp"
+        self.tmp = folder / f".{path.name}.{host_tag()}.{os.getpid()}.tmp"
         self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW, 0o644)
         try:
             self._write_header()
@@ -397,7 +380,7 @@ class PreparedWriter:
         os.close(self._fd)
         self._fd = None
         os.replace(self.tmp, self.path)
-        _write_small(_marker(self.path), json.dumps(version_of(os.stat(self.path))))
+        write_small(_marker(self.path), json.dumps(version_of(os.stat(self.path))))
         _remove_superseded(self.path, meta["source"])
 
     def abort(self) -> None:
@@ -474,7 +457,7 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_tmp(folder: Path) -> None:
     """Delete temporary files whose writer is gone: dead pids on this host at once, others after an hour."""
-    now, host = time.time(), _host()
+    now, host = time.time(), host_tag()
     for p in folder.glob(".*.tmp"):
         parts = p.name[:-len(".tmp")].rsplit(".", 2)
         try:
@@ -549,7 +532,7 @@ def _verify_file(path: Path) -> None:
                     _check_data_seal(path, view[8 + n:], meta)
                 finally:
                     _release(view)
-    _write_small(_marker(path), json.dumps(version_of(st)))
+    write_small(_marker(path), json.dumps(version_of(st)))
 
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "PreparedWriter", "SourceIdentity", "Summary", "Unusable", "cache_dir",
