@@ -243,7 +243,7 @@ t_torch = time.time()
 import mps_cli
 from mps_cli import load_scorer
 # What load_scorer imports lazily, so "weight load" is the loading alone.
-for name in ("safetensors", "safetensors.torch", "open_clip", "open_clip.transformer",
+for name in ("safetensors", "safetensors.torch", "regex", "ftfy", "mps_cli.bpe",
              "mps_cli.model", "mps_cli.checkpoint", "mps_cli.weights", "mps_cli.preprocess"):
     try:
         importlib.import_module(name)
@@ -310,7 +310,7 @@ def cold_start(ckpt: Path, images: list[Path], dtype: str, device: str, batch_si
 
 def warm_imports() -> None:
     """Bring the libraries' files into the page cache before the timed cold start."""
-    subprocess.run([sys.executable, "-c", "import torch, open_clip, safetensors, mps_cli.scorer"],
+    subprocess.run([sys.executable, "-c", "import torch, safetensors, mps_cli.scorer, mps_cli.bpe"],
                    capture_output=True, timeout=600)
 
 

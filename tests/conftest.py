@@ -26,6 +26,11 @@ IMAGES = FIXTURE / "images"
 ORIGINAL = FIXTURE / "original-format"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may use, at most 4 (each holds torch and a model)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def pytest_configure(config):
     if not WEIGHTS.is_file():
         raise pytest.UsageError(f"golden fixture not found at {FIXTURE}; set MPS_SHARED to the shared/ folder")

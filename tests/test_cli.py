@@ -292,6 +292,22 @@ def test_python_dash_m_help_works_without_importing_torch():
     assert not [m for m in imported if m.split(".")[0] in ("torch", "open_clip", "safetensors")]
 
 
+def test_scoring_imports_neither_open_clip_nor_torchvision_nor_dynamo(expected):
+    # Importing any open_clip module runs its package __init__ (torchvision, torch._dynamo): 2.3 s of
+    # start-up on a small CPU. The towers and the BPE are ours; this run's scores prove they are right.
+    row = next(r for r in expected["scores"] if r["dim"] == "overall")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "mps_cli", "score", str(IMAGES / row["image"]),
+                           "--prompt", row["prompt"], "--json", "-w", str(WEIGHTS), "--dtype", "fp32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "torch" in imported and "mps_cli.model" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("open_clip", "torchvision")]
+    assert not [m for m in imported if m.startswith("torch._dynamo")]
+    [doc] = json.loads(proc.stdout)
+    assert doc["scores"]["overall"] == pytest.approx(row["score"], abs=1e-3)
+
+
 # --------------------------------------------------------------------------- parsing (in-process)
 
 

@@ -100,12 +100,13 @@ def _zip_with_member(path: Path, member: str, write, deflate: bool = False) -> P
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(4)}, buf)
     src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    with zipfile.ZipFile(path, "w", compresslevel=1) as out:
+    # Opened by name, the member takes the archive's method and level: a GiB of zeros deflates in 1 s
+    # at level 1 (2.6 s at the default level a ZipInfo would get).
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method, compresslevel=1) as out:
         for info in src.infolist():
             if info.filename.endswith(member):
-                replaced = zipfile.ZipInfo(info.filename)
-                replaced.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
-                with out.open(replaced, "w", force_zip64=deflate) as fh:
+                with out.open(info.filename, "w", force_zip64=deflate) as fh:
                     write(fh)
             else:
                 out.writestr(info, src.read(info))

@@ -150,7 +150,6 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
         _freeze(model)
     else:
         load_into(model, source, plan, device, dtype, transposed)
-    model.finish_loading()
     model.eval()
     _release_free_memory()
     return model

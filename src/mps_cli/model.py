@@ -1,32 +1,99 @@
-"""The MPS network: open_clip's CLIP towers plus our condition-masked cross model.
+"""The MPS network: CLIP's text and vision towers plus our condition-masked cross model.
 
 Every image token feature (no ``ln_post``) attends to the prompt's 77 token features, masked to the
 tokens most like the condition text; the score is ``exp(logit_scale) * cos(prompt embedding, class token)``.
+The towers carry open_clip's parameter names (the checkpoint is remapped to them once); they are
+defined here because importing open_clip costs seconds of start-up (its package imports torchvision).
 """
 
 from __future__ import annotations
 
-from functools import partial
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import CrossConfig, ModelConfig, TowerConfig
+from .config import CrossConfig, ModelConfig, TextConfig, TowerConfig, VisionConfig
 
 
-def _tower_kwargs(cfg: TowerConfig) -> dict:
-    from open_clip.transformer import LayerNorm, QuickGELU
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm answering in its input's dtype (under autocast it computes in fp32)."""
 
-    return dict(
-        width=cfg.width,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        mlp_ratio=cfg.mlp_width / cfg.width,
-        act_layer=QuickGELU if cfg.act == "quick_gelu" else nn.GELU,
-        norm_layer=partial(LayerNorm, eps=cfg.eps),
-    )
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Embedding(nn.Module):
+    """A token embedding table left uninitialised: loading assigns it, and ``nn.Embedding``'s random
+    init on the meta device goes through torch's reference ops, which import torch._dynamo (~1 s)."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm self-attention and MLP; run by :func:`_run_block`, which owns the arithmetic."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = nn.MultiheadAttention(cfg.width, cfg.heads, batch_first=True)
+        self.ln_2 = LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(cfg.width, cfg.mlp_width),
+            gelu=QuickGELU() if cfg.act == "quick_gelu" else nn.GELU(),
+            c_proj=nn.Linear(cfg.mlp_width, cfg.width),
+        ))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks; ``grad_checkpointing`` recomputes them in backward."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList(ResidualBlock(cfg) for _ in range(cfg.layers))
+
+
+class TextTower(nn.Module):
+    """CLIP's text transformer: token and position embeddings, causal blocks, final norm, projection."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = LayerNorm(cfg.width, eps=cfg.eps)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+
+
+class VisionTower(nn.Module):
+    """CLIP's ViT: patch convolution, class token, position embeddings, pre-norm, blocks, projection."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(cfg.width))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.num_tokens, cfg.width))
+        self.ln_pre = LayerNorm(cfg.width, eps=cfg.eps)
+        self.transformer = Transformer(cfg)
+        self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -44,9 +111,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _run_tower(transformer: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """open_clip's residual blocks, with attention through SDPA and residuals added in place.
+    """The tower's residual blocks, with attention through SDPA and residuals added in place.
 
-    Same arithmetic as the blocks' own forward, but the fused attention kernels never
+    Same arithmetic as CLIP's pre-norm blocks, but the fused attention kernels never
     materialise the (tokens x tokens) weights per head, and no activation is allocated twice,
     which keeps peak memory down. ``x`` must be a tensor the caller no longer needs.
     While autograd records (the reward), the residuals are added out of place, and each
@@ -70,13 +137,13 @@ def _run_block(blk: nn.Module, x: torch.Tensor, causal: bool, inplace: bool) -> 
     o = F.scaled_dot_product_attention(
         _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), is_causal=causal
     )
-    h = blk.ls_1(_linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias))
+    h = _linear(_merge_heads(o), attn.out_proj.weight, attn.out_proj.bias)
     x = x.add_(h) if inplace else x + h
     mlp = blk.mlp
     h = _linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias)
     exact_gelu = type(mlp.gelu) is nn.GELU and mlp.gelu.approximate == "none"
     h = torch.ops.aten.gelu_(h) if inplace and exact_gelu else mlp.gelu(h)
-    h = blk.ls_2(_linear(h, mlp.c_proj.weight, mlp.c_proj.bias))
+    h = _linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
     return x.add_(h) if inplace else x + h
 
 
@@ -279,23 +346,14 @@ def preference_logits(cls: torch.Tensor, embedding: torch.Tensor, logit_scale: t
 
 
 class MPSModel(nn.Module):
-    """CLIP text and vision towers (open_clip modules) plus the MPS cross model."""
+    """CLIP text and vision towers plus the MPS cross model."""
 
     def __init__(self, cfg: ModelConfig, cross: CrossConfig):
         super().__init__()
-        from open_clip.transformer import TextTransformer, VisionTransformer
-
         self.cfg = cfg
-        self.text = TextTransformer(
-            context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
-            output_dim=cfg.embed_dim, **_tower_kwargs(cfg.text),
-        )
-        self.visual = VisionTransformer(
-            image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-            output_dim=cfg.embed_dim, **_tower_kwargs(cfg.vision),
-        )
+        self.text = TextTower(cfg.text, cfg.embed_dim)
         # MPS reads all vision tokens before ln_post; the checkpoint's post_layernorm is unused.
-        self.visual.ln_post = nn.Identity()
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.zeros(()))
         self.cross = CrossModel(cross)
 
@@ -317,10 +375,6 @@ class MPSModel(nn.Module):
         """Recompute the vision tower's blocks and the cross model's layers in backward (saves memory)."""
         self.visual.set_grad_checkpointing(enable)
         self.cross.grad_checkpointing = enable
-
-    def finish_loading(self) -> None:
-        """Drop the causal-mask buffer built on the meta device: attention is causal by flag."""
-        self.text.attn_mask = None
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Projected features of all token positions, B x 77 x D."""

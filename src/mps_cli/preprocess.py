@@ -165,9 +165,9 @@ class Tokenizer:
     def _encoder(cls):
         with cls._lock:
             if cls._bpe is None:
-                from open_clip.tokenizer import SimpleTokenizer
+                from .bpe import BPE
 
-                cls._bpe = SimpleTokenizer()
+                cls._bpe = BPE()
             return cls._bpe
 
     def __call__(self, text: str) -> Tokens:
