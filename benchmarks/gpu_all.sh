@@ -39,5 +39,5 @@ step bench 220 python3 benchmarks/bench.py --device cuda --dtypes fp16,bf16 --im
 step bench_reward 140 python3 benchmarks/bench_reward.py --device cuda --cache-dir "$cache" \
     --json "$out/bench_reward.json"
 # The server against the in-process scorer on the full-size model.
-step bench_serve 110 env MPS_SHARED="$(dirname "$(dirname "$fixture")")" python3 benchmarks/bench_serve.py --weights "$cache/mps-vit-h-14-random-fp16.safetensors" \
-    --device cuda --images 256 --per-request 8 --repeats 1 --json "$out/bench_serve.json"
+step bench_serve 240 env MPS_SHARED="$(dirname "$(dirname "$fixture")")" python3 benchmarks/bench_serve.py --weights "$cache/mps-vit-h-14-random-fp16.safetensors" \
+    --device cuda --images 2048 --per-request 8 --repeats 2 --json "$out/bench_serve.json"

@@ -197,6 +197,31 @@ def test_multipart_upload_and_data_urls_and_server_paths(server, local, expected
         assert abs(row["scores"]["overall"] - local[name, prompt].scores["overall"]) <= 1e-5
 
 
+def test_client_uploads_raw_bytes_and_odd_names_and_prompts_survive(server, scorer, tmp_path):
+    """The client sends a multipart form (no base64): names and prompts with quotes, CRLF, non-ASCII
+    and a prompt over the form parser's default 1 MB part limit come back as sent, scored as locally."""
+    from unittest import mock
+
+    from mps_cli.client import Client
+
+    odd = tmp_path / 'dir "q"' / "ñ 東京\tx.png"
+    odd.parent.mkdir()
+    odd.write_bytes((IMAGES / "sunset.png").read_bytes())
+    plain = tmp_path / "plain.png"
+    plain.write_bytes((IMAGES / "crop.png").read_bytes())
+    prompts = ['a "quoted" fox\r\n--not-a-boundary\r\nat dawn, 東京', "word " * 300_000]
+    c = client(server)
+    with mock.patch.object(Client, "_call", autospec=True, side_effect=Client._call) as spy:
+        got = c.score([odd, plain], prompts, dims=["overall", "detail"], mask_threshold=0.25)
+    assert spy.call_args.kwargs["form"][1].startswith("multipart/form-data; boundary=")
+    want = scorer.score([odd, plain], prompts, dims=["overall", "detail"], mask_threshold=0.25)
+    for g, w in zip(got, want, strict=True):
+        assert g.ok and g.image == w.image and g.prompt == w.prompt
+        assert g.kept_tokens == w.kept_tokens and g.prompt_truncated == w.prompt_truncated
+        assert all(abs(g.scores[k] - w.scores[k]) <= 1e-5 for k in w.scores)
+    assert got[1].prompt_truncated
+
+
 def test_cli_through_the_server_is_byte_identical_to_local_and_imports_no_torch(server, expected):
     from typer.testing import CliRunner
 
@@ -391,19 +416,23 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(server):
 def test_batcher_groups_compatible_images_up_to_max_batch(scorer):
     from PIL import Image
 
+    from mps_cli.preprocess import pixels_from_image
     from mps_cli.scorer import resolve_conditions
     from mps_cli.server import MicroBatcher, QueueFull
 
     imgs = [Image.open(IMAGES / n).convert("RGB") for n in IMAGE_NAMES]
+    size = scorer.config.vision.image_size
+    px = [pixels_from_image(img, size) for img in imgs]
+    names = list(IMAGE_NAMES)
     overall = tuple(resolve_conditions(["overall"], None))
     custom = tuple(resolve_conditions([], "hands, faces"))
     batcher = MicroBatcher(scorer, max_batch=4, max_wait_ms=0, max_queue=15)
     # queued before the worker starts, so the batches are decided by grouping alone
-    f1 = batcher.submit(imgs, ["a fox"] * 7, overall, 0.3)  # 7 alike: batches of 4 and 3
-    f2 = batcher.submit(imgs[:2], ["a cat"] * 2, custom, 0.3)  # another condition
-    f3 = batcher.submit(imgs[:2], ["a fox"] * 2, overall, 0.01)  # another threshold
+    f1 = batcher.submit(px, names, ["a fox"] * 7, overall, 0.3)  # 7 alike: batches of 4 and 3
+    f2 = batcher.submit(px[:2], names[:2], ["a cat"] * 2, custom, 0.3)  # another condition
+    f3 = batcher.submit(px[:2], names[:2], ["a fox"] * 2, overall, 0.01)  # another threshold
     with pytest.raises(QueueFull, match=r"11 images are waiting for the model \(limit 15\)"):
-        batcher.submit(imgs, ["x"] * 7, overall, 0.3)
+        batcher.submit(px, names, ["x"] * 7, overall, 0.3)
     batcher.start()
     got = [f.result(60) for f in (*f1, *f2, *f3)]
     batcher.close()
@@ -411,11 +440,12 @@ def test_batcher_groups_compatible_images_up_to_max_batch(scorer):
     assert stats["batches"] == 4 and stats["largest_batch"] == 4 and stats["queue_length"] == 0
     want = (scorer.score(imgs, "a fox") + scorer.score(imgs[:2], "a cat", dims=[], condition="hands, faces")
             + scorer.score(imgs[:2], "a fox", mask_threshold=0.01))
+    assert [g.image for g in got] == names + names[:2] + names[:2]
     for g, w in zip(got, want):
-        assert g.scores.keys() == w.scores.keys()
+        assert g.prompt == w.prompt and g.scores.keys() == w.scores.keys()
         assert all(abs(g.scores[k] - w.scores[k]) <= 1e-5 for k in w.scores)
     with pytest.raises(QueueFull, match="shutting down"):
-        batcher.submit(imgs[:1], ["x"], overall, 0.3)
+        batcher.submit(px[:1], names[:1], ["x"], overall, 0.3)
 
 
 def test_a_full_queue_answers_503_with_retry_after(scorer):

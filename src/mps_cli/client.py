@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -46,10 +47,15 @@ class Client:
         return f"Client(url={self.url!r})"
 
     # ----------------------------------------------------------------------- transport
-    def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
+    def _call(self, method: str, path: str, body: dict | None = None,
+              form: tuple[bytes, str] | None = None) -> tuple[int, dict]:
+        """One request, JSON ``body`` or an encoded multipart ``form`` (bytes, content type); retries 503s."""
         headers = {"Accept": "application/json"}
-        if data is not None:
+        data = None
+        if form is not None:
+            data, headers["Content-Type"] = form
+        elif body is not None:
+            data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -181,16 +187,22 @@ class Client:
         return self._truncated.get(prompt, False)
 
     def _score_chunk(self, images: list, labels: list[str], prompts: list, common: dict) -> list[ScoreResult]:
-        encoded = [_encode(img, label) for img, label in zip(images, labels, strict=True)]
-        send = [i for i, e in enumerate(encoded) if not isinstance(e, ImageError)]
-        rows: dict[int, ScoreResult] = {
-            i: ScoreResult(image=labels[i], prompt=prompts[i], error=str(e))
-            for i, e in enumerate(encoded) if isinstance(e, ImageError)
-        }
+        rows: dict[int, ScoreResult] = {}
+        encoded: dict[int, bytes] = {}
+        for i, (img, label, prompt) in enumerate(zip(images, labels, prompts, strict=True)):
+            data = _read(img, label)
+            if isinstance(data, ImageError):
+                rows[i] = ScoreResult(image=label, prompt=prompt, error=str(data))
+            elif prompt is None:
+                rows[i] = ScoreResult(image=label, prompt=None, error=f"{label}: no prompt for this image")
+            else:
+                encoded[i] = data
+        send = list(encoded)
         if send:
-            body = {"images": [encoded[i] for i in send], "names": [labels[i] for i in send],
-                    "prompts": [prompts[i] for i in send], **common}
-            status, doc = self._call("POST", "/v1/score", body)
+            fields = [*(("names", labels[i]) for i in send), *(("prompts", prompts[i]) for i in send),
+                      *(("dims", d) for d in common.get("dims") or ()),
+                      *((k, str(common[k])) for k in ("condition", "mask_threshold") if common.get(k) is not None)]
+            status, doc = self._call("POST", "/v1/score", form=_multipart(fields, [encoded[i] for i in send]))
             if status == 413 and len(send) > 1:
                 # One image too big for the server's body limit must not sink the others.
                 for i in send:
@@ -213,21 +225,41 @@ def _result(row: dict, label: str, prompt) -> ScoreResult:
                        kept_tokens=row.get("kept_tokens", {}), prompt_truncated=bool(row.get("prompt_truncated")))
 
 
-def _encode(image, label: str) -> str | ImageError:
-    """Base64 of the image's encoded bytes (PIL images as PNG), or the error naming why it cannot be read."""
+def _read(image, label: str) -> bytes | ImageError:
+    """The image's encoded bytes (PIL images as PNG), or the error naming why it cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-    elif isinstance(image, (str, os.PathLike)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
         try:
             with open(image, "rb") as f:
-                data = f.read()
+                return f.read()
         except OSError as exc:
             return file_error(image, exc)
-    else:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-    return base64.b64encode(data).decode("ascii")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode(image, label: str) -> str | ImageError:
+    """Base64 of the image's encoded bytes, for JSON requests."""
+    data = _read(image, label)
+    return data if isinstance(data, ImageError) else base64.b64encode(data).decode("ascii")
+
+
+def _multipart(fields: list[tuple[str, str]], files: list[bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body of text ``fields`` and ``image`` files, and its content type."""
+    while True:
+        boundary = secrets.token_hex(16)
+        mark = boundary.encode()
+        if not any(mark in f for f in files) and not any(boundary in v for _, v in fields):
+            break
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'
+             f"Content-Type: text/plain; charset=utf-8\r\n\r\n".encode() + value.encode() + b"\r\n"
+             for name, value in fields]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for data in files]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def _retry_after(value: str | None) -> float:

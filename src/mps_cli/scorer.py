@@ -223,24 +223,38 @@ class Scorer:
             self.stats["image_batches"] += 1
         return scores, kept, [f.truncated for f in feats]
 
+    def _results(self, pixels: list, prompts: list[str], labels: list[str], conditions,
+                 threshold: float) -> list[ScoreResult]:
+        """One model batch as results; a non-finite score makes that image's result an error."""
+        scores, kept, truncated = self._score_batch(pixels, prompts, conditions, threshold)
+        out = []
+        for j, (label, prompt) in enumerate(zip(labels, prompts, strict=True)):
+            if not all(math.isfinite(v[j]) for v in scores.values()):
+                # A score is a number or the input is an error: NaN means damaged weights or input.
+                out.append(ScoreResult(image=label, prompt=prompt, error=f"{label}: the model gave a non-finite "
+                                       "score: the weights or this input are damaged"))
+                continue
+            out.append(ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
+                                   kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j]))
+        return out
+
     def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
                      dims: Iterable[str] | None = None, condition: str | None = None,
-                     mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> list[ScoreResult]:
+                     mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+                     batch_size: int | None = None) -> list[ScoreResult]:
         """Score images already preprocessed by :func:`~mps_cli.preprocess.load_pixels`.
 
-        For pipelines that decode on other workers (Ray Data) and ship the ``3 x S x S`` float
-        tensors here; ``labels`` name the images in the results. Batches of ``self.batch_size``.
+        For callers that decode on other threads or workers (the server, Ray Data) and hand over
+        the ``3 x S x S`` float tensors; ``labels`` name the images in the results. Batches of
+        ``batch_size`` (default ``self.batch_size``).
         """
         conditions = resolve_conditions(dims, condition)
+        step = int(batch_size or self.batch_size)
         out: list[ScoreResult] = []
-        for start in range(0, len(pixels), self.batch_size):
-            end = start + self.batch_size
-            scores, kept, truncated = self._score_batch(list(pixels[start:end]), list(prompts[start:end]),
-                                                        conditions, float(mask_threshold))
-            for j, (label, prompt) in enumerate(zip(labels[start:end], prompts[start:end], strict=True)):
-                out.append(ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
-                                       kept_tokens={k: v[j] for k, v in kept.items()},
-                                       prompt_truncated=truncated[j]))
+        for start in range(0, len(pixels), step):
+            end = start + step
+            out.extend(self._results(list(pixels[start:end]), list(prompts[start:end]), list(labels[start:end]),
+                                     conditions, float(mask_threshold)))
         return out
 
     def iter_score(
@@ -286,22 +300,9 @@ class Scorer:
 
         def flush():
             idx = [i for i, _ in batch]
-            scores, kept, truncated = self._score_batch(
-                [px for _, px in batch], [prompt_list[i] for i in idx], conditions, float(mask_threshold)
-            )
-            for j, i in enumerate(idx):
-                if not all(math.isfinite(v[j]) for v in scores.values()):
-                    # A score is a number or the input is an error: NaN means damaged weights or input.
-                    ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i],
-                                           error=f"{labels[i]}: the model gave a non-finite score: "
-                                           "the weights or this input are damaged")
-                    continue
-                ready[i] = ScoreResult(
-                    image=labels[i], prompt=prompt_list[i],
-                    scores={k: v[j] for k, v in scores.items()},
-                    kept_tokens={k: v[j] for k, v in kept.items()},
-                    prompt_truncated=truncated[j],
-                )
+            results = self._results([px for _, px in batch], [prompt_list[i] for i in idx], [labels[i] for i in idx],
+                                    conditions, float(mask_threshold))
+            ready.update(zip(idx, results, strict=True))
             batch.clear()
 
         def drain() -> Iterator[ScoreResult]:

@@ -1,8 +1,9 @@
 """``mps serve``: one loaded :class:`~mps_cli.scorer.Scorer` behind HTTP.
 
 Images from concurrent requests are merged into model batches by :class:`MicroBatcher`,
-which runs the model in one worker thread; the event loop only parses, decodes (in its
-thread pool) and waits. Needs the ``serve`` extra (Starlette, uvicorn, python-multipart).
+which runs the model in one worker thread; the event loop only parses and waits, and the
+request's thread pool decodes each image all the way to the model's input tensor, so the
+worker's time goes to the model alone. Needs the ``serve`` extra (Starlette, uvicorn, python-multipart).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .constants import (
     SERVE_MAX_WAIT_MS,
 )
 from .errors import ImageError
-from .preprocess import open_image, open_image_bytes, resize_crop
+from .preprocess import open_image, open_image_bytes, pixels_from_image
 from .scorer import ScoreResult, compare_scores, resolve_conditions
 
 log = logging.getLogger("mps_cli.server")
@@ -78,7 +79,8 @@ class QueueFull(Exception):
 
 @dataclass
 class _Job:
-    image: Any  # a decoded RGB PIL image
+    pixels: Any  # the model's input: a normalised 3 x S x S float tensor
+    label: str
     prompt: str
     conditions: Conditions
     threshold: float
@@ -123,9 +125,12 @@ class MicroBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, images: list, prompts: list[str], conditions: Conditions, threshold: float) -> list[Future]:
-        """Queue images (decoded PIL images) with their prompts; one future of a ScoreResult per image."""
-        jobs = [_Job(img, p, conditions, threshold, Future()) for img, p in zip(images, prompts, strict=True)]
+    def submit(self, pixels: list, labels: list[str], prompts: list[str], conditions: Conditions,
+               threshold: float) -> list[Future]:
+        """Queue preprocessed images (:func:`~mps_cli.preprocess.pixels_from_image`) with their names and
+        prompts; one future of a ScoreResult per image."""
+        jobs = [_Job(px, label, p, conditions, threshold, Future())
+                for px, label, p in zip(pixels, labels, prompts, strict=True)]
         with self._cond:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -184,8 +189,9 @@ class MicroBatcher:
             dims = [k for k, _ in conditions if k != CUSTOM_KEY] or None
             custom = dict(conditions).get(CUSTOM_KEY)
             try:
-                results = self.scorer.score([j.image for j in batch], [j.prompt for j in batch], dims=dims,
-                                            condition=custom, mask_threshold=threshold, batch_size=len(batch))
+                results = self.scorer.score_pixels([j.pixels for j in batch], [j.prompt for j in batch],
+                                                   [j.label for j in batch], dims=dims, condition=custom,
+                                                   mask_threshold=threshold, batch_size=len(batch))
             except BaseException as exc:  # noqa: B036 (the worker must outlive any one batch)
                 for j in batch:
                     j.future.set_exception(exc)
@@ -229,12 +235,9 @@ class _Work:
 
 
 def _decode(src: _Source, max_pixels: int, size: int):
-    """The image decoded, resized and centre-cropped to the model's input, or raises ImageError naming it.
-
-    The crop is done here, in the request's thread, so the model's worker does not wait for it;
-    the scorer's own resize_crop then leaves a ``size`` x ``size`` image as it is.
-    """
-    return resize_crop(_open(src, max_pixels), size)
+    """The model's input tensor for one image (decoded, resized, cropped, normalised), or raises
+    ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
+    return pixels_from_image(_open(src, max_pixels), size)
 
 
 def _open(src: _Source, max_pixels: int):
@@ -266,6 +269,7 @@ class ScoringService:
     # ----------------------------------------------------------------------- parsing
     def _source(self, entry: Any, name: str) -> _Source:
         if isinstance(entry, _Source):
+            entry.name = name
             return entry
         if isinstance(entry, str):
             return _Source(name=name, text=entry)
@@ -305,7 +309,8 @@ class ScoringService:
             for side in ("a", "b"):
                 if side not in body:
                     raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
-            images, names = [body["a"], body["b"]], ["a", "b"]
+            images = [body["a"], body["b"]]
+            names = [body[side].name if isinstance(body[side], _Source) else side for side in ("a", "b")]
         else:
             images = body.get("images")
             if not isinstance(images, list) or not images:
@@ -376,26 +381,21 @@ class ScoringService:
                     out.append(_decode(src, max_px, size))
                 except ImageError as exc:
                     out.append(str(exc))
+                except Exception as exc:  # whatever else one image does to a decoder, it fails alone
+                    out.append(f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})")
             return out
 
         decoded = await run_in_threadpool(decode_all)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         try:
-            futures = self.batcher.submit([decoded[i] for i in good], [work.prompts[i] for i in good],
-                                          work.conditions, work.threshold)
+            futures = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
+                                          [work.prompts[i] for i in good], work.conditions, work.threshold)
         except QueueFull as exc:
             raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
         scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        results: list[ScoreResult] = []
         by_index = dict(zip(good, scored, strict=True))
-        for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True)):
-            if i in by_index:
-                r = by_index[i]
-                results.append(ScoreResult(image=src.name, prompt=prompt, scores=r.scores, kept_tokens=r.kept_tokens,
-                                           prompt_truncated=r.prompt_truncated, error=r.error))
-            else:
-                results.append(ScoreResult(image=src.name, prompt=prompt, error=decoded[i]))
-        return results
+        return [by_index[i] if i in by_index else ScoreResult(image=src.name, prompt=prompt, error=decoded[i])
+                for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True))]
 
     def info(self) -> dict:
         s = self.scorer
@@ -421,11 +421,11 @@ def _error(status: int, message: str, extra: dict | None = None, headers: dict |
     return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
 
 
-async def _read_body(request: Request) -> dict:
+async def _read_body(request: Request, max_part: int) -> dict:
     """The request as a dict: JSON, or a multipart form whose files become image sources."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _read_form(request)
+        return await _read_form(request, max_part)
     raw = await request.body()
     if not raw:
         raise RequestError(400, "empty body: send a JSON object (Content-Type: application/json) or a multipart form")
@@ -435,35 +435,43 @@ async def _read_body(request: Request) -> dict:
         raise RequestError(400, f"invalid JSON: {exc}") from None
 
 
-async def _read_form(request: Request) -> dict:
+async def _read_form(request: Request, max_part: int) -> dict:
+    """A multipart form as a request dict: ``image`` files (or ``a`` and ``b``), and text fields, repeated
+    ones (``prompts``, ``names``, ``dims``) in order. Image names are the ``names`` fields, else the files' names.
+
+    The form a :class:`~mps_cli.client.Client` sends: raw bytes cost the client and the server less
+    than base64 inside JSON (measured in benchmarks/bench_serve.py)."""
+    # A prompt field may be as long as the body allows, as in JSON (the tokenizer reads what it needs).
     try:
-        form = await request.form(max_files=SERVE_MAX_QUEUE, max_fields=SERVE_MAX_QUEUE)
+        form = await request.form(max_files=SERVE_MAX_QUEUE, max_fields=3 * SERVE_MAX_QUEUE + 16,
+                                  max_part_size=max_part)
     except _BodyTooLarge:
         raise
     except Exception as exc:  # the multipart parser's own errors
         raise RequestError(400, f"invalid multipart form: {exc}") from None
-    out: dict = {}
-    images: list[_Source] = []
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            src = _Source(name=value.filename or f"image {len(images)}", data=data)
-            if key in ("a", "b"):
-                out[key] = src
-            elif key in ("image", "images"):
-                images.append(src)
+    try:
+        out: dict = {}
+        images: list[_Source] = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                src = _Source(name=value.filename or f"image {len(images)}", data=data)
+                if key in ("a", "b"):
+                    out[key] = src
+                elif key in ("image", "images"):
+                    images.append(src)
+                else:
+                    raise RequestError(422, f"unexpected file field {key!r}: upload images as 'image' (or 'a' and 'b')")
+            elif key in ("prompts", "names", "dims", "dim"):
+                out.setdefault("dims" if key == "dim" else key, []).append(value)
             else:
-                raise RequestError(422, f"unexpected file field {key!r}: upload images as 'image' (or 'a' and 'b')")
-        elif key in ("prompts", "dims", "dim"):
-            out.setdefault("prompts" if key == "prompts" else "dims", []).append(value)
-        elif key in ("prompt", "condition", "mask_threshold"):
-            out[key] = value
-        else:
-            out[key] = value  # reported as unknown by parse()
-    if images:
-        out["images"] = images
-        out["names"] = [s.name for s in images]
-    return out
+                out[key] = value  # single fields; parse() reports unknown ones
+        if images:
+            out["images"] = images
+            out.setdefault("names", [s.name for s in images])
+        return out
+    finally:
+        await form.close()
 
 
 def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
@@ -472,7 +480,7 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
     service = ScoringService(scorer, options)
 
     async def score(request: Request) -> JSONResponse:
-        body = await _read_body(request)
+        body = await _read_body(request, options.max_body_bytes)
         work = service.parse(body)
         request.state.images = len(work.sources)
         results = await service.run(work)
@@ -484,7 +492,7 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
         return JSONResponse({"results": rows, "failed": failed})
 
     async def compare(request: Request) -> JSONResponse:
-        body = await _read_body(request)
+        body = await _read_body(request, options.max_body_bytes)
         work = service.parse(body, single=True)
         request.state.images = 2
         ra, rb = await service.run(work)
@@ -626,7 +634,8 @@ def warm_up(scorer) -> None:
     from PIL import Image
 
     size = scorer.config.vision.image_size
-    scorer.score([Image.new("RGB", (size, size), (128, 128, 128))], "warm-up", dims=["all"])
+    pixels = pixels_from_image(Image.new("RGB", (size, size), (128, 128, 128)), size)
+    scorer.score_pixels([pixels], ["warm-up"], ["warm-up"], dims=["all"])
 
 
 def serve(scorer, host: str, port: int, options: ServeOptions, log_level: str = "info") -> None:
