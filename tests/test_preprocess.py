@@ -28,10 +28,11 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def bpe():
-    """open_clip's BPE on its own: the token ids between SOT and EOT, with no layout applied."""
-    from open_clip.tokenizer import SimpleTokenizer
+    """The BPE on its own: the token ids between SOT and EOT, with no layout applied (its ids are
+    held to open_clip's in test_reference.py, the one test module that pays for importing open_clip)."""
+    from mps_cli.bpe import BPE
 
-    return SimpleTokenizer()
+    return BPE()
 
 
 # --- tokeniser ------------------------------------------------------------------------------
