@@ -113,6 +113,12 @@ def main() -> None:
     except BrokenPipeError:
         quiet_broken_pipe()
         code = 0
+    # Everything alive now lives until exit. Frozen, it is left out of the collections that interpreter
+    # shutdown runs, which otherwise walk torch's objects one by one: 0.35 s of every scoring command
+    # (2-vCPU AMD EPYC). atexit handlers and finalizers still run.
+    import gc
+
+    gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
 
 
