@@ -220,6 +220,12 @@ def test_client_uploads_raw_bytes_and_odd_names_and_prompts_survive(server, scor
         assert g.kept_tokens == w.kept_tokens and g.prompt_truncated == w.prompt_truncated
         assert all(abs(g.scores[k] - w.scores[k]) <= 1e-5 for k in w.scores)
     assert got[1].prompt_truncated
+    # A file name with bytes that are not UTF-8 cannot go into the form; the client sends JSON instead.
+    undecodable = tmp_path / os.fsdecode(b"bad\xff.png")
+    undecodable.write_bytes((IMAGES / "gray.png").read_bytes())
+    (r,) = c.score([undecodable], prompts[0])
+    (w,) = scorer.score([undecodable], prompts[0])
+    assert r.ok and r.image == str(undecodable) and abs(r.scores["overall"] - w.scores["overall"]) <= 1e-5
 
 
 def test_cli_through_the_server_is_byte_identical_to_local_and_imports_no_torch(server, expected):

@@ -164,7 +164,7 @@ class Client:
         la, lb = image_label(a, 0), image_label(b, 1)
         payload = []
         for img, label in ((a, la), (b, lb)):
-            data = _encode(img, label)
+            data = _encode(img)
             if isinstance(data, ImageError):
                 raise data
             payload.append({"data": data, "name": label})
@@ -190,7 +190,7 @@ class Client:
         rows: dict[int, ScoreResult] = {}
         encoded: dict[int, bytes] = {}
         for i, (img, label, prompt) in enumerate(zip(images, labels, prompts, strict=True)):
-            data = _read(img, label)
+            data = _read(img)
             if isinstance(data, ImageError):
                 rows[i] = ScoreResult(image=label, prompt=prompt, error=str(data))
             elif prompt is None:
@@ -202,7 +202,14 @@ class Client:
             fields = [*(("names", labels[i]) for i in send), *(("prompts", prompts[i]) for i in send),
                       *(("dims", d) for d in common.get("dims") or ()),
                       *((k, str(common[k])) for k in ("condition", "mask_threshold") if common.get(k) is not None)]
-            status, doc = self._call("POST", "/v1/score", form=_multipart(fields, [encoded[i] for i in send]))
+            try:
+                request = {"form": _multipart(fields, [encoded[i] for i in send])}
+            except UnicodeEncodeError:
+                # A name or prompt that is not UTF-8 (a file name's undecodable bytes): JSON escapes it.
+                request = {"body": {"images": [base64.b64encode(encoded[i]).decode("ascii") for i in send],
+                                    "names": [labels[i] for i in send], "prompts": [prompts[i] for i in send],
+                                    **common}}
+            status, doc = self._call("POST", "/v1/score", **request)
             if status == 413 and len(send) > 1:
                 # One image too big for the server's body limit must not sink the others.
                 for i in send:
@@ -225,7 +232,7 @@ def _result(row: dict, label: str, prompt) -> ScoreResult:
                        kept_tokens=row.get("kept_tokens", {}), prompt_truncated=bool(row.get("prompt_truncated")))
 
 
-def _read(image, label: str) -> bytes | ImageError:
+def _read(image) -> bytes | ImageError:
     """The image's encoded bytes (PIL images as PNG), or the error naming why it cannot be read."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
@@ -240,9 +247,9 @@ def _read(image, label: str) -> bytes | ImageError:
     return buf.getvalue()
 
 
-def _encode(image, label: str) -> str | ImageError:
+def _encode(image) -> str | ImageError:
     """Base64 of the image's encoded bytes, for JSON requests."""
-    data = _read(image, label)
+    data = _read(image)
     return data if isinstance(data, ImageError) else base64.b64encode(data).decode("ascii")
 
 
