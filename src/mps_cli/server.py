@@ -380,25 +380,23 @@ class ScoringService:
 
     # ----------------------------------------------------------------------- scoring
     async def run(self, work: _Work) -> list[ScoreResult]:
-        """Decode (thread pool), score (batcher), and return results in request order."""
+        """Decode (thread pool, the request's images in parallel), score (batcher), and return results
+        in request order."""
         max_px = self.options.max_image_pixels
         size = self.scorer.config.vision.image_size
 
-        def decode_all() -> list:
-            out = []
-            for src, prompt in zip(work.sources, work.prompts, strict=True):
-                if prompt is None:
-                    out.append(f"{src.name}: no prompt for this image")
-                    continue
-                try:
-                    out.append(_decode(src, max_px, size))
-                except ImageError as exc:
-                    out.append(str(exc))
-                except Exception as exc:  # whatever else one image does to a decoder, it fails alone
-                    out.append(f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})")
-            return out
+        def decode(src: _Source, prompt: str | None):
+            if prompt is None:
+                return f"{src.name}: no prompt for this image"
+            try:
+                return _decode(src, max_px, size)
+            except ImageError as exc:
+                return str(exc)
+            except Exception as exc:  # whatever else one image does to a decoder, it fails alone
+                return f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
-        decoded = await run_in_threadpool(decode_all)
+        decoded = await asyncio.gather(*(run_in_threadpool(decode, src, prompt)
+                                         for src, prompt in zip(work.sources, work.prompts, strict=True)))
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         try:
             futures = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
