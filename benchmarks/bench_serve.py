@@ -7,6 +7,7 @@ Starts a real ``mps serve`` on 127.0.0.1 (a free port), then for 1, 4 and 16 con
 ``mps score --server URL`` for one image (wall clock, a fresh process each time).
 
     python benchmarks/bench_serve.py                     # the tiny fixture checkpoint, CPU
+    python benchmarks/bench_serve.py --server-cpus 0     # scorer on CPU 0 (both ways), clients on the rest
     python benchmarks/bench_serve.py --weights W.safetensors --device cuda --images 512 --per-request 8
 
 The default model is the 1.8 MB fixture checkpoint (``../shared/fixtures/mps-tiny``), where a
@@ -76,6 +77,15 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_list(text: str) -> set[int]:
+    """``0,2-3`` as {0, 2, 3}."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out |= set(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
@@ -122,7 +132,11 @@ def start_server(args, port: int) -> subprocess.Popen:
         cmd += ["--weights", str(args.weights)]
     if args.config:
         cmd += ["--config", str(args.config)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env, pin = dict(os.environ), None
+    if args.server_cpus:
+        env["OMP_NUM_THREADS"] = str(len(args.server_cpus))
+        pin = lambda: os.sched_setaffinity(0, args.server_cpus)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, preexec_fn=pin)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -216,12 +230,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=2, help="runs per row; the best is kept (default 2)")
     p.add_argument("--cli-reps", type=int, default=5)
+    p.add_argument("--server-cpus", default=None,
+                   help="CPUs for the scoring side, e.g. 0 or 0-3: the server process and the in-process "
+                        "baseline run there (torch threads = their number) and the clients on the other CPUs, "
+                        "as when trainers call from other hosts (default: everything shares every CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.server_cpus:
+        args.server_cpus = cpu_list(args.server_cpus)
+        client_cpus = os.sched_getaffinity(0) - args.server_cpus
+        if not client_cpus:
+            raise SystemExit("bench_serve: --server-cpus leaves no CPU for the clients")
+        # Set before torch loads, so its threads (and the decoding threads) inherit the scoring side's CPUs.
+        os.environ["OMP_NUM_THREADS"] = str(len(args.server_cpus))
+        os.sched_setaffinity(0, args.server_cpus)
     if args.images is None:
         args.images = 512 if args.device == "cpu" else 2048
     sources = sorted((FIXTURE / "images").iterdir())
@@ -229,6 +255,8 @@ def main(argv=None) -> int:
     blobs = [p.read_bytes() for p in paths]
     log(f"{args.images} images, {args.per_request} per request, model {args.weights}, {args.device}")
     base = in_process(args, paths)
+    if args.server_cpus:
+        os.sched_setaffinity(0, client_cpus)  # the client threads, started from here on
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(args, port)
@@ -253,7 +281,9 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait(60)
     ref = max(base["main thread"], base["worker thread"])
-    print(f"CPU: {cpu_name()}; torch threads: default; model: {args.weights.name}, device {args.device}")
+    where = (f"scoring side on CPUs {sorted(args.server_cpus)} (torch threads {len(args.server_cpus)}), clients on "
+             f"CPUs {sorted(client_cpus)}" if args.server_cpus else "torch threads: default; everything on every CPU")
+    print(f"CPU: {cpu_name()}; {where}; model: {args.weights.name}, device {args.device}")
     print(f"in-process Scorer.score, batch {args.max_batch}: main thread {base['main thread']:.1f} images/s, "
           f"worker thread {base['worker thread']:.1f} images/s (reference: the faster, {ref:.1f})")
     print(f"server: --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms}, {args.per_request} images "
