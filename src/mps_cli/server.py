@@ -107,7 +107,9 @@ class MicroBatcher:
 
     A batch holds images with the same conditions and mask threshold, at most ``max_batch``
     of them; the worker waits at most ``max_wait_ms`` after the oldest queued image for a
-    batch to fill. Prompt and condition features are cached by the scorer across batches.
+    batch to fill, and only while more images are on their way (:meth:`expect`): a lone
+    client's request is scored as soon as it is queued. Prompt and condition features are
+    cached by the scorer across batches.
     Queued images are the model's input tensors (600 KB each at 224 px), so a full queue of
     ``max_queue`` images holds ``max_queue`` of them.
     """
@@ -123,6 +125,7 @@ class MicroBatcher:
         self._pending: deque[tuple[float, _Job]] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._incoming = 0  # requests decoding images they will submit
         self._thread: threading.Thread | None = None
         self._stats = {"requests": 0, "images": 0, "batches": 0, "batched_images": 0, "largest_batch": 0}
 
@@ -138,10 +141,22 @@ class MicroBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def expect(self) -> None:
+        """A request is decoding images it will submit (or call :meth:`unexpect`): worth waiting for."""
+        with self._cond:
+            self._incoming += 1
+
+    def unexpect(self) -> None:
+        """An expected request will submit nothing after all."""
+        with self._cond:
+            self._incoming -= 1
+            self._cond.notify_all()
+
     def submit(self, pixels: list, labels: list[str], prompts: list[str], conditions: Conditions,
-               threshold: float) -> list[Future]:
+               threshold: float, expected: bool = False) -> list[Future]:
         """Queue preprocessed images (:func:`~mps_cli.preprocess.pixels_from_image`) with their names and
-        prompts; one future of a ScoreResult per image."""
+        prompts; one future of a ScoreResult per image. ``expected``: this request called :meth:`expect`,
+        and no longer counts as on its way once this returns."""
         jobs = [_Job(px, label, p, conditions, threshold, Future())
                 for px, label, p in zip(pixels, labels, prompts, strict=True)]
         with self._cond:
@@ -150,6 +165,8 @@ class MicroBatcher:
             if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._pending)} images are waiting for the model (limit {self.max_queue})")
             now = time.monotonic()
+            if expected:
+                self._incoming -= 1
             self._pending.extend((now, j) for j in jobs)
             self._stats["requests"] += 1
             self._stats["images"] += len(jobs)
@@ -180,7 +197,7 @@ class MicroBatcher:
                 key = first.key
                 ready = sum(1 for _, j in self._pending if j.key == key)
                 remaining = first_t + self.max_wait - time.monotonic()
-                if ready >= self.max_batch or remaining <= 0 or self._closing:
+                if ready >= self.max_batch or remaining <= 0 or self._closing or self._incoming <= 0:
                     break
                 self._cond.wait(remaining)
             batch: list[_Job] = []
@@ -395,14 +412,21 @@ class ScoringService:
             except Exception as exc:  # whatever else one image does to a decoder, it fails alone
                 return f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
-        decoded = await asyncio.gather(*(run_in_threadpool(decode, src, prompt)
-                                         for src, prompt in zip(work.sources, work.prompts, strict=True)))
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+        self.batcher.expect()
+        submitted = False
         try:
+            decoded = await asyncio.gather(*(run_in_threadpool(decode, src, prompt)
+                                             for src, prompt in zip(work.sources, work.prompts, strict=True)))
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             futures = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
-                                          [work.prompts[i] for i in good], work.conditions, work.threshold)
+                                          [work.prompts[i] for i in good], work.conditions, work.threshold,
+                                          expected=True)
+            submitted = True
         except QueueFull as exc:
             raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+        finally:
+            if not submitted:
+                self.batcher.unexpect()
         scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         by_index = dict(zip(good, scored, strict=True))
         return [by_index[i] if i in by_index else ScoreResult(image=src.name, prompt=prompt, error=decoded[i])
