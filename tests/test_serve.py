@@ -454,6 +454,44 @@ def test_batcher_groups_compatible_images_up_to_max_batch(scorer):
         batcher.submit(px[:1], names[:1], ["x"], overall, 0.3)
 
 
+def test_batcher_waits_for_a_fuller_batch_only_while_requests_are_on_their_way(scorer):
+    import time
+
+    from PIL import Image
+
+    from mps_cli.preprocess import pixels_from_image
+    from mps_cli.scorer import resolve_conditions
+    from mps_cli.server import MicroBatcher
+
+    size = scorer.config.vision.image_size
+    px = [pixels_from_image(Image.open(IMAGES / n).convert("RGB"), size) for n in IMAGE_NAMES[:6]]
+    names = list(IMAGE_NAMES[:6])
+    overall = tuple(resolve_conditions(["overall"], None))
+    # A minute's max wait: a batch that goes early went because nothing more was on its way.
+    batcher = MicroBatcher(scorer, max_batch=8, max_wait_ms=60_000, max_queue=64)
+    batcher.start()
+    try:
+        lone = batcher.submit(px[:2], names[:2], ["a fox"] * 2, overall, 0.3)
+        assert all(f.result(30).ok for f in lone)  # a lone request: scored at once
+        batcher.expect()
+        batcher.expect()  # two requests decoding
+        first = batcher.submit(px[:2], names[:2], ["a fox"] * 2, overall, 0.3, expected=True)
+        time.sleep(0.3)
+        assert not any(f.done() for f in first)  # waiting for the other request's images
+        second = batcher.submit(px[2:5], names[2:5], ["a fox"] * 3, overall, 0.3, expected=True)
+        assert [f.result(30).image for f in first + second] == names[:5]
+        batcher.expect()
+        third = batcher.submit(px[5:], names[5:], ["a fox"], overall, 0.3)
+        time.sleep(0.3)
+        assert not third[0].done()
+        batcher.unexpect()  # the request that was on its way gave up (every image failed, say)
+        assert third[0].result(30).ok
+        stats = batcher.stats()
+        assert stats["batches"] == 3 and stats["largest_batch"] == 5
+    finally:
+        batcher.close()
+
+
 def test_a_full_queue_answers_503_with_retry_after(scorer):
     import httpx
 
