@@ -239,9 +239,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mps_cli.config import builtin_config
     from mps_cli.constants import CACHE_ENV
     from mps_cli.devices import DTYPES, resolve_device, resolve_precision
+    from mps_cli.weights.config import builtin_config
 
     device = resolve_device(args.device)
     cache = check_outside_repo(args.cache_dir or default_cache_dir())

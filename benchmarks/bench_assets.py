@@ -176,7 +176,7 @@ def make_images(folder: Path, n: int, seed: int = SEED) -> list[Path]:
 
 def ensure_assets(cache: Path, n_images: int, rebuild: bool, device: str) -> tuple[Path, list[Path]]:
     """The cached checkpoint (built and checked to load on first use) and ``n_images`` JPEGs."""
-    from mps_cli.config import builtin_config
+    from mps_cli.weights.config import builtin_config
 
     cache.mkdir(parents=True, exist_ok=True)
     images = make_images(cache / "images", n_images)

@@ -178,7 +178,7 @@ def pipeline_throughput(scorer, images: list, dims: list[str], batch_size: int |
 
 def predecoded(images: list[Path], size: int) -> list:
     """The images decoded, resized and cropped in advance: scoring them times the model alone."""
-    from mps_cli.preprocess import open_image, resize_crop
+    from mps_cli.engine.preprocess import open_image, resize_crop
 
     return [resize_crop(open_image(p), size) for p in images]
 
@@ -194,8 +194,8 @@ def naive_baseline(scorer, images: list[Path], dims: list[str], threshold: float
     import torch
 
     from mps_cli.constants import CONDITIONS
-    from mps_cli.model import additive_mask, condition_keep, preference_logits
-    from mps_cli.preprocess import Tokenizer, load_pixels
+    from mps_cli.engine.model import additive_mask, condition_keep, preference_logits
+    from mps_cli.engine.preprocess import Tokenizer, load_pixels
 
     model, device, dtype = scorer.model, scorer.device, scorer.dtype
     size = scorer.config.vision.image_size
@@ -243,8 +243,8 @@ t_torch = time.time()
 import mps_cli
 from mps_cli import load_scorer
 # What load_scorer imports lazily, so "weight load" is the loading alone.
-for name in ("safetensors", "safetensors.torch", "regex", "ftfy", "mps_cli.bpe",
-             "mps_cli.model", "mps_cli.checkpoint", "mps_cli.weights", "mps_cli.preprocess"):
+for name in ("safetensors", "safetensors.torch", "regex", "ftfy", "mps_cli.engine.bpe", "mps_cli.engine.model",
+             "mps_cli.weights.checkpoint", "mps_cli.weights.sources", "mps_cli.engine.preprocess"):
     try:
         importlib.import_module(name)
     except ImportError:
@@ -310,7 +310,7 @@ def cold_start(ckpt: Path, images: list[Path], dtype: str, device: str, batch_si
 
 def warm_imports() -> None:
     """Bring the libraries' files into the page cache before the timed cold start."""
-    subprocess.run([sys.executable, "-c", "import torch, safetensors, mps_cli.scorer, mps_cli.bpe"],
+    subprocess.run([sys.executable, "-c", "import torch, safetensors, mps_cli.engine.scorer, mps_cli.engine.bpe"],
                    capture_output=True, timeout=600)
 
 

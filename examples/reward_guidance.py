@@ -26,7 +26,7 @@ def initial_image(path: str | None, size: int, seed: int) -> torch.Tensor:
     if path:
         import numpy as np
 
-        from mps_cli.preprocess import open_image
+        from mps_cli.engine.preprocess import open_image
 
         img = open_image(path)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255

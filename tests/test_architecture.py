@@ -90,12 +90,12 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_parser_sees_the_known_modules_and_edges():
     """Guards the test itself: a parser that found nothing would pass every rule below."""
-    assert {"mps_cli.scorer", "mps_cli.cli.app", "mps_cli.reader", "mps_cli.server"} <= set(GRAPH)
-    assert "mps_cli.errors" in GRAPH["mps_cli.scorer"]          # from .errors import ...
-    assert "mps_cli.reader" in GRAPH["mps_cli.checkpoint"]      # relative, module level
+    assert {"mps_cli.engine.scorer", "mps_cli.cli.app", "mps_cli.weights.reader", "mps_cli.server"} <= set(GRAPH)
+    assert "mps_cli.errors" in GRAPH["mps_cli.engine.scorer"]          # from .errors import ...
+    assert "mps_cli.weights.reader" in GRAPH["mps_cli.weights.checkpoint"]      # relative, module level
     assert "mps_cli.cli.app" in GRAPH["mps_cli.cli.scoring_cmds"]
     deferred = {t for m, ts in GRAPH.items() for t in ts if m.startswith("mps_cli.cli")}
-    assert "mps_cli.scorer" in deferred                         # the CLI loads the engine inside functions
+    assert "mps_cli.engine.scorer" in deferred                         # the CLI loads the engine inside functions
 
 
 def test_finds_a_cycle_when_there_is_one():

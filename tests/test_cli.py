@@ -301,7 +301,7 @@ def test_scoring_imports_neither_open_clip_nor_torchvision_nor_dynamo(expected):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    assert "torch" in imported and "mps_cli.model" in imported
+    assert "torch" in imported and "mps_cli.engine.model" in imported
     assert not [m for m in imported if m.split(".")[0] in ("open_clip", "torchvision")]
     assert not [m for m in imported if m.startswith("torch._dynamo")]
     [doc] = json.loads(proc.stdout)

@@ -117,8 +117,8 @@ def test_empty_folder_alone_is_an_error(tmp_path):
 
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from mps_cli.engine.preprocess import load_pixels
     from mps_cli.errors import ImageError
-    from mps_cli.preprocess import load_pixels
 
     bomb_png(tmp_path / "bomb.png")
     start = time.perf_counter()

@@ -82,7 +82,7 @@ def test_original_pth_scores_directly_as_weights(fp16_expected):
 def test_state_dict_pickle_reads_the_same_tensors_as_the_module_pickle():
     import torch
 
-    from mps_cli.pickles import read_checkpoint
+    from mps_cli.weights.pickles import read_checkpoint
 
     module = read_checkpoint(WHOLE_MODULE)
     plain = read_checkpoint(STATE_DICT)
@@ -95,7 +95,7 @@ def test_state_dict_pickle_reads_the_same_tensors_as_the_module_pickle():
 def test_prefixed_safetensors_is_stripped_and_cast(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mps_cli.convert import convert_checkpoint
+    from mps_cli.weights.convert import convert_checkpoint
 
     original = load_file(WEIGHTS)
     src = tmp_path / "model.safetensors"
@@ -148,7 +148,7 @@ def _evil_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
 
 
 def test_pickles_that_would_run_code_are_refused_and_never_run(tmp_path):
-    from mps_cli.pickles import read_checkpoint
+    from mps_cli.weights.pickles import read_checkpoint
 
     # Control: the same payload, unpickled the ordinary way, does run (in a throwaway process).
     control = tmp_path / "control"
@@ -178,7 +178,7 @@ def test_unsafe_pickle_is_a_one_line_cli_error_and_writes_nothing(tmp_path):
 
 
 def test_other_globals_are_refused_by_name(tmp_path):
-    from mps_cli.pickles import read_checkpoint
+    from mps_cli.weights.pickles import read_checkpoint
 
     # GLOBAL builtins.eval, then REDUCE: the shape of an eval-based exploit, written by hand.
     evil = tmp_path / "eval.pkl"
@@ -191,7 +191,7 @@ def test_failed_conversions_leave_no_output_file(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from mps_cli.convert import convert_checkpoint
+    from mps_cli.weights.convert import convert_checkpoint
 
     not_mps = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, not_mps)

@@ -25,7 +25,7 @@ from conftest import IMAGES, WEIGHTS, mps_executable  # noqa: E402
 
 from mps_cli.cli import app  # noqa: E402
 from mps_cli.dataset import MANIFEST, DatasetJob, ModelSpec, plan_dataset, score_dataset  # noqa: E402
-from mps_cli.shards import expand_braces, find_shards  # noqa: E402
+from mps_cli.inputs.shards import expand_braces, find_shards  # noqa: E402
 
 DIMS = ("overall", "aesthetics", "detail", "alignment")
 TOL = 1e-5

@@ -260,7 +260,7 @@ def test_bombs_stay_small_in_a_real_process(inputs):
     names = ["dynamo", "inflate_bomb", "claims_bomb", "expanded", "dag", "chain"]
     script = (
         "import json, resource, sys\n"
-        "from mps_cli.pickles import read_checkpoint\n"
+        "from mps_cli.weights.pickles import read_checkpoint\n"
         "from mps_cli.errors import CheckpointError\n"
         "out = {}\n"
         "for name, path in json.loads(sys.argv[1]).items():\n"
@@ -376,8 +376,8 @@ def test_weights_rewritten_with_same_size_and_mtime_are_never_served_from_a_cach
 
 
 def test_stale_temp_file_of_a_dead_writer_is_removed_at_once(cache):
-    from mps_cli.cachedir import host_tag as _host
-    from mps_cli.prepared import summary
+    from mps_cli.weights.cachedir import host_tag as _host
+    from mps_cli.weights.prepared import summary
 
     cache.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
@@ -450,7 +450,7 @@ def test_locked_score_cache_is_one_line(tmp_path, monkeypatch):
 
 def test_mps_cache_dir_moves_the_score_cache_too(tmp_path, monkeypatch):
     from mps_cli.evaluate import default_cache_path
-    from mps_cli.prepared import cache_dir
+    from mps_cli.weights.prepared import cache_dir
 
     monkeypatch.setenv("MPS_CACHE_DIR", str(tmp_path / "c"))
     assert default_cache_path() == tmp_path / "c" / "scores.sqlite" and cache_dir() == tmp_path / "c" / "prepared"
@@ -459,7 +459,7 @@ def test_mps_cache_dir_moves_the_score_cache_too(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- prompts and images
 
 def test_ten_megabyte_prompt_is_tokenised_in_moments():
-    from mps_cli.preprocess import Tokenizer
+    from mps_cli.engine.preprocess import Tokenizer
 
     started = time.monotonic()
     tokens = Tokenizer()("a red fox in the snow " * 500_000)

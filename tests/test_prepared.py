@@ -13,7 +13,7 @@ import torch
 from conftest import FIXTURE, IMAGES, ORIGINAL, WEIGHTS, run_cli, run_mps
 
 from mps_cli import load_scorer
-from mps_cli.prepared import FORMAT, SWITCH_ENV
+from mps_cli.weights.prepared import FORMAT, SWITCH_ENV
 
 CONFIG = FIXTURE / "config.json"
 PROMPT = "three blue cubes stacked on top of a wooden table"
@@ -57,7 +57,7 @@ def _prepared(cache: Path) -> list[Path]:
 
 def _no_conversion(monkeypatch):
     """Make converting from the source fail, so a load that succeeds must have mapped the copy."""
-    import mps_cli.checkpoint as checkpoint
+    import mps_cli.weights.checkpoint as checkpoint
 
     def refuse(*args, **kwargs):
         raise AssertionError("converted from the source although a prepared copy exists")
@@ -188,7 +188,7 @@ def test_unwritable_cache_still_loads_and_says_why(tmp_path, fp16_weights, monke
 
 
 def test_too_little_disk_space_skips_the_copy(cache, fp16_weights, monkeypatch, caplog):
-    import mps_cli.prepared as prepared
+    import mps_cli.weights.prepared as prepared
 
     monkeypatch.setattr(prepared, "MIN_FREE_AFTER", 1 << 60)  # no real disk has an exbibyte free
     with caplog.at_level(logging.WARNING, logger="mps_cli"):
@@ -225,8 +225,8 @@ def test_stale_temporary_files_are_cleaned_up(cache, fp16_weights):
 
 def test_failed_load_leaves_no_partial_copy(cache, fp16_weights, monkeypatch):
     # A read error halfway through converting (injected: a real one needs a failing disk).
-    from mps_cli.checkpoint import SafetensorsFile
     from mps_cli.errors import CheckpointError
+    from mps_cli.weights.checkpoint import SafetensorsFile
 
     calls = {"n": 0}
     real = SafetensorsFile.read_into

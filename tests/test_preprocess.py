@@ -12,8 +12,8 @@ import torch
 from conftest import IMAGES
 from PIL import Image
 
+from mps_cli.engine.preprocess import Tokenizer, open_image, pixels_from_image, resize_crop
 from mps_cli.errors import ImageError
-from mps_cli.preprocess import Tokenizer, open_image, pixels_from_image, resize_crop
 
 SOT, EOT = 49406, 49407
 # Written out from mps-model.md §2 rather than imported, so a typo in constants.py shows up.
@@ -30,7 +30,7 @@ def tokenizer():
 def bpe():
     """The BPE on its own: the token ids between SOT and EOT, with no layout applied (its ids are
     held to open_clip's in test_reference.py, the one test module that pays for importing open_clip)."""
-    from mps_cli.bpe import BPE
+    from mps_cli.engine.bpe import BPE
 
     return BPE()
 

@@ -13,7 +13,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from mps_cli.errors import PromptError
-from mps_cli.prompts import (
+from mps_cli.inputs.prompts import (
     a1111_prompt,
     comfy_prompt,
     decode_user_comment,

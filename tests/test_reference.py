@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import FIXTURE
 
-from mps_cli.bpe import BPE
-from mps_cli.config import builtin_config, read_config
-from mps_cli.model import TextTower, VisionTower
+from mps_cli.engine.bpe import BPE
+from mps_cli.engine.model import TextTower, VisionTower
+from mps_cli.weights.config import builtin_config, read_config
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_our_blocks_compute_what_open_clips_compute(act):
     """Same random weights in both: our block runner (SDPA, in-place residuals) against open_clip's blocks."""
     from dataclasses import replace
 
-    from mps_cli.model import _run_tower
+    from mps_cli.engine.model import _run_tower
 
     cfg = read_config(FIXTURE / "config.json")
     cfg = replace(cfg, text=replace(cfg.text, act=act), vision=replace(cfg.vision, act=act))

@@ -44,7 +44,7 @@ def reward():
 
 def image_tensor(name: str) -> torch.Tensor:
     """1 x 3 x H x W in [0, 1], from the scorer's own decode (RGB conversion included)."""
-    from mps_cli.preprocess import open_image
+    from mps_cli.engine.preprocess import open_image
 
     img = open_image(IMAGES / name)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
@@ -119,7 +119,7 @@ def test_unrounded_scores_land_near_the_originals(fixture_rewards, input_range):
 
 def test_preprocessing_lands_within_about_a_grey_level_of_pil():
     from mps_cli.constants import IMAGE_STD
-    from mps_cli.preprocess import open_image, pixels_from_image
+    from mps_cli.engine.preprocess import open_image, pixels_from_image
     from mps_cli.reward import preprocess_images
 
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)

@@ -422,8 +422,8 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(server):
 def test_batcher_groups_compatible_images_up_to_max_batch(scorer):
     from PIL import Image
 
-    from mps_cli.preprocess import pixels_from_image
-    from mps_cli.scorer import resolve_conditions
+    from mps_cli.engine.preprocess import pixels_from_image
+    from mps_cli.engine.scorer import resolve_conditions
     from mps_cli.server import MicroBatcher, QueueFull
 
     imgs = [Image.open(IMAGES / n).convert("RGB") for n in IMAGE_NAMES]
@@ -459,8 +459,8 @@ def test_batcher_waits_for_a_fuller_batch_only_while_requests_are_on_their_way(s
 
     from PIL import Image
 
-    from mps_cli.preprocess import pixels_from_image
-    from mps_cli.scorer import resolve_conditions
+    from mps_cli.engine.preprocess import pixels_from_image
+    from mps_cli.engine.scorer import resolve_conditions
     from mps_cli.server import MicroBatcher
 
     size = scorer.config.vision.image_size

@@ -22,10 +22,11 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_scorer": "scorer", "Scorer": "scorer", "ScoreResult": "scorer", "Comparison": "scorer",
-    "PairResult": "scorer", "preference_probability": "scorer", "compare_scores": "scorer",
+    "load_scorer": "engine.scorer", "Scorer": "engine.scorer", "ScoreResult": "engine.scorer",
+    "Comparison": "engine.scorer", "PairResult": "engine.scorer", "preference_probability": "engine.scorer",
+    "compare_scores": "engine.scorer",
     "load_reward": "reward", "MPSReward": "reward",
-    "ModelConfig": "config", "read_config": "config", "builtin_config": "config",
+    "ModelConfig": "weights.config", "read_config": "weights.config", "builtin_config": "weights.config",
 }
 
 

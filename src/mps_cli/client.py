@@ -17,9 +17,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .constants import DEFAULT_MASK_THRESHOLD
+from .engine.preprocess import file_error
+from .engine.scorer import Comparison, PairResult, PromptInput, ScoreResult, _prefetch, image_label
 from .errors import ImageError, ServerError
-from .preprocess import file_error
-from .scorer import Comparison, PairResult, PromptInput, ScoreResult, _prefetch, image_label
 
 #: How long a client keeps retrying a server that answers 503 (busy) before giving up.
 BUSY_RETRY_SECONDS = 60.0

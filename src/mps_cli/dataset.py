@@ -2,7 +2,7 @@
 
 The plan (:func:`plan_dataset`) expands the sources and checks the output folder before any model
 is loaded; :func:`open_output` checks the folder's manifest against the model settings; then
-:func:`score_dataset` scores on this process through :class:`~mps_cli.scorer.Scorer`, or
+:func:`score_dataset` scores on this process through :class:`~mps_cli.engine.scorer.Scorer`, or
 :func:`mps_cli.ray_engine.score_dataset_ray` on a Ray cluster. Both write through :class:`Output`.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import MissingExtraError, OutputError, ShardError
-from .shards import Sample, Shard, find_shards, read_shard
+from .inputs.shards import Sample, Shard, find_shards, read_shard
 
 MANIFEST = "_manifest.json"
 #: Key of the settings JSON in each output parquet file's schema metadata.
@@ -59,7 +59,7 @@ def resolve_model(weights: str | None = None, config: str | os.PathLike | None =
     import torch
 
     from .devices import resolve_device, resolve_precision
-    from .weights import open_weights, weights_spec
+    from .weights.sources import open_weights, weights_spec
 
     opened = open_weights(weights, revision=revision, offline=offline, config=config)
     if device_kind is not None and device == "auto":
@@ -124,7 +124,7 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
     Raises :class:`OutputError` when the folder cannot be written or two shards would write the
     same output file, ``ValueError`` for bad dimensions or shard selection.
     """
-    from .scorer import resolve_conditions
+    from .engine.scorer import resolve_conditions
 
     require_pyarrow()
     conditions = resolve_conditions(job.dims, job.condition)
@@ -426,7 +426,7 @@ def _read(shard: Shard, job: DatasetJob) -> list[Sample]:
 
 
 def _score_shard(scorer, shard: Shard, samples: list[Sample], job: DatasetJob, tracker: Tracker) -> list[Row]:
-    from .preprocess import EncodedImage
+    from .engine.preprocess import EncodedImage
 
     good = [s for s in samples if s.error is None]
     total = max(1, len(samples))

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cachedir import scores_path
 from .constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
 from .errors import InputError, MPSError
-from .reader import file_sha256
+from .weights.cachedir import scores_path
+from .weights.reader import file_sha256
 
 BENCHMARKS = ("imagereward", "hpdv2", "pairs")
 CACHE_SCHEMA = 1
@@ -519,7 +519,7 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
     """
-    from .scorer import resolve_conditions
+    from .engine.scorer import resolve_conditions
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]

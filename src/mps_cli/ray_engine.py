@@ -24,7 +24,7 @@ from .dataset import (
     open_output,
 )
 from .errors import EngineError, MissingExtraError, MPSError, OutputError, ShardError
-from .shards import Shard, read_shard
+from .inputs.shards import Shard, read_shard
 
 _SCORE_PREFIX = "score:"
 
@@ -63,8 +63,8 @@ def _decode(batch: dict, image_size: int) -> dict:
     """map_batches on CPU tasks: image bytes into normalised pixels, exactly as for image files."""
     import numpy as np
 
+    from .engine.preprocess import EncodedImage, load_pixels
     from .errors import ImageError
-    from .preprocess import EncodedImage, load_pixels
 
     n = len(batch["index"])
     pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
@@ -86,7 +86,7 @@ class _ScoreActor:
     """map_batches on actors: the model is loaded once per actor, then scores batch after batch."""
 
     def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float):
-        from .scorer import load_scorer, resolve_conditions
+        from .engine.scorer import load_scorer, resolve_conditions
 
         self.scorer = load_scorer(spec.weights, spec.config, spec.device, spec.dtype, revision=spec.revision,
                                   offline=spec.offline, batch_size=spec.batch_size)

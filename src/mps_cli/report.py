@@ -520,7 +520,7 @@ class _Images:
             url = _relative_url(path, self.out_dir)
             return _Image(src=url, full=url, problem=None)
         try:
-            from .preprocess import open_image
+            from .engine.preprocess import open_image
 
             return _Image(src=self._encode(open_image(path)), full=None, problem=None)
         except ImageError as exc:
@@ -530,7 +530,7 @@ class _Images:
         """A dataset row's image, read from its webdataset tar shard when that file is here."""
         from PIL import Image
 
-        from .preprocess import open_image
+        from .engine.preprocess import open_image
 
         path = _locate(shard, origin) or _locate(shard, origin.parent if origin else None)
         if path is None or not tarfile.is_tarfile(path):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEAN, IMAGE_STD
+from .engine.preprocess import crop_offsets, resized_size
+from .engine.scorer import Scorer, condition_masks, load_scorer, resolve_conditions, score_image_tokens
 from .errors import InputError
-from .preprocess import crop_offsets, resized_size
-from .scorer import Scorer, condition_masks, load_scorer, resolve_conditions, score_image_tokens
 
 
 def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0),

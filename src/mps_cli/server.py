@@ -1,4 +1,4 @@
-"""``mps serve``: one loaded :class:`~mps_cli.scorer.Scorer` behind HTTP.
+"""``mps serve``: one loaded :class:`~mps_cli.engine.scorer.Scorer` behind HTTP.
 
 Images from concurrent requests are merged into model batches by :class:`MicroBatcher`,
 which runs the model in one worker thread; the event loop only parses and waits, and the
@@ -41,9 +41,9 @@ from .constants import (
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
 )
+from .engine.preprocess import open_image, open_image_bytes, pixels_from_image
+from .engine.scorer import ScoreResult, compare_scores, resolve_conditions
 from .errors import ImageError
-from .preprocess import open_image, open_image_bytes, pixels_from_image
-from .scorer import ScoreResult, compare_scores, resolve_conditions
 
 log = logging.getLogger("mps_cli.server")
 
@@ -154,7 +154,7 @@ class MicroBatcher:
 
     def submit(self, pixels: list, labels: list[str], prompts: list[str], conditions: Conditions,
                threshold: float, expected: bool = False) -> list[Future]:
-        """Queue preprocessed images (:func:`~mps_cli.preprocess.pixels_from_image`) with their names and
+        """Queue preprocessed images (:func:`~mps_cli.engine.preprocess.pixels_from_image`) with their names and
         prompts; one future of a ScoreResult per image. ``expected``: this request called :meth:`expect`,
         and no longer counts as on its way once this returns."""
         jobs = [_Job(px, label, p, conditions, threshold, Future())

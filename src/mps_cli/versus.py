@@ -387,7 +387,7 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
             if prompt is not None:
                 entries.append(replace(e, prompt=prompt))
                 continue
-            from .prompts import metadata_prompt, sidecar_prompt
+            from .inputs.prompts import metadata_prompt, sidecar_prompt
 
             read = sidecar_prompt if prompt_from == "sidecar" else metadata_prompt
             try:
@@ -399,7 +399,7 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
 
 
 def _line_up_file(sides: Sequence[Side], prompts_file: str | os.PathLike) -> Lineup:
-    from .prompts import read_prompt_file
+    from .inputs.prompts import read_prompt_file
 
     listed: list[tuple[str, str]] = []
     failed: list[Failure] = []
@@ -604,8 +604,8 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
                   progress: Callable[[str, int, int], None] | None = None) -> VersusReport:
     """Score what needs scoring (through ``cache``, a :class:`~mps_cli.evaluate.ScoreCache`) and compare every
     two sides. ``scorer`` may be None when every side is pre-scored."""
+    from .engine.scorer import resolve_conditions
     from .evaluate import ScoreCache, cache_identity, hash_images, score_cached
-    from .scorer import resolve_conditions
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]

@@ -24,7 +24,7 @@ import typer.core
 from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
 from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
-from ..inputs import Problem
+from ..inputs.items import Problem
 
 DIMENSION_NOTE = (
     "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
@@ -335,7 +335,7 @@ def check_revision(source: str | None, revision: str | None) -> None:
     """``--revision`` and an ``@REV`` in the source must not disagree (one would be silently ignored)."""
     if not source or not revision or not source.startswith("hf://"):
         return
-    from ..weights import parse_hf_uri
+    from ..weights.sources import parse_hf_uri
 
     try:
         pinned = parse_hf_uri(source).revision
@@ -355,7 +355,7 @@ def load_model(options: ModelOptions):
     key = options.key()
     if key in _SCORERS:
         return _SCORERS[key]
-    from ..scorer import load_scorer
+    from ..engine.scorer import load_scorer
     from .output import status
 
     LOADS["count"] += 1

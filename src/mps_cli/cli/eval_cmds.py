@@ -88,8 +88,8 @@ def eval_command(
     batch_size: BatchSize = None,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
+    from ..engine.scorer import resolve_conditions
     from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
-    from ..scorer import resolve_conditions
 
     model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
     with handle_errors("reading the benchmark"):

@@ -15,7 +15,7 @@ import typer
 
 from ..constants import CUSTOM_KEY, DIMENSIONS
 from ..errors import ImageError, PromptError
-from ..inputs import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
+from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import (
     DEFAULT_THRESHOLD,
     INPUT_HINTS,
@@ -84,7 +84,7 @@ class Scoring:
 
 
 def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float) -> Scoring:
-    from ..scorer import resolve_conditions
+    from ..engine.scorer import resolve_conditions
 
     try:
         keys = tuple(k for k, _ in resolve_conditions(dims, condition))

@@ -11,7 +11,7 @@ import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import PromptError
-from ..inputs import PromptSource
+from ..inputs.items import PromptSource
 from .app import (
     DIMENSION_NOTE,
     AsJson,
@@ -193,8 +193,8 @@ def versus_command(
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
 ) -> None:
+    from ..engine.scorer import resolve_conditions
     from ..evaluate import CacheError, ScoreCache, default_cache_path
-    from ..scorer import resolve_conditions
     from ..versus import SideError, compare_sides, line_up, read_side
 
     with handle_errors():

@@ -35,7 +35,7 @@ def download(
     Run it on a connected machine; later runs, even with --offline or HF_HUB_OFFLINE=1, use the cache.
     Exit codes: 0 fetched, 2 usage error, 3 corrupt file, 4 network or Hub problem.
     """
-    from ..weights import hub_file_for, weights_spec
+    from ..weights.sources import hub_file_for, weights_spec
 
     check_revision(source, revision)
     with handle_errors("reading the source"):
@@ -45,8 +45,8 @@ def download(
         raise fail(f"{spec}: not a Hub source: give hf://OWNER/REPO/PATH[@REV] or one of "
                    f"{', '.join(KNOWN_SOURCES)} (a local file needs no download)", Exit.USAGE)
     with handle_errors("downloading"):
-        from ..hub import fetch_weights
-        from ..reader import file_sha256
+        from ..weights.hub import fetch_weights
+        from ..weights.reader import file_sha256
 
         try:
             fetched = fetch_weights(hub_file, offline=False)
@@ -85,7 +85,7 @@ def _version(dist: str) -> str | None:
 
 
 def _prepared_summary() -> dict:
-    from ..prepared import SWITCH_ENV, enabled, summary
+    from ..weights.prepared import SWITCH_ENV, enabled, summary
 
     found = summary()
     return {"dir": str(found.folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
@@ -109,8 +109,8 @@ def info(
     """
     from .. import __version__
     from ..devices import list_devices, resolve_device, resolve_precision
-    from ..hub import cache_dir, cached_weights, config_filename, endpoint, is_offline
-    from ..weights import HubFile, hub_file_for, weights_spec
+    from ..weights.hub import cache_dir, cached_weights, config_filename, endpoint, is_offline
+    from ..weights.sources import HubFile, hub_file_for, weights_spec
 
     with handle_errors():
         spec = weights_spec(None)
@@ -141,7 +141,7 @@ def info(
             "prepared": _prepared_summary(),
         }
         if verify:
-            from ..prepared import verify_all
+            from ..weights.prepared import verify_all
 
             checked = verify_all()
             doc["prepared"]["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
@@ -222,7 +222,7 @@ def convert(
     if (dst.exists() or dst.is_symlink()) and not force:
         raise fail(f"{dst}: already exists; pass --force to replace it", Exit.USAGE)
     with handle_errors("converting"):
-        from ..convert import convert_checkpoint
+        from ..weights.convert import convert_checkpoint
 
         result = convert_checkpoint(src, dst, dtype)
     doc = {"path": str(result.dst), "tensors": result.tensors, "size": result.bytes, "dtype": result.dtype}

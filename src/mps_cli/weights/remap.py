@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ..errors import CheckpointError
 from .config import CrossConfig
-from .errors import CheckpointError
 
 KNOWN_PREFIXES = ("", "mps.", "module.")
 _ANCHOR = "model.text_model.embeddings.token_embedding.weight"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 #: safetensors dtype name -> torch dtype attribute name, for the dtypes tensors can be loaded from.
 TORCH_DTYPES = {

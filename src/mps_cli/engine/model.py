@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import CrossConfig, ModelConfig, TextConfig, TowerConfig, VisionConfig
+from ..weights.config import CrossConfig, ModelConfig, TextConfig, TowerConfig, VisionConfig
 
 
 class LayerNorm(nn.LayerNorm):

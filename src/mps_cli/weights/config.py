@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SUPPORTED_ACTIVATIONS = ("gelu", "quick_gelu")
 # A CLIP config.json is a few KB.

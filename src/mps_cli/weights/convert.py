@@ -14,8 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .devices import DTYPES, dtype_name, parse_dtype, torch_dtype
-from .errors import CheckpointError, DeviceError
+from ..devices import DTYPES, dtype_name, parse_dtype, torch_dtype
+from ..errors import CheckpointError, DeviceError
 from .reader import read_safetensors_header
 from .remap import cross_config_from_shapes, detect_prefix, plan_remap
 
@@ -37,7 +37,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
     ``dtype`` (fp32, fp16 or bf16) casts the floating-point tensors; None keeps them as they are.
     """
-    from .weights import open_source
+    from .sources import open_source
 
     src, dst = Path(src), Path(dst)
     if dst.suffix.lower() != ".safetensors":

@@ -14,7 +14,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import MPSError
+from ..errors import MPSError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 #: The merges CLIP uses: the vocabulary is 256 bytes, 256 word-final bytes, these merges, SOT and EOT.
@@ -49,7 +49,7 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 class BPE:
-    """Text to CLIP token ids (no SOT/EOT layout: :class:`~mps_cli.preprocess.Tokenizer` adds that)."""
+    """Text to CLIP token ids (no SOT/EOT layout: :class:`~mps_cli.engine.preprocess.Tokenizer` adds that)."""
 
     def __init__(self, path: Path | None = None):
         import regex

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, FetchError, MPSError
+from ..errors import CheckpointError, FetchError, MPSError
 from .reader import file_sha256, read_safetensors_header
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

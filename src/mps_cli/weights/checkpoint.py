@@ -2,7 +2,7 @@
 
 Loading never random-initialises anything: every tensor is assigned from the file, converted
 one at a time to its final dtype and layout, so no full fp32 copy of an fp16 checkpoint is ever
-made. A CPU load that converts goes through the prepared copy (:mod:`mps_cli.prepared`).
+made. A CPU load that converts goes through the prepared copy (:mod:`mps_cli.weights.prepared`).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorS
     """Build the model on meta for these weights, check it strictly, and load it in ``dtype`` (a Precision).
 
     A CPU load that converts the weights maps the converted copy cached by an earlier load,
-    or writes one for the next (:func:`mps_cli.prepared.obtain`).
+    or writes one for the next (:func:`mps_cli.weights.prepared.obtain`).
     """
     import torch
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from .constants import IMAGE_EXTENSIONS
-from .errors import MissingExtraError, ShardError
+from ..constants import IMAGE_EXTENSIONS
+from ..errors import MissingExtraError, ShardError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)

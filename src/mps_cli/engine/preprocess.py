@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .constants import CONTEXT_LENGTH, EOT_ID, IMAGE_MEAN, IMAGE_STD, MAX_IMAGE_PIXELS, SOT_ID
-from .errors import ImageError
+from ..constants import CONTEXT_LENGTH, EOT_ID, IMAGE_MEAN, IMAGE_STD, MAX_IMAGE_PIXELS, SOT_ID
+from ..errors import ImageError
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import IO
 
-from .constants import IMAGE_EXTENSIONS
-from .errors import PromptError
+from ..constants import IMAGE_EXTENSIONS
+from ..errors import PromptError
 from .prompts import MissingPromptError, metadata_prompt, read_prompt_file, sidecar_prompt, text_problem
 
 
@@ -181,7 +181,7 @@ def _check_file(it: Item, st: os.stat_result | None = None) -> Item:
 
 
 def from_prompt_file(path: str | os.PathLike) -> list[Item]:
-    """Items listed by a prompts file (see :func:`mps_cli.prompts.read_prompt_file`), each checked.
+    """Items listed by a prompts file (see :func:`mps_cli.inputs.prompts.read_prompt_file`), each checked.
 
     Raises :class:`PromptError` when the file itself cannot be read.
     """

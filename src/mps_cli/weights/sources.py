@@ -1,7 +1,7 @@
 """Where weights come from: a local file, ``hf://OWNER/REPO/PATH[@REV]``, or a known short name.
 
 :func:`open_weights` is the one way from a weights argument to an opened, checked file and
-the architecture config that goes with it. Only :mod:`mps_cli.hub` talks to the Hub.
+the architecture config that goes with it. Only :mod:`mps_cli.weights.hub` talks to the Hub.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..constants import DEFAULT_SOURCE, KNOWN_SOURCES, WEIGHTS_ENV
+from ..errors import CheckpointError
 from .cachedir import weights_sha256
 from .config import ModelConfig, builtin_config, read_config
-from .constants import DEFAULT_SOURCE, KNOWN_SOURCES, WEIGHTS_ENV
-from .errors import CheckpointError
 from .hub import HubFile, config_filename, parse_hf_uri
 from .reader import SafetensorsFile, TensorDict, TensorSource, check_regular_file
 

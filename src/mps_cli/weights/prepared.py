@@ -28,10 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..constants import CACHE_ENV
+from ..constants import PREPARED_ENV as SWITCH_ENV
+from ..errors import CheckpointError
 from .cachedir import host_tag, prepared_dir, version_of, weights_sha256, write_small
-from .constants import CACHE_ENV
-from .constants import PREPARED_ENV as SWITCH_ENV
-from .errors import CheckpointError
 from .reader import TORCH_DTYPES, SafetensorsFile, header_from_file
 
 log = logging.getLogger("mps_cli")

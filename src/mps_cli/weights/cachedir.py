@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .constants import CACHE_ENV
+from ..constants import CACHE_ENV
 from .reader import check_regular_file, file_sha256
 
 

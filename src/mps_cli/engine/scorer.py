@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .config import ModelConfig
-from .constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
-from .devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
-from .errors import ImageError
+from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
+from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
+from ..errors import ImageError
+from ..weights.config import ModelConfig
 from .preprocess import ImageInput, Tokenizer, load_pixels
 
 PromptInput = str | Sequence[str | None]
@@ -242,7 +242,7 @@ class Scorer:
                      dims: Iterable[str] | None = None, condition: str | None = None,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                      batch_size: int | None = None) -> list[ScoreResult]:
-        """Score images already preprocessed by :func:`~mps_cli.preprocess.load_pixels`.
+        """Score images already preprocessed by :func:`~mps_cli.engine.preprocess.load_pixels`.
 
         For callers that decode on other threads or workers (the server, Ray Data) and hand over
         the ``3 x S x S`` float tensors; ``labels`` name the images in the results. Batches of
@@ -376,9 +376,9 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     on CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in
     fp32 unless TEXT names another. ``Scorer.dtype_support`` says whether the device runs each natively.
     """
-    from .checkpoint import load_weights
+    from ..weights.checkpoint import load_weights
+    from ..weights.sources import open_weights
     from .model import MPSModel
-    from .weights import open_weights
 
     dev = resolve_device(device)
     precision = resolve_precision(dtype, dev)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import PromptError
+from ..errors import PromptError
 
 SIDECAR_SUFFIXES = (".txt", ".caption")
 _SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, UnsafePickleError
+from ..errors import CheckpointError, UnsafePickleError
 
 # Modules whose classes and functions become inert stand-ins: the model's own code, which a
 # module pickle names but which is never run here.

@@ -1,0 +1,1 @@
+"""The engine: tokenizer, preprocessing, the network and the scorer."""

@@ -1,0 +1,1 @@
+"""Inputs: which images with which prompts, and dataset shards."""

@@ -1,0 +1,1 @@
+"""Weights: reading, checking, fetching and loading checkpoints, and their cache."""
