@@ -453,6 +453,8 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
     each new score is stored, committed every batch so a killed run keeps what it scored.
     ``texts`` maps each key to its condition text.
     """
+    from .engine.scorer import batch_of
+
     weights, dtype = cache_identity(scorer)
     scores: dict[tuple[str, str], dict[str, float]] = {}
     missing_keys: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -473,7 +475,7 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
         streams.setdefault(miss, []).append(wk)
     errors: dict[tuple[str, str], str] = {}
     total, done, pending = len(missing_keys), 0, 0
-    commit_every = max(1, int(batch_size or scorer.batch_size))
+    commit_every = batch_of(scorer, batch_size)
     if progress:
         progress("score", 0, total)
     try:
@@ -519,14 +521,12 @@ def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *,
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
     """
-    from .engine.scorer import resolve_conditions
+    from .engine.scorer import check_mask_threshold, resolve_conditions
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
-    threshold = float(mask_threshold)
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
+    threshold = check_mask_threshold(mask_threshold)
     weights, dtype = cache_identity(scorer)
     own_cache = cache is None
     cache = ScoreCache(None) if own_cache else cache

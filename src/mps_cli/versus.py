@@ -604,15 +604,13 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
                   progress: Callable[[str, int, int], None] | None = None) -> VersusReport:
     """Score what needs scoring (through ``cache``, a :class:`~mps_cli.evaluate.ScoreCache`) and compare every
     two sides. ``scorer`` may be None when every side is pre-scored."""
-    from .engine.scorer import resolve_conditions
+    from .engine.scorer import check_mask_threshold, resolve_conditions
     from .evaluate import ScoreCache, cache_identity, hash_images, score_cached
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
-    threshold = float(mask_threshold)
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
+    threshold = check_mask_threshold(mask_threshold)
     if len(lineup.sides) < 2:
         raise ValueError("versus needs at least two sides")
     if samples < 1:

@@ -6,14 +6,16 @@ Nothing here imports torch: ``mps --help`` must stay instant.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated
@@ -21,8 +23,9 @@ from typing import Annotated
 import typer
 import typer.core
 
-from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
+from ..constants import DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
 from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
+from ..engine.options import ModelOptions
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
 from ..inputs.items import Problem
 
@@ -227,9 +230,12 @@ def _check_dims(values: list[str] | None) -> list[str] | None:
 
 
 def _check_threshold(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise typer.BadParameter(f"{value} is not in [0, 1)")
-    return value
+    from ..engine.scorer import check_mask_threshold
+
+    try:
+        return check_mask_threshold(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value} is not in [0, 1)") from None
 
 
 def _check_batch(value: int | None) -> int | None:
@@ -279,7 +285,7 @@ Dtype = Annotated[str, typer.Option(
     "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
     "A dtype this CPU does not run natively is slow: mps info says which.")]
 BatchSize = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
+    "--batch-size", "-b", callback=_check_batch, rich_help_panel="Run",
     help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
 Dims = Annotated[list[str] | None, typer.Option(
     "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
@@ -292,43 +298,57 @@ MaskThreshold = Annotated[float, typer.Option(
     "--mask-threshold", callback=_check_threshold, rich_help_panel="Scoring",
     help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
 
-DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
-
 AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
 AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
                                        help="One JSON object per line, streamed.")]
 AsCsv = Annotated[bool, typer.Option("--csv", rich_help_panel="Output", help="CSV with a header row.")]
 
 
-# --------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------- option groups
 
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """Everything the model options of a command say about which scorer to load, and how."""
+class OptionGroup:
+    """Options several commands share, declared once (Typer has no dependency injection of its own).
 
-    weights: str | None = None
-    config: Path | None = None
-    revision: str | None = None
-    offline: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int | None = None
+    ``options`` maps each parameter name to its annotated type (carrying the ``typer.Option``) and
+    default; a command decorated with :func:`takes` shows them as its own options and receives, in
+    its parameter ``param``, the one value ``build(**parsed values)`` makes of them.
+    """
 
-    def __post_init__(self) -> None:
-        check_revision(self.weights, self.revision)
+    param: str
+    options: dict[str, tuple[object, object]]
+    build: Callable[..., object]
 
-    def key(self) -> tuple:
-        """What decides the loaded model (not the batch size), with a local file's size and time."""
-        stamp = None
-        if self.weights:
-            try:
-                st = os.stat(self.weights)
-                stamp = (st.st_size, st.st_mtime_ns)
-            except (OSError, ValueError):
-                pass
-        return (self.weights, stamp, str(self.config) if self.config else None, self.revision, self.offline,
-                self.device, self.dtype)
+
+def takes(*groups: OptionGroup) -> Callable:
+    """Give a command the shared options of ``groups``: each group's ``param`` parameter is replaced,
+    for Typer, by the group's options, and filled with the value built from them."""
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        replaced = {g.param for g in groups}
+        missing = replaced - set(signature.parameters)
+        if missing:
+            raise TypeError(f"{command.__name__} has no parameter {', '.join(sorted(missing))}")
+        kept = [p for name, p in signature.parameters.items() if name not in replaced]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for g in groups for name, (annotation, default) in g.options.items()]
+
+        @functools.wraps(command)
+        def with_groups(**values):
+            for g in groups:
+                values[g.param] = g.build(**{name: values.pop(name) for name in g.options})
+            return command(**values)
+
+        with_groups.__signature__ = signature.replace(parameters=[*kept, *added])
+        with_groups.__annotations__ = {p.name: p.annotation for p in with_groups.__signature__.parameters.values()}
+        return with_groups
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- the model
 
 
 def check_revision(source: str | None, revision: str | None) -> None:
@@ -345,14 +365,56 @@ def check_revision(source: str | None, revision: str | None) -> None:
         raise fail(f"{source} pins revision {pinned!r} but --revision says {revision!r}: give one", Exit.USAGE)
 
 
+def _model_options(offline: bool, **values) -> ModelOptions:
+    check_revision(values["weights"], values["revision"])
+    # Without --offline, HF_HUB_OFFLINE decides (the library's None).
+    return ModelOptions(offline=offline or None, **values)
+
+
+#: The model options of every command that loads a model, one entry per field of
+#: :class:`~mps_cli.engine.options.ModelOptions` (a test holds the two to the same names).
+MODEL = OptionGroup("model", {
+    "weights": (Weights, None), "config": (Config, None), "revision": (Revision, None),
+    "offline": (Offline, False), "device": (Device, "auto"), "dtype": (Dtype, "auto"),
+}, _model_options)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs, beside which model: images per forward pass (per request with ``--server``)."""
+
+    batch_size: int | None = None
+
+    def batch_for(self, scorer) -> int | None:
+        """The run's batch size, resolved once: the one asked for, else the scorer's (None without a scorer)."""
+        if self.batch_size is not None or scorer is None:
+            return self.batch_size
+        return scorer.batch_size
+
+
+RUN = OptionGroup("run", {"batch_size": (BatchSize, None)}, RunOptions)
+
+
 _SCORERS: dict[tuple, object] = {}
 #: How many times this process loaded a model: tests check that bad input never gets that far.
 LOADS = {"count": 0}
 
 
+def _cache_key(options: ModelOptions) -> tuple:
+    """What decides the loaded model, with a local file's size and time (a rewritten file loads again)."""
+    stamp = None
+    if options.weights:
+        try:
+            st = os.stat(options.weights)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except (OSError, ValueError):
+            pass
+    return (*(str(getattr(options, f.name)) for f in fields(options)), stamp)
+
+
 def load_model(options: ModelOptions):
     """The scorer for these options: loaded once per process (a status line while a terminal waits)."""
-    key = options.key()
+    key = _cache_key(options)
     if key in _SCORERS:
         return _SCORERS[key]
     from ..engine.scorer import load_scorer
@@ -360,8 +422,7 @@ def load_model(options: ModelOptions):
 
     LOADS["count"] += 1
     with handle_errors("loading the weights"), status("loading MPS weights…"):
-        scorer = load_scorer(options.weights, options.config, options.device, options.dtype,
-                             revision=options.revision, offline=options.offline or None)
+        scorer = load_scorer(options)
     warn_slow_dtypes(scorer)
     _SCORERS[key] = scorer
     return scorer
@@ -385,13 +446,24 @@ ServerToken = Annotated[str | None, typer.Option(
     help="Bearer token for --server.")]
 
 
-def open_scorer(options: ModelOptions, server: str | None = None, token: str | None = None):
-    """What the scoring commands score with: a client of ``server`` if one is given, else the local model.
+@dataclass(frozen=True)
+class Remote:
+    """Where the scoring happens when not here: a running ``mps serve`` (``--server``) and its token."""
+
+    server: str | None = None
+    token: str | None = None
+
+
+REMOTE = OptionGroup("remote", {"server": (ServerUrl, None), "token": (ServerToken, None)}, Remote)
+
+
+def open_scorer(model: ModelOptions, remote: Remote, run: RunOptions):
+    """What the scoring commands score with: a client of ``remote.server`` if one is given, else the local model.
 
     Both offer ``iter_score``, ``score``, ``compare`` and ``batch_size``.
     """
-    if server:
+    if remote.server:
         from ..client import Client
 
-        return Client(server, token=token, batch_size=options.batch_size)
-    return load_model(options)
+        return Client(remote.server, token=remote.token, batch_size=run.batch_size)
+    return load_model(model)

@@ -11,24 +11,21 @@ from typing import Annotated
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
+from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
 from .app import (
-    BatchSize,
+    MODEL,
+    RUN,
     Condition,
-    Config,
-    Device,
     Dims,
-    Dtype,
     Exit,
     MaskThreshold,
-    ModelOptions,
-    Offline,
-    Revision,
-    Weights,
+    RunOptions,
     fail,
     handle_errors,
     load_model,
     say,
+    takes,
 )
 
 
@@ -79,6 +76,7 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+@takes(MODEL, RUN)
 def dataset_command(
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
@@ -115,21 +113,15 @@ def dataset_command(
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    weights: Weights = None,
-    config: Config = None,
-    revision: Revision = None,
-    offline: Offline = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_size: BatchSize = None,
+    *, model: ModelOptions, run: RunOptions,
 ) -> None:
-    from ..dataset import DatasetJob, open_output, plan_dataset, resolve_model, score_dataset
+    from ..dataset import DatasetJob, ModelSpec, open_output, plan_dataset, resolve_model, score_dataset
 
     with handle_errors():
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
-                         batch_size=batch_size)
+                         batch_size=run.batch_size)
         try:
             plan = plan_dataset(job)
             if engine is Engine.ray:
@@ -142,20 +134,23 @@ def dataset_command(
             raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
         for problem in plan.problems:
             say(f"mps: error: {problem.source}: {problem.message}; skipped")
-        kind = None if engine is Engine.local else ("cuda" if gpus_per_worker else "cpu")
-        spec = resolve_model(weights, config, device, dtype, revision, offline or None, batch_size, device_kind=kind)
+        if engine is Engine.ray:
+            # The workers load the model; here the weights are only found and fingerprinted.
+            scorer, spec = None, resolve_model(model, device_kind="cuda" if gpus_per_worker else "cpu")
+        else:
+            scorer = load_model(model)  # the weights are opened once, by the load
+            spec = ModelSpec.from_scorer(scorer)
         try:
             output = open_output(plan, spec)
         except OutputError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         progress = _ProgressLines()
-        if engine is Engine.ray:
+        if scorer is None:
             from ..ray_engine import score_dataset_ray
 
             summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
                                         cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
         else:
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
             summary = score_dataset(plan, scorer, progress=progress, output=output)
 
     done = f"{summary.already_done} already done, " if summary.already_done else ""

@@ -9,26 +9,23 @@ from typing import Annotated
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
+from ..engine.options import ModelOptions
 from .app import (
     DIMENSION_NOTE,
+    MODEL,
+    RUN,
     AsJson,
-    BatchSize,
     Condition,
-    Config,
-    Device,
     Dims,
-    Dtype,
     Exit,
     MaskThreshold,
-    ModelOptions,
-    Offline,
-    Revision,
-    Weights,
+    RunOptions,
     describe,
     fail,
     handle_errors,
     load_model,
     say,
+    takes,
 )
 from .output import Progress, quiet_broken_pipe, render_eval_report
 
@@ -63,6 +60,7 @@ EVAL_HELP = "\n\n".join([
 ])
 
 
+@takes(MODEL, RUN)
 def eval_command(
     benchmark: Annotated[BenchmarkKind, typer.Argument(help="Benchmark format: imagereward, hpdv2 or pairs.",
                                                         case_sensitive=False, show_default=False)],
@@ -79,19 +77,12 @@ def eval_command(
         "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
         "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
-    weights: Weights = None,
-    config: Config = None,
-    revision: Revision = None,
-    offline: Offline = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_size: BatchSize = None,
+    *, model: ModelOptions, run: RunOptions,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.scorer import resolve_conditions
     from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
 
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
     with handle_errors("reading the benchmark"):
         try:
             resolve_conditions(dims, condition)
@@ -113,7 +104,7 @@ def eval_command(
         scorer = load_model(model)
         with handle_errors("evaluating"), Progress(force=True) as progress:
             report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                              cache=store, batch_size=batch_size, progress=progress.stage_callback)
+                              cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
         say(f"mps: warning: {problem.item}: {problem.message}; item skipped")

@@ -13,32 +13,28 @@ from typing import Annotated
 
 import typer
 
-from ..constants import CUSTOM_KEY, DIMENSIONS
+from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
+from ..engine.options import ModelOptions
 from ..errors import ImageError, PromptError
 from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import (
-    DEFAULT_THRESHOLD,
     INPUT_HINTS,
+    MODEL,
+    REMOTE,
+    RUN,
     AsCsv,
     AsJson,
     AsJsonl,
-    BatchSize,
     Condition,
-    Config,
-    Device,
     Dims,
-    Dtype,
     Exit,
     MaskThreshold,
-    ModelOptions,
-    Offline,
-    Revision,
-    ServerToken,
-    ServerUrl,
-    Weights,
+    Remote,
+    RunOptions,
     fail,
     handle_errors,
     open_scorer,
+    takes,
 )
 from .output import (
     Progress,
@@ -133,7 +129,8 @@ def collect(images: list[str], prompt: str | None, prompts_file: Path | None,
     return items
 
 
-def _rows(scorer, items: list[Item], how: Scoring, batch_size, progress, report: Report) -> Iterator[Row]:
+def _rows(scorer, items: list[Item], how: Scoring, batch_size: int | None, progress, report: Report
+          ) -> Iterator[Row]:
     """Rows in input order; items that failed before scoring come back as errors."""
     good = [it for it in items if it.ok]
     stream = iter(())
@@ -169,17 +166,8 @@ def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Ro
     return out + [r for r in rows if r.error is not None]
 
 
-@dataclass(frozen=True)
-class Remote:
-    """Where the scoring happens when not here: a running ``mps serve`` (``--server``) and its token."""
-
-    server: str | None = None
-    token: str | None = None
-
-
-def run(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter,
-        rank_by: str | None = None, top: int | None = None, remote: Remote = Remote(),
-        html: Path | None = None) -> int:
+def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter, *, run: RunOptions,
+        remote: Remote, rank_by: str | None = None, top: int | None = None, html: Path | None = None) -> int:
     """Score items and write them (and the ``html`` report); returns how many failed.
 
     The model loads (or the server is reached) only if an input is usable.
@@ -189,11 +177,11 @@ def run(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWrit
     scorer = None
     try:
         if any(it.ok for it in items):
-            scorer = open_scorer(model, remote.server, remote.token)
+            scorer = open_scorer(model, remote, run)
         with handle_errors("scoring"):
-            batch = model.batch_size or (scorer.batch_size if scorer is not None else len(items))
-            with Progress(len(items), batch) as progress:
-                rows = _rows(scorer, items, how, model.batch_size, progress.callback, report)
+            batch = run.batch_for(scorer)
+            with Progress(len(items), batch or len(items)) as progress:
+                rows = _rows(scorer, items, how, batch, progress.callback, report)
                 if rank_by is not None:
                     rows = _ranked(list(rows), rank_by, top, writer.grouped)
                 for row in rows:
@@ -208,26 +196,25 @@ def run(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWrit
     return report.failed
 
 
+@takes(MODEL, RUN, REMOTE)
 def score(
     images: Annotated[list[str] | None, typer.Argument(
         help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
-    failed = run(items, how, model, ResultWriter(mode, how.keys), remote=Remote(server, token), html=html)
+    failed = score_items(items, how, model, ResultWriter(mode, how.keys), run=run, remote=remote, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
+@takes(MODEL, RUN, REMOTE)
 def rank(
     images: Annotated[list[str] | None, typer.Argument(
         help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
@@ -236,12 +223,10 @@ def rank(
         "--by", rich_help_panel="Scoring", help="Dimension to order by (default: the first requested).")] = None,
     top: Annotated[int | None, typer.Option(
         "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K (of each prompt group).")] = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking.
 
@@ -257,14 +242,14 @@ def rank(
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
-    failed = run(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped),
-                 rank_by=by or how.keys[0], top=top, remote=Remote(server, token), html=html)
+    failed = score_items(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped), run=run,
+                         remote=remote, rank_by=by or how.keys[0], top=top, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
+@takes(MODEL, RUN, REMOTE)
 def compare(
     a: Annotated[str, typer.Argument(help="Image A.", show_default=False)],
     b: Annotated[str, typer.Argument(help="Image B.", show_default=False)],
@@ -273,16 +258,13 @@ def compare(
     prompt_from: Annotated[PromptSource | None, typer.Option(
         "--prompt-from", rich_help_panel="Prompts",
         help="Read the prompt beside (sidecar) or inside (metadata) the images; both must hold the same.")] = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
     if prompt is None and prompt_from is None:
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:
@@ -302,7 +284,7 @@ def compare(
     results = scorer = None
     try:
         if error is None:
-            scorer = open_scorer(model, server, token)
+            scorer = open_scorer(model, remote, run)
             with handle_errors("scoring"):
                 try:
                     cmp = scorer.compare(items[0].path, items[1].path, the_prompt, dims=how.dims,

@@ -20,20 +20,8 @@ from ..constants import (
     SERVE_MAX_WAIT_MS,
     SERVE_TOKEN_ENV,
 )
-from .app import (
-    BatchSize,
-    Config,
-    Device,
-    Dtype,
-    Exit,
-    ModelOptions,
-    Offline,
-    Revision,
-    Weights,
-    fail,
-    load_model,
-    say,
-)
+from ..engine.options import ModelOptions
+from .app import MODEL, RUN, Exit, RunOptions, fail, load_model, say, takes
 
 INSTALL_HINT = "`mps serve` needs the serve extra: pip install 'mps-cli[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
@@ -42,6 +30,8 @@ _NEEDS = ("starlette", "uvicorn", "python_multipart")
 def _missing() -> list[str]:
     return [m for m in _NEEDS if importlib.util.find_spec(m) is None]
 
+
+@takes(MODEL, RUN)
 def serve(
     host: Annotated[str, typer.Option("--host", rich_help_panel="Server",
                                       help="Address to bind. Anything but loopback needs --token.")] = "127.0.0.1",
@@ -67,8 +57,7 @@ def serve(
     allow_dir: Annotated[Path | None, typer.Option(
         "--allow-dir", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    *, model: ModelOptions, run: RunOptions,
 ) -> None:
     """Serve the scorer over HTTP: POST /v1/score, POST /v1/compare, GET /v1/info, GET /healthz.
 
@@ -99,9 +88,8 @@ def serve(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # its lines are the request log, not library notices
-    scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
-    if batch_size:
-        scorer.batch_size = batch_size  # this process serves one model: its batch size is the server's
+    scorer = load_model(model)
+    scorer.batch_size = run.batch_for(scorer)  # this process serves one model: its batch size is the server's
     say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
         + (" (token required)" if token else ""))
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with

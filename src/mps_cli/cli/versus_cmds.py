@@ -10,28 +10,25 @@ from typing import Annotated
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
+from ..engine.options import ModelOptions
 from ..errors import PromptError
 from ..inputs.items import PromptSource
 from .app import (
     DIMENSION_NOTE,
+    MODEL,
+    RUN,
     AsJson,
-    BatchSize,
     Condition,
-    Config,
-    Device,
     Dims,
-    Dtype,
     Exit,
     MaskThreshold,
-    ModelOptions,
-    Offline,
-    Revision,
-    Weights,
+    RunOptions,
     describe,
     fail,
     handle_errors,
     load_model,
     say,
+    takes,
 )
 from .output import Progress, emit_json, quiet_broken_pipe
 from .report_cmds import Html, write_html
@@ -157,6 +154,7 @@ def _warn(report) -> None:
         say(f"mps: warning: … and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
 
 
+@takes(MODEL, RUN)
 def versus_command(
     sides: Annotated[list[str], typer.Argument(
         help="Two or more sides: image folders, mps dataset folders, or JSON/JSONL from mps score.",
@@ -185,13 +183,7 @@ def versus_command(
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    weights: Weights = None,
-    config: Config = None,
-    revision: Revision = None,
-    offline: Offline = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_size: BatchSize = None,
+    *, model: ModelOptions, run: RunOptions,
 ) -> None:
     from ..engine.scorer import resolve_conditions
     from ..evaluate import CacheError, ScoreCache, default_cache_path
@@ -228,11 +220,11 @@ def versus_command(
                 store = ScoreCache(None if no_cache else (cache or default_cache_path()))
             except CacheError as exc:
                 raise fail(describe(exc), Exit.USAGE) from None
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+            scorer = load_model(model)
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                                       cache=store, batch_size=batch_size, samples=samples, seed=seed,
+                                       cache=store, batch_size=run.batch_for(scorer), samples=samples, seed=seed,
                                        progress=progress.stage_callback)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
