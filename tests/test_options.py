@@ -120,3 +120,19 @@ def test_a_local_dataset_run_opens_the_weights_once(tmp_path, monkeypatch):
     assert len(asked) == 1, [r.path for r in asked]
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["settings"]["weights"].startswith("sha256:")
+
+
+def test_the_exit_code_table_in_the_docs_is_the_exit_enum():
+    """docs/output.md lists every code with the meaning the commands' --help gives (cli.app.EXIT_MEANINGS)."""
+    import re
+    from pathlib import Path
+
+    from mps_cli.cli.app import EXIT_MEANINGS, Exit, exit_help
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "output.md").read_text(encoding="utf-8")
+    section = page.split("## Exit codes", 1)[1]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", section, re.M))
+    assert rows == {str(int(code)): text for code, text in EXIT_MEANINGS.items()}
+    assert set(EXIT_MEANINGS) == set(Exit)
+    help_text = exit_help({Exit.OK: "all scored"})
+    assert help_text.startswith("Exit status: 0 all scored; 2 usage error") and "; 5 an unexpected error" in help_text

@@ -10,7 +10,6 @@ import functools
 import inspect
 import logging
 import os
-import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +27,8 @@ from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, par
 from ..engine.options import ModelOptions
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
 from ..inputs.items import Problem
+from ..switches import env_flag
+from . import output
 
 DIMENSION_NOTE = (
     "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
@@ -42,7 +43,7 @@ def _show_version(value: bool) -> None:
     if value:
         from .. import __version__
 
-        print(f"mps-cli {__version__}")
+        output.emit_lines([f"mps-cli {__version__}"])
         raise typer.Exit(0)
 
 
@@ -84,12 +85,36 @@ typer.core.TyperOption.display_type_rich = _display_type
 
 
 class Exit(IntEnum):
+    """The exit codes; what each means is :data:`EXIT_MEANINGS`."""
+
     OK = 0
-    PARTIAL = 1  # some inputs failed; the rest were scored and printed
-    USAGE = 2  # bad flag value, unknown dimension, bad device, no prompt source
-    WEIGHTS = 3  # weights or config unreadable or mismatched; out of memory; an unexpected error
-    FETCH = 4  # network, Hub or offline-cache problem
+    PARTIAL = 1
+    USAGE = 2
+    RESOURCE = 3
+    FETCH = 4
+    INTERNAL = 5
     INTERRUPTED = 130
+
+
+#: What each exit code means for every command; the help of each command and docs/output.md say this
+#: (commands say what 0 and 1 are for them). A test holds the page to it.
+EXIT_MEANINGS: dict[Exit, str] = {
+    Exit.OK: "everything done",
+    Exit.PARTIAL: "some inputs failed; the others were done and printed",
+    Exit.USAGE: "usage error: a bad option, an unreadable input file, no prompt source",
+    Exit.RESOURCE: "weights or config unreadable or mismatched, out of memory, or a cache or output not writable",
+    Exit.FETCH: "weights could not be fetched, or the --server could not be reached",
+    Exit.INTERNAL: "an unexpected error: a bug (MPS_DEBUG=1 shows the traceback)",
+    Exit.INTERRUPTED: "interrupted",
+}
+_ALWAYS = (Exit.USAGE, Exit.RESOURCE, Exit.FETCH, Exit.INTERNAL, Exit.INTERRUPTED)
+
+
+def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS) -> str:
+    """The "Exit status" paragraph of a command's help: its own meanings of ``specific`` codes, then the
+    general meaning of the other ``codes`` it can end with."""
+    shown = sorted({*specific, *codes})
+    return "Exit status: " + "; ".join(f"{int(c)} {specific.get(c, EXIT_MEANINGS[c])}" for c in shown) + "."
 
 
 #: The remedy for an input problem, in terms of this command line's flags (the library names none).
@@ -106,15 +131,9 @@ ERROR_HINTS: list[tuple[type, str]] = [
 ]
 
 
-def say(message: str) -> None:
-    """One line on stderr (never stdout, which carries results only)."""
-    from .output import stderr_line
-
-    stderr_line(message)
-
-
 def fail(message: str, code: Exit) -> typer.Exit:
-    say(f"mps: error: {message}")
+    """Say ``mps: error: MESSAGE`` and return the exit to raise."""
+    output.error(message)
     return typer.Exit(int(code))
 
 
@@ -148,14 +167,14 @@ def describe(exc: BaseException) -> str:
 
 
 def unexpected(exc: BaseException, doing: str) -> typer.Exit:
-    """The last line of defence: a bug or an unforeseen failure is one line (exit 3), never a traceback."""
+    """The last line of defence: a bug or an unforeseen failure is one line (exit 5), never a traceback."""
     detail = " ".join(str(exc).split())
-    say(f"mps: error: unexpected {type(exc).__name__} while {doing}" + (f": {detail}" if detail else ""))
-    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
-        traceback.print_exception(exc, file=sys.stderr)
+    output.error(f"unexpected {type(exc).__name__} while {doing}" + (f": {detail}" if detail else ""))
+    if env_flag(DEBUG_ENV):
+        output.stderr_text("".join(traceback.format_exception(exc)))
     else:
-        say(f"mps: hint: rerun with {DEBUG_ENV}=1 to see the traceback (and please report it)")
-    return typer.Exit(int(Exit.WEIGHTS))
+        output.hint(f"rerun with {DEBUG_ENV}=1 to see the traceback (and please report it)")
+    return typer.Exit(int(Exit.INTERNAL))
 
 
 @contextmanager
@@ -168,46 +187,30 @@ def handle_errors(doing: str = "running") -> Iterator[None]:
     except DeviceError as exc:
         raise fail(describe(exc), Exit.USAGE) from None
     except (CheckpointError, ConfigError) as exc:
-        raise fail(describe(exc), Exit.WEIGHTS) from None
+        raise fail(describe(exc), Exit.RESOURCE) from None
     except FetchError as exc:
         raise fail(describe(exc), Exit.FETCH) from None
     except InputError as exc:
         # Reaching here, it stopped the run: nothing more was scored, so it is not "some inputs failed".
         raise fail(describe(exc), Exit.USAGE) from None
     except MPSError as exc:
-        raise fail(describe(exc), Exit.WEIGHTS) from None
+        raise fail(describe(exc), Exit.RESOURCE) from None
     except KeyboardInterrupt:
-        say("mps: interrupted")
+        output.say("interrupted")
         raise typer.Exit(int(Exit.INTERRUPTED)) from None
     except MemoryError:
-        raise fail(f"out of memory while {doing}: try a smaller --batch-size or --dtype bf16", Exit.WEIGHTS) from None
+        raise fail(f"out of memory while {doing}: try a smaller --batch-size or --dtype bf16", Exit.RESOURCE) \
+            from None
     except RecursionError as exc:
         raise unexpected(exc, doing) from None
     except Exception as exc:
         raise unexpected(exc, doing) from None
 
 
-class _NoticeHandler(logging.Handler):
-    """Library log records on stderr: warnings always, large-file notices once, nothing else."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.seen: set[str] = set()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.WARNING and getattr(record, "nbytes", 0) < NOTICE_MIN_BYTES:
-            return
-        message = record.getMessage()
-        if message in self.seen:
-            return
-        self.seen.add(message)
-        say(message if message.startswith("mps: ") else f"mps: note: {message}")
-
-
 def _route_library_notices() -> None:
     logger = logging.getLogger("mps_cli")
-    if not any(isinstance(h, _NoticeHandler) for h in logger.handlers):
-        logger.addHandler(_NoticeHandler())
+    if not any(isinstance(h, output.LibraryNotices) for h in logger.handlers):
+        logger.addHandler(output.LibraryNotices(NOTICE_MIN_BYTES))
         logger.propagate = False
     logger.setLevel(logging.INFO)
 
@@ -418,10 +421,9 @@ def load_model(options: ModelOptions):
     if key in _SCORERS:
         return _SCORERS[key]
     from ..engine.scorer import load_scorer
-    from .output import status
 
     LOADS["count"] += 1
-    with handle_errors("loading the weights"), status("loading MPS weights…"):
+    with handle_errors("loading the weights"), output.status("loading MPS weights…"):
         scorer = load_scorer(options)
     warn_slow_dtypes(scorer)
     _SCORERS[key] = scorer
@@ -432,8 +434,8 @@ def warn_slow_dtypes(scorer) -> None:
     """One stderr line per dtype the device runs through a slow fallback; scoring goes on (the user asked)."""
     for s in scorer.slow_dtypes:
         factor = f", about {s.slowdown:.0f}x slower than fp32 per core (measured)" if s.slowdown else ""
-        say(f"mps: warning: {s.dtype} is not native on this {s.device.upper()}{factor}; going on in {s.dtype} "
-            "as asked (--dtype fp32 is faster here; `mps info --probe` shows each dtype)")
+        output.warning(f"{s.dtype} is not native on this {s.device.upper()}{factor}; going on in {s.dtype} as asked "
+                       "(--dtype fp32 is faster here; `mps info --probe` shows each dtype)")
 
 
 # --server: the same commands, with the work sent to a running `mps serve` instead of a local model.

@@ -13,6 +13,7 @@ import typer
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
+from . import output
 from .app import (
     MODEL,
     RUN,
@@ -21,10 +22,10 @@ from .app import (
     Exit,
     MaskThreshold,
     RunOptions,
+    exit_help,
     fail,
     handle_errors,
     load_model,
-    say,
     takes,
 )
 
@@ -42,10 +43,10 @@ DATASET_HELP = "\n\n".join([
     "Writes one parquet file per shard into --out (columns key, shard, prompt, one per dimension, error) "
     "and _manifest.json. A rerun into the same --out skips the shards already written and refuses "
     "different settings. Split a job with --shard-index/--num-shards, or run it on Ray with --engine ray.",
-    "Exit status: 0 every shard written (rows that failed carry their error); 1 some shards could not "
-    "be read (named on stderr) and were skipped; 2 bad usage, an unwritable --out, or --out holds "
-    "results of other settings; 3 weights or config problem; 4 fetch problem; 130 interrupted "
-    "(shards already written stay).",
+    exit_help({Exit.OK: "every shard written (rows that failed carry their error)",
+               Exit.PARTIAL: "some shards could not be read (named on stderr) and were skipped",
+               Exit.USAGE: "bad usage, an unwritable --out, or --out holds results of other settings",
+               Exit.INTERRUPTED: "interrupted (shards already written stay)"}),
 ])
 
 
@@ -59,14 +60,14 @@ class _ProgressLines:
 
     def __call__(self, p) -> None:
         if p.failure is not None:
-            say(f"mps: error: {p.failure.message}; shard skipped")
+            output.error(f"{p.failure.message}; shard skipped")
         now = time.monotonic()
         if p.shards_done == self.shards and now - self.last < self.every:
             return
         self.shards, self.last = p.shards_done, now
         eta = "" if p.eta is None else f", ETA {_duration(p.eta)}"
-        say(f"mps: dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
-            f"{p.rate:.1f} images/s{eta}")
+        output.say(f"dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
+                   f"{p.rate:.1f} images/s{eta}")
 
 
 def _duration(seconds: float) -> str:
@@ -133,7 +134,7 @@ def dataset_command(
         except ValueError as exc:
             raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
         for problem in plan.problems:
-            say(f"mps: error: {problem.source}: {problem.message}; skipped")
+            output.error(f"{problem.source}: {problem.message}; skipped")
         if engine is Engine.ray:
             # The workers load the model; here the weights are only found and fingerprinted.
             scorer, spec = None, resolve_model(model, device_kind="cuda" if gpus_per_worker else "cpu")
@@ -141,22 +142,22 @@ def dataset_command(
             scorer = load_model(model)  # the weights are opened once, by the load
             spec = ModelSpec.from_scorer(scorer)
         try:
-            output = open_output(plan, spec)
+            folder = open_output(plan, spec)
         except OutputError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         progress = _ProgressLines()
         if scorer is None:
             from ..ray_engine import score_dataset_ray
 
-            summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
+            summary = score_dataset_ray(plan, spec, folder, workers=workers, gpus_per_worker=gpus_per_worker,
                                         cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
         else:
-            summary = score_dataset(plan, scorer, progress=progress, output=output)
+            summary = score_dataset(plan, scorer, progress=progress, output=folder)
 
     done = f"{summary.already_done} already done, " if summary.already_done else ""
     rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
-          f"{summary.images} images scored, {summary.errors} errors, {summary.seconds:.1f} s "
-          f"({rate:.1f} images/s) -> {summary.out}", flush=True)
+    output.emit_lines([f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
+                       f"{summary.images} images scored, {summary.errors} errors, {summary.seconds:.1f} s "
+                       f"({rate:.1f} images/s) -> {summary.out}"])
     if summary.failed:
         raise typer.Exit(int(Exit.PARTIAL))

@@ -10,6 +10,7 @@ import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
+from . import output
 from .app import (
     DIMENSION_NOTE,
     MODEL,
@@ -21,13 +22,13 @@ from .app import (
     MaskThreshold,
     RunOptions,
     describe,
+    exit_help,
     fail,
     handle_errors,
     load_model,
-    say,
     takes,
 )
-from .output import Progress, quiet_broken_pipe, render_eval_report
+from .output import Progress, render_eval_report
 
 MAX_PROBLEM_LINES = 20
 
@@ -54,9 +55,11 @@ EVAL_HELP = "\n\n".join([
     "prompt, condition, threshold, weights and dtype, so an interrupted run resumes where it stopped "
     "and a repeated run costs no model time.",
     f"{DIMENSION_NOTE} The paper's figures are for the overall dimension.",
-    "Exit status: 0 every item evaluated; 1 some items skipped (a missing or unreadable image, named "
-    "on stderr and counted in the report); 2 bad usage or a malformed benchmark file; 3 weights or "
-    "config problem; 4 fetch problem; 130 interrupted (scores so far stay cached).",
+    exit_help({Exit.OK: "every item evaluated",
+               Exit.PARTIAL: "some items skipped (a missing or unreadable image, named on stderr and counted in the "
+                             "report)",
+               Exit.USAGE: "bad usage or a malformed benchmark file",
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
 ])
 
 
@@ -107,13 +110,9 @@ def eval_command(
                               cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
-        say(f"mps: warning: {problem.item}: {problem.message}; item skipped")
+        output.warning(f"{problem.item}: {problem.message}; item skipped")
     if len(report.problems) > MAX_PROBLEM_LINES:
-        say(f"mps: warning: … and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
-    try:
-        render_eval_report(report, as_json, DIMENSION_NOTE)
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+        output.warning(f"… and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
+    render_eval_report(report, as_json, DIMENSION_NOTE)
     if report.skipped:
         raise typer.Exit(int(Exit.PARTIAL))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -18,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-FORMATS = ("table", "json", "jsonl", "csv")
+#: How every message line starts: ``mps: KIND: TEXT`` or ``mps: TEXT`` (``mps serve: ...`` for the server).
+PROG = "mps"
 
 _live_console = None  # the stderr console of an active progress display: messages go above it
 _notes: set[str] = set()
@@ -33,10 +35,68 @@ def stderr_line(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def say(text: str, kind: str | None = None, *, who: str = PROG) -> None:
+    """A message on stderr: ``mps: KIND: TEXT`` (kind: error, warning, hint, note) or ``mps: TEXT``."""
+    stderr_line(f"{who}: {kind}: {text}" if kind else f"{who}: {text}")
+
+
+def error(text: str) -> None:
+    """``mps: error: TEXT``: an input, or the run, failed."""
+    say(text, "error")
+
+
+def warning(text: str) -> None:
+    """``mps: warning: TEXT``: something the user should know; the work goes on."""
+    say(text, "warning")
+
+
+def hint(text: str) -> None:
+    """``mps: hint: TEXT``: what to do about what failed."""
+    say(text, "hint")
+
+
 def note_once(message: str) -> None:
+    """``mps: note: TEXT``, at most once per process for the same text."""
     if message not in _notes:
         _notes.add(message)
-        stderr_line(f"mps: note: {message}")
+        say(message, "note")
+
+
+def stderr_text(text: str) -> None:
+    """A block of text on stderr as it is (a traceback, with ``MPS_DEBUG``)."""
+    sys.stderr.write(clean(text))
+    sys.stderr.flush()
+
+
+class LogLines(logging.Handler):
+    """Log records as message lines on stderr, under ``who`` (the server's request log: ``mps serve: ...``)."""
+
+    def __init__(self, who: str = PROG) -> None:
+        super().__init__(logging.INFO)
+        self.who = who
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(record.getMessage(), who=self.who)
+
+
+class LibraryNotices(logging.Handler):
+    """The library's log records on stderr: warnings always, notices only about files of ``min_bytes`` or
+    more (the prepared weights), each text once."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__(logging.INFO)
+        self.min_bytes = min_bytes
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn = record.levelno >= logging.WARNING
+        if not warn and getattr(record, "nbytes", 0) < self.min_bytes:
+            return
+        message = record.getMessage()
+        if message in self.seen:
+            return
+        self.seen.add(message)
+        say(message, "warning" if warn else "note")
 
 
 def clean(text: str) -> str:
@@ -73,8 +133,40 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
+def emit_lines(lines: Sequence[str]) -> None:
+    """Plain result lines on stdout (``mps info``, ``mps download``), each as the terminal gets it."""
+    emit("".join(clean(line) + "\n" for line in lines))
+
+
 def emit_json(doc, indent: int | None = 2) -> None:
     emit(json.dumps(_clean_doc(doc), ensure_ascii=False, indent=indent, allow_nan=False) + "\n")
+
+
+def reader_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is how the reader of stdout going away (``| head``) showed: a BrokenPipeError, or the
+    exit Click and Rich turn one into (they wrap the streams in ``PacifyFlushWrapper``, or exit from
+    ``on_broken_pipe``)."""
+    if isinstance(exc, BrokenPipeError):
+        return True
+    if not isinstance(exc, SystemExit):
+        return False
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "on_broken_pipe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def flush_results() -> bool:
+    """Flush what is left of the results; False when the reader of stdout has gone."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def quiet_broken_pipe() -> None:
@@ -86,7 +178,8 @@ def quiet_broken_pipe() -> None:
         pass
 
 
-def _stdout_console():
+def stdout_console():
+    """A Rich console on stdout for result tables."""
     from rich.console import Console
 
     # Plain text on pipes and files; the terminal's width (or 80) for a table.
@@ -256,7 +349,7 @@ class ResultWriter:
         from rich.table import Table
         from rich.text import Text
 
-        console = _stdout_console()
+        console = stdout_console()
         groups: dict[int | None, list[Row]] = {}
         for r in self.rows:
             groups.setdefault(r.group if r.error is None else -1, []).append(r)
@@ -325,7 +418,7 @@ def render_comparison(mode: str, prompt: str | None, a: str, b: str, results: di
         from rich.table import Table
         from rich.text import Text
 
-        console = _stdout_console()
+        console = stdout_console()
         table = Table()
         for col, just in (("dimension", "left"), ("A", "right"), ("B", "right"), ("P(A preferred)", "right"),
                           ("winner", "left")):
@@ -354,7 +447,7 @@ def render_eval_report(report, as_json: bool, note: str) -> None:
     for dim, acc in report.accuracy.items():
         paper = report.published if dim == "overall" and report.published is not None else None
         table.add_row(dim, _percent(acc), "—" if paper is None else f"{paper:.1f}")
-    console = _stdout_console()
+    console = stdout_console()
     console.print(table)
     ties = "" if report.benchmark == "hpdv2" else f", {report.human_ties} human ties left out"
     # Plain lines are not re-wrapped, so they stay greppable when stdout is a file.
@@ -367,6 +460,109 @@ def render_eval_report(report, as_json: bool, note: str) -> None:
 
 def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
+
+
+# --------------------------------------------------------------------------- versus
+
+#: With more prompts than this, ``versus --details`` shows the best and the worst half of it.
+DETAIL_ROWS = 20
+
+
+def render_versus(report, details: bool, note: str) -> None:
+    """The tables of ``mps versus``: two sides' win rates, or the matrix and ranking of more."""
+    if len(report.sides) == 2:
+        _versus_two(report, details, note)
+    else:
+        _versus_many(report, details)
+
+
+def _rate(value: float) -> str:
+    return "—" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _diff(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:+.3f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _versus_two(report, details: bool, note: str) -> None:
+    from rich.table import Table
+
+    m = report.matchups[0]
+    console = stdout_console()
+    table = Table(title=f"A: {m.a}  vs  B: {m.b}", title_justify="left")
+    for col in ("dimension", "A wins %", "95% CI", "mean A − B", "A / tie / B"):
+        table.add_column(col, justify="left" if col == "dimension" else "right")
+    for k, r in m.results.items():
+        table.add_row(k, _rate(r.win_rate), f"{_rate(r.ci95[0])}–{_rate(r.ci95[1])}", _diff(r.mean_diff),
+                      f"{r.wins} / {r.ties} / {r.losses}")
+    console.print(table)
+    console.print(f"{_count(m.prompts, 'prompt')}, {_count(m.pairs, 'pair')}; interval from {report.samples} "
+                  f"resamples of {m.unit}s, seed {report.seed}; {report.scored} images scored, "
+                  f"{report.cached} from cache.", soft_wrap=True)
+    if details:
+        _versus_prompts(console, m)
+    if any(k != "overall" for k in report.keys):
+        console.print(f"Note: {note}", soft_wrap=True)
+
+
+def _versus_prompts(console, m) -> None:
+    from rich.table import Table
+
+    first = next(iter(m.results))
+    rows = list(m.per_prompt)
+    hidden = 0
+    if len(rows) > DETAIL_ROWS:
+        hidden = len(rows) - DETAIL_ROWS
+        rows = rows[:DETAIL_ROWS // 2] + [None] + rows[-DETAIL_ROWS // 2:]
+    table = Table(title=f"{m.a} vs {m.b} per prompt, best for A first (by {first})", title_justify="left")
+    table.add_column("prompt", overflow="ellipsis", max_width=60)
+    table.add_column("pairs", justify="right")
+    table.add_column("A wins %", justify="right")
+    for k in m.results:
+        table.add_column(f"{k} A − B", justify="right")
+    for p in rows:
+        if p is None:
+            table.add_row(f"… {hidden} more", *[""] * (2 + len(m.results)))
+            continue
+        table.add_row(p.prompt, str(p.pairs), _rate(p.win_rate[first]), *[_diff(p.mean_diff[k]) for k in m.results])
+    console.print(table)
+
+
+def _versus_many(report, details: bool) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    for k in report.keys:
+        table = Table(title=f"{k}: % of pairs the row side wins against the column side", title_justify="left")
+        table.add_column("")
+        for s in report.sides:
+            table.add_column(s, justify="right")
+        for s in report.sides:
+            cells = [s]
+            for t in report.sides:
+                if s == t:
+                    cells.append("—")
+                else:
+                    r = report.matchup(s, t).results[k]
+                    cells.append(f"{_rate(r.win_rate)} ({_rate(r.ci95[0])}–{_rate(r.ci95[1])})")
+            table.add_row(*cells)
+        console.print(table)
+        ranking = Table(title=f"{k}: Bradley-Terry ranking", title_justify="left")
+        for col in ("#", "side", "strength"):
+            ranking.add_column(col, justify="left" if col == "side" else "right")
+        for i, st in enumerate(report.ranking[k], 1):
+            ranking.add_row(str(i), st.side, f"{st.strength:.3f}")
+        console.print(ranking)
+    console.print(f"{_count(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
+                  f"intervals from {report.samples} resamples, seed {report.seed}; {report.scored} images scored, "
+                  f"{report.cached} from cache.", soft_wrap=True)
+    if details:
+        for m in report.matchups:
+            _versus_prompts(console, m)
 
 
 # --------------------------------------------------------------------------- the end of a run
@@ -385,20 +581,20 @@ class Report:
     def result(self, row: Row, problem=None, truncated: bool = False) -> None:
         if row.error is not None:
             self.failed += 1
-            stderr_line(f"mps: error: {row.error}")
-            hint = self.hints.get(problem)
-            if hint and hint not in self._remedies:
-                self._remedies.append(hint)
+            error(row.error)
+            remedy = self.hints.get(problem)
+            if remedy and remedy not in self._remedies:
+                self._remedies.append(remedy)
             return
         self.scored += 1
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
-            stderr_line(f"mps: warning: the prompt for {row.image} is longer than 77 tokens; the model reads only "
-                        "the first 77 (further truncation warnings suppressed)")
+            warning(f"the prompt for {row.image} is longer than 77 tokens; the model reads only the first 77 "
+                    "(further truncation warnings suppressed)")
 
     def close(self, always: bool = False) -> None:
         """The remedies and the count: when something failed, or on a terminal."""
-        for hint in self._remedies:
-            stderr_line(f"mps: hint: {hint}")
+        for remedy in self._remedies:
+            hint(remedy)
         if self.failed or (always and sys.stderr.isatty()):
-            stderr_line(f"mps: {self.scored} scored, {self.failed} failed")
+            say(f"{self.scored} scored, {self.failed} failed")

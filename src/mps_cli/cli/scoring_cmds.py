@@ -31,6 +31,7 @@ from .app import (
     MaskThreshold,
     Remote,
     RunOptions,
+    exit_help,
     fail,
     handle_errors,
     open_scorer,
@@ -43,7 +44,6 @@ from .output import (
     Row,
     comparison_record,
     finite_or_error,
-    quiet_broken_pipe,
     render_comparison,
 )
 from .report_cmds import Html, write_html
@@ -65,8 +65,7 @@ Null = Annotated[bool, typer.Option(
 Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="Inputs",
                                          help="Descend into sub-folders of folder arguments.")]
 
-EXIT_CODES = ("Exit codes: 0 all scored, 1 some inputs failed (the rest are still printed), 2 usage error, "
-              "3 weights/config problem, 4 network or cache problem, 130 interrupted.")
+EXITS = exit_help({Exit.OK: "all scored", Exit.PARTIAL: "some inputs failed (the rest are still printed)"})
 
 
 @dataclass(frozen=True)
@@ -174,23 +173,17 @@ def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: Re
     """
     report = Report(INPUT_HINTS)
     written: list[Row] = []
-    scorer = None
-    try:
-        if any(it.ok for it in items):
-            scorer = open_scorer(model, remote, run)
-        with handle_errors("scoring"):
-            batch = run.batch_for(scorer)
-            with Progress(len(items), batch or len(items)) as progress:
-                rows = _rows(scorer, items, how, batch, progress.callback, report)
-                if rank_by is not None:
-                    rows = _ranked(list(rows), rank_by, top, writer.grouped)
-                for row in rows:
-                    writer.add(row)
-                    written.append(row)
-            writer.close()
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+    scorer = open_scorer(model, remote, run) if any(it.ok for it in items) else None
+    with handle_errors("scoring"):
+        batch = run.batch_for(scorer)
+        with Progress(len(items), batch or len(items)) as progress:
+            rows = _rows(scorer, items, how, batch, progress.callback, report)
+            if rank_by is not None:
+                rows = _ranked(list(rows), rank_by, top, writer.grouped)
+            for row in rows:
+                writer.add(row)
+                written.append(row)
+        writer.close()
     report.close(always=True)
     write_html(html, [r.record() for r in written], scorer, how.mask_threshold, how.keys)
     return report.failed
@@ -282,31 +275,33 @@ def compare(
         report.result(Row(image=a, prompt=None, error=error))
     the_prompt = prompt if prompt is not None else (items[0].prompt if items[0].ok else None)
     results = scorer = None
-    try:
-        if error is None:
-            scorer = open_scorer(model, remote, run)
-            with handle_errors("scoring"):
-                try:
-                    cmp = scorer.compare(items[0].path, items[1].path, the_prompt, dims=how.dims,
-                                         condition=how.condition, mask_threshold=how.mask_threshold)
-                except ImageError as exc:
-                    error = str(exc)
-                    report.result(Row(image=a, prompt=None, error=error))
-                else:
-                    results = cmp.results
-                    rows = [finite_or_error(Row(a, the_prompt, {k: v.a for k, v in results.items()})),
-                            finite_or_error(Row(b, the_prompt, {k: v.b for k, v in results.items()}))]
-                    bad = [r.error for r in rows if r.error]
-                    if bad:
-                        error, results = "; ".join(bad), None
-                        report.result(Row(image=a, prompt=None, error=error))
-                    elif scorer.prompt_truncated(the_prompt):
-                        report.result(rows[0], truncated=True)
-        render_comparison(mode, the_prompt, a, b, results, error)
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+    if error is None:
+        scorer = open_scorer(model, remote, run)
+        results, error = _compare_pair(scorer, items, the_prompt, how, report)
+    render_comparison(mode, the_prompt, a, b, results, error)
     report.close()
     if results is not None:
         write_html(html, [comparison_record(the_prompt, a, b, results)], scorer, how.mask_threshold, how.keys)
     raise typer.Exit(int(Exit.PARTIAL if error else Exit.OK))
+
+
+def _compare_pair(scorer, items: list[Item], prompt: str, how: Scoring, report: Report
+                  ) -> tuple[dict | None, str | None]:
+    """The comparison's results, or the error that stopped it (said once through ``report``)."""
+    a, b = items[0].label, items[1].label
+    with handle_errors("scoring"):
+        try:
+            cmp = scorer.compare(items[0].path, items[1].path, prompt, dims=how.dims, condition=how.condition,
+                                 mask_threshold=how.mask_threshold)
+        except ImageError as exc:
+            report.result(Row(image=a, prompt=None, error=str(exc)))
+            return None, str(exc)
+    rows = [finite_or_error(Row(a, prompt, {k: v.a for k, v in cmp.results.items()})),
+            finite_or_error(Row(b, prompt, {k: v.b for k, v in cmp.results.items()}))]
+    bad = [r.error for r in rows if r.error]
+    if bad:
+        report.result(Row(image=a, prompt=None, error="; ".join(bad)))
+        return None, "; ".join(bad)
+    if scorer.prompt_truncated(prompt):
+        report.result(rows[0], truncated=True)
+    return cmp.results, None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +20,13 @@ from ..constants import (
     SERVE_TOKEN_ENV,
 )
 from ..engine.options import ModelOptions
-from .app import MODEL, RUN, Exit, RunOptions, fail, load_model, say, takes
+from . import output
+from .app import MODEL, RUN, Exit, RunOptions, exit_help, fail, load_model, takes
 
+EXITS = exit_help({Exit.OK: "stopped by SIGTERM or Ctrl-C, the requests in flight answered",
+                   Exit.USAGE: "bad usage, the serve extra missing, or the port taken"}, codes=(Exit.RESOURCE,
+                                                                                                Exit.FETCH,
+                                                                                                Exit.INTERNAL))
 INSTALL_HINT = "`mps serve` needs the serve extra: pip install 'mps-cli[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
 
@@ -82,22 +86,20 @@ def serve(
     options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
                            token=token, allow_dir=allow_dir)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mps serve: %(message)s"))
     logger = logging.getLogger("mps_cli.server")
-    logger.addHandler(handler)
+    logger.addHandler(output.LogLines(who="mps serve"))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # its lines are the request log, not library notices
     scorer = load_model(model)
     scorer.batch_size = run.batch_for(scorer)  # this process serves one model: its batch size is the server's
-    say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
-        + (" (token required)" if token else ""))
+    output.say(f"{scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
+               + (" (token required)" if token else ""), who="mps serve")
     # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with
     # the default dispositions that would kill (or interrupt) the process after a clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     run_server(scorer, host, port, options, log_level="warning")
-    say("mps serve: stopped")
+    output.say("stopped", who="mps serve")
     raise typer.Exit(int(Exit.OK))
 
 

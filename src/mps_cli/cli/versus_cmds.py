@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +11,7 @@ from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
 from ..errors import PromptError
 from ..inputs.items import PromptSource
+from . import output
 from .app import (
     DIMENSION_NOTE,
     MODEL,
@@ -24,18 +23,16 @@ from .app import (
     MaskThreshold,
     RunOptions,
     describe,
+    exit_help,
     fail,
     handle_errors,
     load_model,
-    say,
     takes,
 )
-from .output import Progress, emit_json, quiet_broken_pipe
+from .output import Progress, emit_json, render_versus
 from .report_cmds import Html, write_html
 
 MAX_PROBLEM_LINES = 20
-#: With more prompts than this, ``--details`` shows the best and the worst half of it.
-DETAIL_ROWS = 20
 
 VERSUS_HELP = "\n\n".join([
     "Which generator do people prefer? Per dimension: how often side A's image beats side B's for the same "
@@ -45,101 +42,11 @@ VERSUS_HELP = "\n\n".join([
     "(a/cat_01.png ~ b/cat_01.jpg). With --prompts, the file names images by that relative path (with or "
     "without extension) and every A image of a prompt meets every B image of it (seeds).",
     "More than two sides: the pairwise matrix and a Bradley-Terry ranking.",
-    "Exit status: 0 every image compared; 1 some images unpaired, missing or failed (listed; the rest are "
-    "compared); 2 bad usage or an unreadable side or prompts file; 3 weights or config problem; "
-    "4 fetch problem; 130 interrupted (scores so far stay cached).",
+    exit_help({Exit.OK: "every image compared",
+               Exit.PARTIAL: "some images unpaired, missing or failed (listed; the rest are compared)",
+               Exit.USAGE: "bad usage or an unreadable side or prompts file",
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
 ])
-
-
-def _pct(value: float) -> str:
-    return "—" if math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _diff(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:+.3f}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _print_two(report, details: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    m = report.matchups[0]
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-    table = Table(title=f"A: {m.a}  vs  B: {m.b}", title_justify="left")
-    for col in ("dimension", "A wins %", "95% CI", "mean A − B", "A / tie / B"):
-        table.add_column(col, justify="left" if col == "dimension" else "right")
-    for k, r in m.results.items():
-        table.add_row(k, _pct(r.win_rate), f"{_pct(r.ci95[0])}–{_pct(r.ci95[1])}", _diff(r.mean_diff),
-                      f"{r.wins} / {r.ties} / {r.losses}")
-    console.print(table)
-    console.print(f"{_count(m.prompts, 'prompt')}, {_count(m.pairs, 'pair')}; interval from {report.samples} "
-                  f"resamples of {m.unit}s, seed {report.seed}; {report.scored} images scored, "
-                  f"{report.cached} from cache.", soft_wrap=True)
-    if details:
-        _print_prompts(console, m)
-    if any(k != "overall" for k in report.keys):
-        console.print(f"Note: {DIMENSION_NOTE}", soft_wrap=True)
-
-
-def _print_prompts(console, m) -> None:
-    from rich.table import Table
-
-    first = next(iter(m.results))
-    rows = list(m.per_prompt)
-    hidden = 0
-    if len(rows) > DETAIL_ROWS:
-        hidden = len(rows) - DETAIL_ROWS
-        rows = rows[:DETAIL_ROWS // 2] + [None] + rows[-DETAIL_ROWS // 2:]
-    table = Table(title=f"{m.a} vs {m.b} per prompt, best for A first (by {first})", title_justify="left")
-    table.add_column("prompt", overflow="ellipsis", max_width=60)
-    table.add_column("pairs", justify="right")
-    table.add_column("A wins %", justify="right")
-    for k in m.results:
-        table.add_column(f"{k} A − B", justify="right")
-    for p in rows:
-        if p is None:
-            table.add_row(f"… {hidden} more", *[""] * (2 + len(m.results)))
-            continue
-        table.add_row(p.prompt, str(p.pairs), _pct(p.win_rate[first]), *[_diff(p.mean_diff[k]) for k in m.results])
-    console.print(table)
-
-
-def _print_many(report, details: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-    for k in report.keys:
-        table = Table(title=f"{k}: % of pairs the row side wins against the column side", title_justify="left")
-        table.add_column("")
-        for s in report.sides:
-            table.add_column(s, justify="right")
-        for s in report.sides:
-            cells = [s]
-            for t in report.sides:
-                if s == t:
-                    cells.append("—")
-                else:
-                    r = report.matchup(s, t).results[k]
-                    cells.append(f"{_pct(r.win_rate)} ({_pct(r.ci95[0])}–{_pct(r.ci95[1])})")
-            table.add_row(*cells)
-        console.print(table)
-        ranking = Table(title=f"{k}: Bradley-Terry ranking", title_justify="left")
-        for col in ("#", "side", "strength"):
-            ranking.add_column(col, justify="left" if col == "side" else "right")
-        for i, st in enumerate(report.ranking[k], 1):
-            ranking.add_row(str(i), st.side, f"{st.strength:.3f}")
-        console.print(ranking)
-    console.print(f"{_count(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
-                  f"intervals from {report.samples} resamples, seed {report.seed}; {report.scored} images scored, "
-                  f"{report.cached} from cache.", soft_wrap=True)
-    if details:
-        for m in report.matchups:
-            _print_prompts(console, m)
 
 
 def _warn(report) -> None:
@@ -149,9 +56,9 @@ def _warn(report) -> None:
     for labels in report.unpaired.values():
         lines += [f"{label}: unpaired (no image to compare it with)" for label in labels]
     for line in lines[:MAX_PROBLEM_LINES]:
-        say(f"mps: warning: {line}")
+        output.warning(line)
     if len(lines) > MAX_PROBLEM_LINES:
-        say(f"mps: warning: … and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
+        output.warning(f"… and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
 
 
 @takes(MODEL, RUN)
@@ -234,18 +141,11 @@ def versus_command(
 
     _warn(report)
     if not any(m.pairs for m in report.matchups):
-        say("mps: error: no pairs to compare: no image of one side has a counterpart on another under the same "
-            "prompt")
-    try:
-        if as_json:
-            emit_json(report.to_dict(details=details))
-        elif len(report.sides) == 2:
-            _print_two(report, details)
-        else:
-            _print_many(report, details)
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+        output.error("no pairs to compare: no image of one side has a counterpart on another under the same prompt")
+    if as_json:
+        emit_json(report.to_dict(details=details))
+    else:
+        render_versus(report, details, DIMENSION_NOTE)
     write_html(html, [report.to_dict(details=True)])
     if not report.ok or not any(m.pairs for m in report.matchups):
         raise typer.Exit(int(Exit.PARTIAL))

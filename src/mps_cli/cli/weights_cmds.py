@@ -10,8 +10,17 @@ import typer
 
 from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
-from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
+from . import output
+from .app import AsJson, Exit, Revision, check_revision, exit_help, fail, handle_errors
 from .output import emit_json
+
+DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
+                            Exit.USAGE: "usage error: not a Hub source, or --revision disagrees with it",
+                            Exit.RESOURCE: "a malformed source or a corrupt file",
+                            Exit.FETCH: "network or Hub problem"})
+CONVERT_EXITS = exit_help({Exit.OK: "written", Exit.USAGE: "usage error (DST exists without --force)",
+                           Exit.RESOURCE: "unreadable or unsafe checkpoint, or DST cannot be written"},
+                          codes=(Exit.INTERNAL, Exit.INTERRUPTED))
 
 
 def _human(n: int) -> str:
@@ -33,7 +42,6 @@ def download(
     """Fetch weights (and their config.json) into the Hugging Face cache; print the local path, size and sha256.
 
     Run it on a connected machine; later runs, even with --offline or HF_HUB_OFFLINE=1, use the cache.
-    Exit codes: 0 fetched, 2 usage error, 3 corrupt file, 4 network or Hub problem.
     """
     from ..weights.sources import hub_file_for, weights_spec
 
@@ -67,12 +75,10 @@ def download(
     if as_json:
         emit_json(doc)
         return
-    say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
-    print(f"path: {fetched.path}")
-    print(f"size: {size} bytes ({_human(size)})")
-    print(f"sha256: {sha}")
-    print(f"commit: {fetched.commit or 'unknown'}")
-    print(f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}")
+    output.say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
+    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({_human(size)})", f"sha256: {sha}",
+                       f"commit: {fetched.commit or 'unknown'}",
+                       f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}"])
 
 
 def _version(dist: str) -> str | None:
@@ -174,7 +180,7 @@ def info(
     lines.append(f"default: --device auto -> {doc['default_device']}, --dtype auto -> {doc['default_dtype']} "
                  f"(text side {doc['default_text_dtype']})")
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in doc["versions"].items()))
-    print("\n".join(lines))
+    output.emit_lines(lines)
 
 
 def _device_lines(d: dict) -> list[str]:
@@ -208,8 +214,7 @@ def convert(
     """Convert a checkpoint to the published safetensors layout, reading pickles without running their code.
 
     The output loads with --weights and scores as the source does. A failed conversion leaves
-    no output file, and an existing DST is kept unless --force is given. Exit codes: 0 written,
-    2 usage error (DST exists without --force), 3 unreadable or unsafe checkpoint.
+    no output file, and an existing DST is kept unless --force is given.
     """
     if dst.suffix.lower() != ".safetensors":
         raise typer.BadParameter(f"{dst}: must end in .safetensors", param_hint="DST")
@@ -229,11 +234,9 @@ def convert(
     if as_json:
         emit_json(doc)
         return
-    say(f"converted {src} -> {result.dst}")
-    print(f"path: {result.dst}")
-    print(f"tensors: {result.tensors}")
-    print(f"size: {result.bytes} bytes ({_human(result.bytes)})")
-    print(f"dtype: {result.dtype}")
+    output.say(f"converted {src} -> {result.dst}")
+    output.emit_lines([f"path: {result.dst}", f"tensors: {result.tensors}",
+                       f"size: {result.bytes} bytes ({_human(result.bytes)})", f"dtype: {result.dtype}"])
 
 
 def _storage_dtype(spec: str) -> str | None:

@@ -116,7 +116,7 @@ def obtain(source: SafetensorsFile, specs: Specs, transposed: frozenset[str], dt
         writer.commit()
     except OSError as exc:
         writer.abort()
-        log.warning("mps: not caching prepared weights in %s: %s", path.parent, exc.strerror or exc)
+        log.warning("not caching prepared weights in %s: %s", path.parent, exc.strerror or exc)
         return None
     except BaseException:
         writer.abort()
@@ -400,7 +400,7 @@ def open_writer(path: Path, specs: Specs, transposed: frozenset[str], source: So
                  writer._total / 2**30, path.parent, SWITCH_ENV, extra={"nbytes": writer._total})
         return writer
     except OSError as exc:
-        log.warning("mps: not caching prepared weights in %s: %s (set %s=0 to stop trying)",
+        log.warning("not caching prepared weights in %s: %s (set %s=0 to stop trying)",
                     path.parent, exc.strerror or exc, SWITCH_ENV)
         return None
 
@@ -414,7 +414,7 @@ def _numel(shape) -> int:
 
 def discard(path: Path, why: str) -> None:
     """Remove an unusable prepared file (a link is removed, not followed); it is rebuilt on the next load."""
-    log.warning("mps: rebuilding prepared weights: %s", why)
+    log.warning("rebuilding prepared weights: %s", why)
     for p in (path, _marker(path)):
         try:
             p.unlink(missing_ok=True)
