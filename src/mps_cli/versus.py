@@ -11,7 +11,7 @@ and a 95% percentile bootstrap interval for the win rate that resamples prompts 
 prompt are not independent), or pairs when there is a single prompt. With more than two sides:
 every pairwise comparison, and a Bradley-Terry ranking fitted by Zermelo's iteration.
 
-Folder images are scored through :func:`mps_cli.evaluate.score_cached`, the cache ``mps eval``
+Folder images are scored through :func:`mps_cli.scorecache.score_cached`, the cache ``mps eval``
 uses. Nothing here prints; problems (unpaired images, failed images) go into the report.
 """
 
@@ -602,10 +602,10 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
                   mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache=None, batch_size: int | None = None,
                   samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
                   progress: Callable[[str, int, int], None] | None = None) -> VersusReport:
-    """Score what needs scoring (through ``cache``, a :class:`~mps_cli.evaluate.ScoreCache`) and compare every
+    """Score what needs scoring (through ``cache``, a :class:`~mps_cli.scorecache.ScoreCache`) and compare every
     two sides. ``scorer`` may be None when every side is pre-scored."""
     from .engine.scorer import check_mask_threshold, resolve_conditions
-    from .evaluate import ScoreCache, cache_identity, hash_images, score_cached
+    from .scorecache import ScoreCache, cache_identity, hash_images, score_cached
 
     conditions = resolve_conditions(dims, condition)
     keys = [k for k, _ in conditions]

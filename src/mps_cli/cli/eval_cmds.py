@@ -84,7 +84,8 @@ def eval_command(
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.scorer import resolve_conditions
-    from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
+    from ..evaluate import BenchmarkError, evaluate, load_benchmark
+    from ..scorecache import CacheError, ScoreCache, default_cache_path
 
     with handle_errors("reading the benchmark"):
         try:

@@ -93,7 +93,7 @@ def versus_command(
     *, model: ModelOptions, run: RunOptions,
 ) -> None:
     from ..engine.scorer import resolve_conditions
-    from ..evaluate import CacheError, ScoreCache, default_cache_path
+    from ..scorecache import CacheError, ScoreCache, default_cache_path
     from ..versus import SideError, compare_sides, line_up, read_side
 
     with handle_errors():
