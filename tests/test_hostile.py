@@ -376,7 +376,7 @@ def test_weights_rewritten_with_same_size_and_mtime_are_never_served_from_a_cach
 
 
 def test_stale_temp_file_of_a_dead_writer_is_removed_at_once(cache):
-    from mps_cli.weights.cachedir import host_tag as _host
+    from mps_cli.files import host_tag as _host
     from mps_cli.weights.prepared import summary
 
     cache.mkdir(parents=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from .constants import DEFAULT_MASK_THRESHOLD
 from .engine.options import ModelOptions
 from .errors import MissingExtraError, OutputError, ShardError
+from .files import remove_stale_temps, replacing, write_whole
 from .inputs.shards import Sample, Shard, find_shards, read_shard
 
 MANIFEST = "_manifest.json"
@@ -194,9 +195,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def _describe(settings: dict) -> str:
@@ -309,18 +308,11 @@ class Output:
         }
         table = pa.table(columns).replace_schema_metadata({PARQUET_METADATA_KEY: self._settings_json.encode()})
         final = self.path_for(shard)
-        for stale in self.folder.glob(f".{final.name}.tmp-*"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                pq.write_table(table, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        remove_stale_temps(self.folder, final.name)  # left by a killed run
+        with replacing(final) as tmp, open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         self._record(shard, len(rows), sum(r.error is not None for r in rows))
 
 

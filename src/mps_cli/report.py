@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .constants import CUSTOM_KEY, DIMENSIONS, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
 from .errors import ImageError, ReportError, ResultsError
+from .files import write_whole
 
 DEFAULT_THUMB = 256
 DEFAULT_MAX_IMAGES = 2000
@@ -595,12 +596,9 @@ def write_report(path: str | os.PathLike, results: Results, *, thumb: int = DEFA
     html, summary = render_report(results, out_dir=path.parent, thumb=thumb, thumb_format=thumb_format,
                                   link_images=link_images, max_images=max_images, title=title)
     data = html.encode("utf-8")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_whole(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ReportError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return ReportSummary(path=path, cards=summary.cards, images=summary.images, sampled=summary.sampled,
                          unreadable=summary.unreadable, bytes=len(data))

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import stat
-import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from pathlib import Path
 from ..constants import CACHE_ENV
 from ..constants import PREPARED_ENV as SWITCH_ENV
 from ..errors import CheckpointError
-from .cachedir import host_tag, prepared_dir, version_of, weights_sha256, write_small
+from ..files import remove_stale_temps, temp_path
+from ..switches import env_flag
+from .cachedir import prepared_dir, version_of, weights_sha256, write_small
 from .reader import TORCH_DTYPES, SafetensorsFile, header_from_file
 
 log = logging.getLogger("mps_cli")
@@ -42,8 +43,6 @@ VERSION = "2"
 ALIGN = 64
 # Leave this much free on the cache's disk after writing, or do not write.
 MIN_FREE_AFTER = 1 << 30
-# Temporary files of writers on other hosts (whose pids mean nothing here) are removed after this long.
-STALE_TMP_S = 3600
 # The data is sealed in chunks of this many bytes, each with its own CRC-32, so chunks verify in parallel.
 SEAL_CHUNK = 64 << 20
 _BLANK_CRC = "00000000"
@@ -61,7 +60,7 @@ class Unusable(CheckpointError):
 
 def enabled() -> bool:
     """Whether prepared weights are used, per ``$MPS_PREPARED_WEIGHTS`` (default on, where the OS has pwrite)."""
-    return hasattr(os, "pwrite") and os.environ.get(SWITCH_ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
+    return hasattr(os, "pwrite") and env_flag(SWITCH_ENV, default=True)
 
 
 def cache_dir() -> Path:
@@ -270,8 +269,8 @@ class PreparedWriter:
     :meth:`write` stores it at its place in the file; :meth:`commit` seals the file and
     renames it into place; :meth:`abort` removes it. Plain writes, not a writable mapping:
     a full disk is then an error, not a SIGBUS, and the kernel fills its page cache faster.
-    The temporary file's name carries the host and the writer's pid, so the leftovers of a
-    killed writer are recognised and removed at once.
+    The temporary file is named by :func:`mps_cli.files.temp_path`, so the leftovers of a killed
+    writer are recognised and removed at once.
     """
 
     def __init__(self, path: Path, specs: Specs, transposed: frozenset[str], source: SourceIdentity):
@@ -308,11 +307,11 @@ class PreparedWriter:
 
         folder = path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(folder)
+        remove_stale_temps(folder)
         free = shutil.disk_usage(folder).free
         if free - self._total < MIN_FREE_AFTER:
             raise OSError(f"{free / 2**30:.1f} GiB free, {(self._total + MIN_FREE_AFTER) / 2**30:.1f} GiB needed")
-        self.tmp = folder / f".{path.name}.{host_tag()}.{os.getpid()}.tmp"
+        self.tmp = temp_path(path)
         self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW, 0o644)
         try:
             self._write_header()
@@ -445,31 +444,6 @@ def _remove_superseded(current: Path, source: str) -> None:
             pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def remove_stale_tmp(folder: Path) -> None:
-    """Delete temporary files whose writer is gone: dead pids on this host at once, others after an hour."""
-    now, host = time.time(), host_tag()
-    for p in folder.glob(".*.tmp"):
-        parts = p.name[:-len(".tmp")].rsplit(".", 2)
-        try:
-            if len(parts) == 3 and parts[1] == host and parts[2].isdigit():
-                if not _pid_alive(int(parts[2])):
-                    p.unlink()
-            elif now - p.lstat().st_mtime > STALE_TMP_S:
-                p.unlink()
-        except OSError:
-            pass
-
-
 @dataclass(frozen=True)
 class Summary:
     """What the prepared folder holds: usable-looking copies and their size."""
@@ -484,7 +458,7 @@ def summary() -> Summary:
     folder = cache_dir()
     files = total = 0
     if folder.is_dir():
-        remove_stale_tmp(folder)
+        remove_stale_temps(folder)
         for p in folder.glob("*.safetensors"):
             try:
                 st = os.lstat(p)
@@ -536,5 +510,5 @@ def _verify_file(path: Path) -> None:
 
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "PreparedWriter", "SourceIdentity", "Summary", "Unusable", "cache_dir",
-           "enabled", "map_prepared", "obtain", "open_writer", "prepared_path", "remove_stale_tmp", "summary",
+           "enabled", "map_prepared", "obtain", "open_writer", "prepared_path", "summary",
            "verify_all"]
