@@ -162,3 +162,20 @@ def test_every_entry_point_holds_the_mask_threshold_to_one_range(scorer, tmp_pat
     res = run_cli("score", str(IMAGES / "sunset.png"), "--prompt", PROMPT, "--mask-threshold", "1",
                   "-w", str(WEIGHTS))
     assert res.returncode == 2 and "is not in [0, 1)" in " ".join(res.stderr.split())
+
+
+# --------------------------------------------------------------------------- what the installation sees
+
+
+def test_mps_info_prints_what_the_library_says(monkeypatch):
+    from mps_cli.environment import environment_info
+
+    monkeypatch.setenv("MPS_WEIGHTS", str(WEIGHTS))
+    res = run_cli("info", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc == environment_info().to_dict()
+    assert doc["weights"] == {"source": str(WEIGHTS), "hub": False, "cached": True, "path": str(WEIGHTS)}
+    assert doc["versions"]["torch"] and doc["prepared"]["enabled"] is True
+    text = run_cli("info").stdout
+    assert f"weights: {WEIGHTS}\n  cached at {WEIGHTS}\n" in text and "devices:\n  cpu" in text

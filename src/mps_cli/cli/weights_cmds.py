@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Annotated
 
@@ -81,23 +80,6 @@ def download(
                        f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}"])
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def _prepared_summary() -> dict:
-    from ..weights.prepared import SWITCH_ENV, enabled, summary
-
-    found = summary()
-    return {"dir": str(found.folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
-            "files": found.files, "bytes": found.bytes}
-
-
 def info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option(
@@ -113,47 +95,17 @@ def info(
     A dtype is native when the device's own arithmetic runs it; on CPUs without AVX-512 BF16 or AMX,
     bf16 and fp16 run through a fallback tens to hundreds of times slower than fp32. Never touches the network.
     """
-    from .. import __version__
-    from ..devices import list_devices, resolve_device, resolve_precision
-    from ..weights.hub import cache_dir, cached_weights, config_filename, endpoint, is_offline
-    from ..weights.sources import HubFile, hub_file_for, weights_spec
+    from ..environment import environment_info
 
     with handle_errors():
-        spec = weights_spec(None)
-        hub_file = hub_file_for(spec)
-        if hub_file is None:
-            local = Path(spec)
-            weights = {"source": spec, "hub": False, "cached": local.is_file(),
-                       "path": str(local) if local.is_file() else None}
-        else:
-            path = cached_weights(hub_file)
-            config = cached_weights(HubFile(hub_file.repo, config_filename(hub_file), hub_file.revision))
-            weights = {"source": spec, "hub": True, "uri": hub_file.uri, "cached": path is not None,
-                       "path": str(path) if path else None, "config": str(config) if config else None}
-        device = resolve_device("auto")
-        precision = resolve_precision("auto", device)
-        doc = {
-            "version": __version__,
-            "python": platform.python_version(),
-            "cache_dir": str(cache_dir()),
-            "endpoint": endpoint(),
-            "offline": is_offline(None),
-            "weights": weights,
-            "devices": list_devices(probe=probe),
-            "default_device": str(device),
-            "default_dtype": precision.image,
-            "default_text_dtype": precision.text,
-            "versions": {d: _version(d) for d in ("torch", "open_clip_torch", "huggingface_hub", "safetensors")},
-            "prepared": _prepared_summary(),
-        }
-        if verify:
-            from ..weights.prepared import verify_all
-
-            checked = verify_all()
-            doc["prepared"]["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
+        doc = environment_info(probe=probe, verify=verify).to_dict()
     if as_json:
         emit_json(doc)
         return
+    output.emit_lines(_info_lines(doc))
+
+
+def _info_lines(doc: dict) -> list[str]:
     w = doc["weights"]
     lines = [
         f"mps-cli {doc['version']} (python {doc['python']})",
@@ -180,7 +132,7 @@ def info(
     lines.append(f"default: --device auto -> {doc['default_device']}, --dtype auto -> {doc['default_dtype']} "
                  f"(text side {doc['default_text_dtype']})")
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in doc["versions"].items()))
-    output.emit_lines(lines)
+    return lines
 
 
 def _device_lines(d: dict) -> list[str]:
