@@ -438,6 +438,38 @@ def warn_slow_dtypes(scorer) -> None:
                        "(--dtype fp32 is faster here; `mps info --probe` shows each dtype)")
 
 
+@dataclass(frozen=True)
+class CacheChoice:
+    """Where ``mps eval`` and ``mps versus`` keep scores: ``--cache FILE`` (default: the cache folder's), or
+    memory only (``--no-cache``)."""
+
+    path: Path | None = None
+    memory_only: bool = False
+
+    def open(self):
+        """The score cache; one that cannot be opened is a usage error (exit 2), with its remedy."""
+        from ..scorecache import CacheError, ScoreCache, default_cache_path
+
+        try:
+            return ScoreCache(None if self.memory_only else (self.path or default_cache_path()))
+        except CacheError as exc:
+            raise fail(describe(exc), Exit.USAGE) from None
+
+
+def _cache_choice(cache: Path | None, no_cache: bool) -> CacheChoice:
+    if cache is not None and no_cache:
+        raise fail("--cache and --no-cache contradict each other; pass one", Exit.USAGE)
+    return CacheChoice(cache, no_cache)
+
+
+SCORE_CACHE = OptionGroup("scores", {
+    "cache": (Annotated[Path | None, typer.Option(
+        "--cache", help="Score cache (SQLite), shared by mps eval and mps versus. Default: scores.sqlite in "
+        "$MPS_CACHE_DIR, else in $XDG_CACHE_HOME/mps-cli (~/.cache when unset).")], None),
+    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")], False),
+}, _cache_choice)
+
+
 # --server: the same commands, with the work sent to a running `mps serve` instead of a local model.
 ServerUrl = Annotated[str | None, typer.Option(
     "--server", envvar=SERVER_ENV, show_envvar=True, rich_help_panel="Server",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +22,7 @@ from .app import (
     Dims,
     Exit,
     MaskThreshold,
+    OptionGroup,
     RunOptions,
     exit_help,
     fail,
@@ -77,7 +79,31 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-@takes(MODEL, RUN)
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide ``--engine ray`` runs."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+
+
+RAY = OptionGroup("ray", {
+    "ray_address": (Annotated[str | None, typer.Option(
+        "--ray-address", rich_help_panel="Engine", help="Ray cluster to join (default: start Ray on this machine).")],
+        None),
+    "workers": (Annotated[int, typer.Option(
+        "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")], 1),
+    "gpus_per_worker": (Annotated[float, typer.Option(
+        "--gpus-per-worker", min=0, rich_help_panel="Engine", help="Ray: GPUs per scoring actor.")], 0),
+    "cpus_per_worker": (Annotated[float, typer.Option(
+        "--cpus-per-worker", min=0.01, rich_help_panel="Engine",
+        help="Ray: CPUs per scoring actor (its torch threads on CPU).")], 1),
+}, lambda ray_address, **rest: RayOptions(address=ray_address, **rest))
+
+
+@takes(MODEL, RUN, RAY)
 def dataset_command(
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
@@ -101,59 +127,20 @@ def dataset_command(
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
         "(pip install \"mps-cli\\[ray]\").")] = Engine.local,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", rich_help_panel="Engine",
-        help="Ray cluster to join (default: start Ray on this machine).")] = None,
-    workers: Annotated[int, typer.Option(
-        "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(
-        "--gpus-per-worker", min=0, rich_help_panel="Engine", help="Ray: GPUs per scoring actor.")] = 0,
-    cpus_per_worker: Annotated[float, typer.Option(
-        "--cpus-per-worker", min=0.01, rich_help_panel="Engine",
-        help="Ray: CPUs per scoring actor (its torch threads on CPU).")] = 1,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    *, model: ModelOptions, run: RunOptions,
+    *, model: ModelOptions, run: RunOptions, ray: RayOptions,
 ) -> None:
-    from ..dataset import DatasetJob, ModelSpec, open_output, plan_dataset, resolve_model, score_dataset
+    from ..dataset import DatasetJob
 
     with handle_errors():
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
                          batch_size=run.batch_size)
-        try:
-            plan = plan_dataset(job)
-            if engine is Engine.ray:
-                from ..ray_engine import require_ray
-
-                require_ray()
-        except (OutputError, MissingExtraError) as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        except ValueError as exc:
-            raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
-        for problem in plan.problems:
-            output.error(f"{problem.source}: {problem.message}; skipped")
-        if engine is Engine.ray:
-            # The workers load the model; here the weights are only found and fingerprinted.
-            scorer, spec = None, resolve_model(model, device_kind="cuda" if gpus_per_worker else "cpu")
-        else:
-            scorer = load_model(model)  # the weights are opened once, by the load
-            spec = ModelSpec.from_scorer(scorer)
-        try:
-            folder = open_output(plan, spec)
-        except OutputError as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        progress = _ProgressLines()
-        if scorer is None:
-            from ..ray_engine import score_dataset_ray
-
-            summary = score_dataset_ray(plan, spec, folder, workers=workers, gpus_per_worker=gpus_per_worker,
-                                        cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
-        else:
-            summary = score_dataset(plan, scorer, progress=progress, output=folder)
-
+        plan = _plan(job, engine)
+        summary = _score(plan, model, ray if engine is Engine.ray else None)
     done = f"{summary.already_done} already done, " if summary.already_done else ""
     rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
     output.emit_lines([f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
@@ -161,3 +148,44 @@ def dataset_command(
                        f"({rate:.1f} images/s) -> {summary.out}"])
     if summary.failed:
         raise typer.Exit(int(Exit.PARTIAL))
+
+
+def _plan(job, engine: Engine):
+    """The job's plan, checked before any model loads; the sources that named nothing readable are said."""
+    from ..dataset import plan_dataset
+
+    try:
+        plan = plan_dataset(job)
+        if engine is Engine.ray:
+            from ..ray_engine import require_ray
+
+            require_ray()
+    except (OutputError, MissingExtraError) as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    except ValueError as exc:
+        raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
+    for problem in plan.problems:
+        output.error(f"{problem.source}: {problem.message}; skipped")
+    return plan
+
+
+def _score(plan, model: ModelOptions, ray: RayOptions | None):
+    """Score the plan here (the model loaded once) or on Ray (``ray``: the workers load it)."""
+    from ..dataset import ModelSpec, open_output, resolve_model, score_dataset
+
+    if ray is not None:
+        # Here the weights are only found and fingerprinted.
+        scorer, spec = None, resolve_model(model, device_kind="cuda" if ray.gpus_per_worker else "cpu")
+    else:
+        scorer = load_model(model)  # the weights are opened once, by the load
+        spec = ModelSpec.from_scorer(scorer)
+    try:
+        folder = open_output(plan, spec)
+    except OutputError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    if ray is None:
+        return score_dataset(plan, scorer, progress=_ProgressLines(), output=folder)
+    from ..ray_engine import score_dataset_ray
+
+    return score_dataset_ray(plan, spec, folder, workers=ray.workers, gpus_per_worker=ray.gpus_per_worker,
+                             cpus_per_worker=ray.cpus_per_worker, address=ray.address, progress=_ProgressLines())

@@ -15,13 +15,14 @@ from .app import (
     DIMENSION_NOTE,
     MODEL,
     RUN,
+    SCORE_CACHE,
     AsJson,
+    CacheChoice,
     Condition,
     Dims,
     Exit,
     MaskThreshold,
     RunOptions,
-    describe,
     exit_help,
     fail,
     handle_errors,
@@ -63,7 +64,7 @@ EVAL_HELP = "\n\n".join([
 ])
 
 
-@takes(MODEL, RUN)
+@takes(MODEL, RUN, SCORE_CACHE)
 def eval_command(
     benchmark: Annotated[BenchmarkKind, typer.Argument(help="Benchmark format: imagereward, hpdv2 or pairs.",
                                                         case_sensitive=False, show_default=False)],
@@ -76,16 +77,11 @@ def eval_command(
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: AsJson = False,
-    cache: Annotated[Path | None, typer.Option(
-        "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
-        "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
-    *, model: ModelOptions, run: RunOptions,
+    *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.scorer import resolve_conditions
     from ..evaluate import BenchmarkError, evaluate, load_benchmark
-    from ..scorecache import CacheError, ScoreCache, default_cache_path
 
     with handle_errors("reading the benchmark"):
         try:
@@ -94,16 +90,11 @@ def eval_command(
             raise fail(str(exc), Exit.USAGE) from None
         if images_root is not None and not images_root.is_dir():
             raise fail(f"--images-root {images_root}: not a folder", Exit.USAGE)
-        if cache is not None and no_cache:
-            raise fail("--cache and --no-cache contradict each other; pass one", Exit.USAGE)
         try:
             bench = load_benchmark(benchmark.value, file, images_root)
         except BenchmarkError as exc:
             raise fail(str(exc), Exit.USAGE) from None
-        try:
-            store = ScoreCache(None if no_cache else (cache or default_cache_path()))
-        except CacheError as exc:
-            raise fail(describe(exc), Exit.USAGE) from None
+        store = scores.open()
     with store:
         scorer = load_model(model)
         with handle_errors("evaluating"), Progress(force=True) as progress:

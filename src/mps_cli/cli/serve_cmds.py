@@ -72,24 +72,14 @@ def serve(
     missing = _missing()
     if missing:
         raise fail(f"{INSTALL_HINT} (missing: {', '.join(missing)})", Exit.USAGE)
-    from ..server import ServeOptions, is_loopback
+    from ..server import ServeOptions
     from ..server import serve as run_server
 
-    if token is not None and not token.strip():
-        raise typer.BadParameter("the token is empty", param_hint="--token")
-    if token is None and not is_loopback(host):
-        raise fail(f"--host {host} would expose the scorer beyond this machine without a token; "
-                   f"set --token (or {SERVE_TOKEN_ENV}), or bind 127.0.0.1", Exit.USAGE)
-    if allow_dir is not None and not allow_dir.is_dir():
-        raise typer.BadParameter(f"{allow_dir} is not a folder", param_hint="--allow-dir")
-    _check_port_free(host, port)
+    _check_access(host, port, token, allow_dir)
     options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
                            token=token, allow_dir=allow_dir)
-    logger = logging.getLogger("mps_cli.server")
-    logger.addHandler(output.LogLines(who="mps serve"))
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # its lines are the request log, not library notices
+    _log_requests()
     scorer = load_model(model)
     scorer.batch_size = run.batch_for(scorer)  # this process serves one model: its batch size is the server's
     output.say(f"{scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
@@ -101,6 +91,28 @@ def serve(
     run_server(scorer, host, port, options, log_level="warning")
     output.say("stopped", who="mps serve")
     raise typer.Exit(int(Exit.OK))
+
+
+def _check_access(host: str, port: int, token: str | None, allow_dir: Path | None) -> None:
+    """Refuse, before the slow model load, what would expose the scorer or cannot work."""
+    from ..server import is_loopback
+
+    if token is not None and not token.strip():
+        raise typer.BadParameter("the token is empty", param_hint="--token")
+    if token is None and not is_loopback(host):
+        raise fail(f"--host {host} would expose the scorer beyond this machine without a token; "
+                   f"set --token (or {SERVE_TOKEN_ENV}), or bind 127.0.0.1", Exit.USAGE)
+    if allow_dir is not None and not allow_dir.is_dir():
+        raise typer.BadParameter(f"{allow_dir} is not a folder", param_hint="--allow-dir")
+    _check_port_free(host, port)
+
+
+def _log_requests() -> None:
+    """The server's request log on stderr, one ``mps serve: ...`` line per request."""
+    logger = logging.getLogger("mps_cli.server")
+    logger.addHandler(output.LogLines(who="mps serve"))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # its lines are the request log, not library notices
 
 
 def _check_port_free(host: str, port: int) -> None:

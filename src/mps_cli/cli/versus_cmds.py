@@ -16,13 +16,14 @@ from .app import (
     DIMENSION_NOTE,
     MODEL,
     RUN,
+    SCORE_CACHE,
     AsJson,
+    CacheChoice,
     Condition,
     Dims,
     Exit,
     MaskThreshold,
     RunOptions,
-    describe,
     exit_help,
     fail,
     handle_errors,
@@ -61,7 +62,7 @@ def _warn(report) -> None:
         output.warning(f"… and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
 
 
-@takes(MODEL, RUN)
+@takes(MODEL, RUN, SCORE_CACHE)
 def versus_command(
     sides: Annotated[list[str], typer.Argument(
         help="Two or more sides: image folders, mps dataset folders, or JSON/JSONL from mps score.",
@@ -83,51 +84,17 @@ def versus_command(
                                          help="Bootstrap resamples.")] = 1000,
     as_json: AsJson = False,
     html: Html = None,
-    cache: Annotated[Path | None, typer.Option(
-        "--cache", help="Score cache (SQLite), shared with mps eval. Default: scores.sqlite in $MPS_CACHE_DIR, "
-        "else in $XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    *, model: ModelOptions, run: RunOptions,
+    *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
-    from ..engine.scorer import resolve_conditions
-    from ..scorecache import CacheError, ScoreCache, default_cache_path
-    from ..versus import SideError, compare_sides, line_up, read_side
+    from ..versus import SideError, compare_sides
 
     with handle_errors():
-        if len(sides) < 2:
-            raise fail("versus needs two sides or more (folders, dataset folders or JSONL files)", Exit.USAGE)
-        if len(set(sides)) != len(sides):
-            raise fail("the same side is given twice", Exit.USAGE)
-        if cache is not None and no_cache:
-            raise fail("--cache and --no-cache contradict each other; pass one", Exit.USAGE)
-        sources = [n for n, on in (("--prompt", prompt is not None), ("--prompts", prompts is not None),
-                                   ("--prompt-from", prompt_from is not None)) if on]
-        if len(sources) > 1:
-            raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
-        try:
-            resolve_conditions(dims, condition)
-            read = [read_side(s) for s in sides]
-        except (ValueError, SideError) as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        if not sources and any(not s.prescored for s in read):
-            raise fail("no prompt for the image folders: give --prompt TEXT, --prompts FILE or "
-                       "--prompt-from sidecar|metadata", Exit.USAGE)
-        try:
-            lineup = line_up(read, prompt=prompt, prompts_file=prompts,
-                             prompt_from=prompt_from.value if prompt_from else None)
-        except (ValueError, PromptError) as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        scorer = None
-        store = None
-        if lineup.needs_scoring:
-            try:
-                store = ScoreCache(None if no_cache else (cache or default_cache_path()))
-            except CacheError as exc:
-                raise fail(describe(exc), Exit.USAGE) from None
-            scorer = load_model(model)
+        lineup = _line_up(sides, prompt, prompts, prompt_from, dims, condition)
+        store = scores.open() if lineup.needs_scoring else None
+        scorer = load_model(model) if lineup.needs_scoring else None
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
@@ -149,3 +116,31 @@ def versus_command(
     write_html(html, [report.to_dict(details=True)])
     if not report.ok or not any(m.pairs for m in report.matchups):
         raise typer.Exit(int(Exit.PARTIAL))
+
+
+def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition):
+    """The sides read and every image given its prompt; anything wrong with them is a usage error."""
+    from ..engine.scorer import resolve_conditions
+    from ..versus import SideError, line_up, read_side
+
+    if len(sides) < 2:
+        raise fail("versus needs two sides or more (folders, dataset folders or JSONL files)", Exit.USAGE)
+    if len(set(sides)) != len(sides):
+        raise fail("the same side is given twice", Exit.USAGE)
+    sources = [n for n, on in (("--prompt", prompt is not None), ("--prompts", prompts is not None),
+                               ("--prompt-from", prompt_from is not None)) if on]
+    if len(sources) > 1:
+        raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+    try:
+        resolve_conditions(dims, condition)
+        read = [read_side(s) for s in sides]
+    except (ValueError, SideError) as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    if not sources and any(not s.prescored for s in read):
+        raise fail("no prompt for the image folders: give --prompt TEXT, --prompts FILE or "
+                   "--prompt-from sidecar|metadata", Exit.USAGE)
+    try:
+        return line_up(read, prompt=prompt, prompts_file=prompts,
+                       prompt_from=prompt_from.value if prompt_from else None)
+    except (ValueError, PromptError) as exc:
+        raise fail(str(exc), Exit.USAGE) from None
