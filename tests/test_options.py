@@ -47,7 +47,7 @@ def test_load_scorer_takes_the_options_or_their_fields(scorer):
 
 def test_the_command_line_model_flags_are_the_library_fields():
     """Adding a model option is a field in ModelOptions and one entry in the CLI's MODEL group: both or neither."""
-    from mps_cli.cli.app import MODEL, RUN, RunOptions
+    from mps_cli.cli.options import MODEL, RUN, RunOptions
 
     assert tuple(MODEL.options) == MODEL_OPTION_NAMES
     assert tuple(RUN.options) == tuple(f.name for f in dataclasses.fields(RunOptions))
@@ -78,7 +78,7 @@ def test_the_flags_reach_the_loaded_model(tmp_path):
 
 
 def test_run_batch_size_is_resolved_once(scorer):
-    from mps_cli.cli.app import RunOptions
+    from mps_cli.cli.options import RunOptions
     from mps_cli.engine.scorer import batch_of
 
     assert RunOptions().batch_for(scorer) == scorer.batch_size == 4  # the CPU default, from devices

@@ -15,21 +15,8 @@ from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
 from . import output
-from .app import (
-    MODEL,
-    RUN,
-    Condition,
-    Dims,
-    Exit,
-    MaskThreshold,
-    OptionGroup,
-    RunOptions,
-    exit_help,
-    fail,
-    handle_errors,
-    load_model,
-    takes,
-)
+from .app import Exit, exit_help, fail, handle_errors, load_model
+from .options import MODEL, RUN, Condition, Dims, MaskThreshold, OptionGroup, RunOptions, takes
 
 
 class Engine(str, Enum):

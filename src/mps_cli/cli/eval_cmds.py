@@ -11,25 +11,10 @@ import typer
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
 from . import output
-from .app import (
-    DIMENSION_NOTE,
-    MODEL,
-    RUN,
-    SCORE_CACHE,
-    AsJson,
-    CacheChoice,
-    Condition,
-    Dims,
-    Exit,
-    MaskThreshold,
-    RunOptions,
-    exit_help,
-    fail,
-    handle_errors,
-    load_model,
-    takes,
-)
-from .output import Progress, render_eval_report
+from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
+from .options import MODEL, RUN, SCORE_CACHE, AsJson, CacheChoice, Condition, Dims, MaskThreshold, RunOptions, takes
+from .output import Progress
+from .render import render_eval_report
 
 MAX_PROBLEM_LINES = 20
 

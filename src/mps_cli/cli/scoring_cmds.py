@@ -17,8 +17,8 @@ from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
 from ..engine.options import ModelOptions
 from ..errors import ImageError, PromptError
 from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
-from .app import (
-    INPUT_HINTS,
+from .app import INPUT_HINTS, Exit, exit_help, fail, handle_errors
+from .options import (
     MODEL,
     REMOTE,
     RUN,
@@ -27,25 +27,14 @@ from .app import (
     AsJsonl,
     Condition,
     Dims,
-    Exit,
     MaskThreshold,
     Remote,
     RunOptions,
-    exit_help,
-    fail,
-    handle_errors,
     open_scorer,
     takes,
 )
-from .output import (
-    Progress,
-    Report,
-    ResultWriter,
-    Row,
-    comparison_record,
-    finite_or_error,
-    render_comparison,
-)
+from .output import Progress
+from .render import Report, ResultWriter, Row, comparison_record, finite_or_error, render_comparison
 from .report_cmds import Html, write_html
 
 Prompt = Annotated[str | None, typer.Option(

@@ -21,7 +21,8 @@ from ..constants import (
 )
 from ..engine.options import ModelOptions
 from . import output
-from .app import MODEL, RUN, Exit, RunOptions, exit_help, fail, load_model, takes
+from .app import Exit, exit_help, fail, load_model
+from .options import MODEL, RUN, RunOptions, takes
 
 EXITS = exit_help({Exit.OK: "stopped by SIGTERM or Ctrl-C, the requests in flight answered",
                    Exit.USAGE: "bad usage, the serve extra missing, or the port taken"}, codes=(Exit.RESOURCE,

@@ -12,25 +12,10 @@ from ..engine.options import ModelOptions
 from ..errors import PromptError
 from ..inputs.items import PromptSource
 from . import output
-from .app import (
-    DIMENSION_NOTE,
-    MODEL,
-    RUN,
-    SCORE_CACHE,
-    AsJson,
-    CacheChoice,
-    Condition,
-    Dims,
-    Exit,
-    MaskThreshold,
-    RunOptions,
-    exit_help,
-    fail,
-    handle_errors,
-    load_model,
-    takes,
-)
-from .output import Progress, emit_json, render_versus
+from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
+from .options import MODEL, RUN, SCORE_CACHE, AsJson, CacheChoice, Condition, Dims, MaskThreshold, RunOptions, takes
+from .output import Progress, emit_json
+from .render import render_versus
 from .report_cmds import Html, write_html
 
 MAX_PROBLEM_LINES = 20

@@ -10,7 +10,8 @@ import typer
 from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
 from . import output
-from .app import AsJson, Exit, Revision, check_revision, exit_help, fail, handle_errors
+from .app import Exit, exit_help, fail, handle_errors
+from .options import AsJson, Revision, check_revision
 from .output import emit_json
 
 DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
