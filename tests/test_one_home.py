@@ -56,8 +56,8 @@ def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
 
 
 def test_only_the_files_module_renames_into_place():
-    """Write-then-rename lives in mps_cli.files; the prepared-weights writer (pwrite into its temp_path)
-    renames its own file when it seals it."""
+    """Write-then-rename lives in mps_cli.files; the prepared-weights writer (weights/sealed.py: pwrite into
+    its temp_path) renames its own file when it seals it."""
     renamers = set()
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -65,7 +65,7 @@ def test_only_the_files_module_renames_into_place():
                     and node.func.attr in ("replace", "rename") and isinstance(node.func.value, ast.Name)
                     and node.func.value.id == "os"):
                 renamers.add(path.relative_to(SRC).as_posix())
-    assert renamers == {"files.py", "weights/prepared.py"}
+    assert renamers == {"files.py", "weights/sealed.py"}
 
 
 def test_a_dataset_shard_left_half_written_by_a_killed_run_is_swept_up(tmp_path):
