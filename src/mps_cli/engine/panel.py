@@ -61,23 +61,45 @@ def mps_key(dim: str) -> str:
     return f"{MPS_MODEL}{KEY_SEPARATOR}{dim}"
 
 
+def keyed_conditions(models: str | Sequence[str] | Sequence[ModelRequest] | None, dims: Iterable[str] | None,
+                     condition: str | None) -> list[tuple[str, str]]:
+    """(result key, the text that keys its cached score) per result, in order.
+
+    Without ``models``: MPS alone, :func:`~mps_cli.engine.scorer.resolve_conditions` exactly. With them: MPS's
+    dimensions under ``mps.`` with their condition texts, and each judge under its name with ``judge:NAME``
+    (a judge reads no condition). Raises ValueError for dimensions or a condition without MPS.
+    """
+    from .scorer import resolve_conditions
+
+    if not models:
+        return resolve_conditions(dims, condition)
+    requests = list(models) if all(isinstance(m, ModelRequest) for m in models) else parse_models(models)
+    names = [m.name for m in requests]
+    if MPS_MODEL not in names and (dims or condition is not None):
+        raise ValueError("dimensions and conditions are MPS's: add mps to the models, or drop them")
+    out: list[tuple[str, str]] = []
+    for name in names:
+        if name == MPS_MODEL:
+            out.extend((mps_key(k), text) for k, text in resolve_conditions(dims, condition))
+        else:
+            out.append((name, f"judge:{name}"))
+    return out
+
+
 def result_keys(models: Sequence[ModelRequest], dims: Iterable[str] | None, condition: str | None) -> tuple[str, ...]:
     """The keys a panel of ``models`` gives each result, in order (MPS's dimensions where MPS is asked for).
 
     Raises ValueError when dimensions or a condition are asked of a panel without MPS (judges have one score).
     """
-    from .scorer import resolve_conditions
+    return tuple(k for k, _ in keyed_conditions(list(models), dims, condition))
 
-    names = [m.name for m in models]
-    if MPS_MODEL not in names and (dims or condition is not None):
-        raise ValueError("dimensions and conditions are MPS's: add mps to the models, or drop them")
-    keys: list[str] = []
-    for name in names:
-        if name == MPS_MODEL:
-            keys.extend(mps_key(k) for k, _ in resolve_conditions(dims, condition))
-        else:
-            keys.append(name)
-    return tuple(keys)
+
+def mps_dims(keys: Iterable[str]) -> tuple[list[str] | None, bool]:
+    """(the MPS dimensions among result ``keys``, or None; whether MPS's custom condition is among them)."""
+    from ..constants import CUSTOM_KEY
+
+    found = [d for _, d in map(split_key, keys) if d is not None]
+    return [d for d in found if d != CUSTOM_KEY] or None, CUSTOM_KEY in found
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -217,12 +239,20 @@ class Panel(Scorer):
         """The result keys of a call with these dimensions and condition."""
         return result_keys([ModelRequest(n) for n in self.models], dims, condition)
 
+    #: Images for :meth:`preprocess` keep their own mode (open_clip converts to RGB after resizing).
+    keeps_mode = True
+
     def load_pixels(self, source: ImageInput) -> dict:
         """Decode one image once and preprocess it by every rule the panel's models need: ``{rule: tensor}``."""
-        from .pixel_rules import pixels_by_rule
         from .preprocess import open_image
 
-        out = pixels_by_rule(open_image(source, keep_mode=True), self.config.vision.image_size, self.rules)
+        return self.preprocess(open_image(source, keep_mode=True))
+
+    def preprocess(self, img) -> dict:
+        """:meth:`load_pixels` for an image already decoded with ``keep_mode=True``."""
+        from .pixel_rules import pixels_by_rule
+
+        out = pixels_by_rule(img, self.config.vision.image_size, self.rules)
         with self._count:
             self.stats["images_decoded"] += 1
         return out
@@ -257,4 +287,5 @@ class Panel(Scorer):
         return scores, kept, truncated
 
 
-__all__ = ["ModelRequest", "Panel", "load_panel", "load_scorer", "mps_key", "parse_models", "result_keys", "split_key"]
+__all__ = ["ModelRequest", "Panel", "keyed_conditions", "load_panel", "load_scorer", "mps_dims", "mps_key",
+           "parse_models", "result_keys", "split_key"]

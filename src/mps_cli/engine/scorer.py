@@ -13,7 +13,7 @@ from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIO
 from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
 from ..errors import ImageError
 from ..weights.config import ModelConfig
-from .preprocess import ImageInput, Tokenizer, load_pixels
+from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 PromptInput = str | Sequence[str | None]
 
@@ -238,9 +238,16 @@ class Scorer:
                                    kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j]))
         return out
 
+    #: Images for :meth:`preprocess` come RGB (:func:`~mps_cli.engine.preprocess.open_image`'s default).
+    keeps_mode = False
+
     def load_pixels(self, source: ImageInput):
         """Decode and preprocess one image into what :meth:`score_pixels` takes; raises :class:`ImageError`."""
         return load_pixels(source, self.config.vision.image_size)
+
+    def preprocess(self, img):
+        """:meth:`load_pixels` for an image already decoded (``open_image(..., keep_mode=self.keeps_mode)``)."""
+        return pixels_from_image(img, self.config.vision.image_size)
 
     def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
                      dims: Iterable[str] | None = None, condition: str | None = None,
