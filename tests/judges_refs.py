@@ -130,3 +130,27 @@ def hf_scores(model, processor, images, prompt: str) -> list[float]:
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         return (model.logit_scale.exp() * (img @ txt.T)[:, 0]).tolist()
+
+
+def write_judges(root: Path) -> dict:
+    """The three tiny judges on disk in their published layouts: {name: (weights file, reference model)}.
+
+    Seeds whose cosines come out positive for the tests' prompts, so CLIPScore's clipping hides nothing.
+    """
+    from safetensors.torch import save_file
+
+    hps_model, clip_model, pick_model = open_clip_model(1), open_clip_model(8), hf_clip_model(3)
+    (root / "hps").mkdir()
+    # HPSv2's published file: torch.save of a dict holding the open_clip state dict (and training leftovers).
+    torch.save({"state_dict": hps_model.state_dict(), "epoch": 1}, root / "hps" / "HPS_v2.1_compressed.pt")
+    write_config(root / "hps")
+    (root / "clip").mkdir()
+    save_file({k: v.contiguous() for k, v in clip_model.state_dict().items()},
+              str(root / "clip" / "open_clip_model.safetensors"))
+    write_config(root / "clip")
+    pick_model.save_pretrained(root / "pick")
+    return {
+        "hpsv2.1": (root / "hps" / "HPS_v2.1_compressed.pt", hps_model),
+        "clipscore": (root / "clip" / "open_clip_model.safetensors", clip_model),
+        "pickscore": (root / "pick" / "model.safetensors", pick_model),
+    }

@@ -22,30 +22,6 @@ PROMPTS = ("a red fox sitting in a snowy forest at dawn", "three blue cubes on a
 
 
 @pytest.fixture(scope="session")
-def judges(tmp_path_factory):
-    """The three tiny judges on disk in their published layouts, with the reference models that made them."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("judges")
-    # Seeds whose cosines come out positive for PROMPTS, so CLIPScore's clipping does not hide the comparison.
-    hps_model, clip_model, pick_model = R.open_clip_model(1), R.open_clip_model(8), R.hf_clip_model(3)
-    (root / "hps").mkdir()
-    # HPSv2's published file: torch.save of a dict holding the open_clip state dict (and training leftovers).
-    torch.save({"state_dict": hps_model.state_dict(), "epoch": 1}, root / "hps" / "HPS_v2.1_compressed.pt")
-    R.write_config(root / "hps")
-    (root / "clip").mkdir()
-    save_file({k: v.contiguous() for k, v in clip_model.state_dict().items()},
-              str(root / "clip" / "open_clip_model.safetensors"))
-    R.write_config(root / "clip")
-    pick_model.save_pretrained(root / "pick")
-    return {
-        "hpsv2.1": (root / "hps" / "HPS_v2.1_compressed.pt", hps_model),
-        "clipscore": (root / "clip" / "open_clip_model.safetensors", clip_model),
-        "pickscore": (root / "pick" / "model.safetensors", pick_model),
-    }
-
-
-@pytest.fixture(scope="session")
 def images(tmp_path_factory) -> list[Path]:
     """The fixture's images (RGBA, grey, palette, WebP, JPEG, odd sizes) plus a large odd-sized JPEG and PNG."""
     root = tmp_path_factory.mktemp("judge-images")
