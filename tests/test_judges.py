@@ -198,3 +198,30 @@ def test_bf16_judges_stay_close_to_fp32(judges, images):
     for a, b in zip(fp32, bf16):
         assert a.scores.keys() == b.scores.keys()
         assert all(abs(a.scores[k] - b.scores[k]) < 0.5 for k in a.scores), (a.scores, b.scores)
+
+
+def test_a_panel_reward_has_gradients_through_every_model_and_the_panels_scores(judges, tmp_path):
+    """load_reward(model=...): one B tensor per key, equal to the panel's score of the same image saved as PNG."""
+    from mps_cli import load_reward, load_scorer
+
+    spec = ["mps"] + [f"{name}={path}" for name, (path, _) in judges.items()]
+    reward = load_reward(str(WEIGHTS), model=spec, dims=["overall", "detail"], device="cpu", dtype="fp32",
+                         round_pixels=True)
+    g = torch.Generator().manual_seed(5)
+    pixels = (torch.rand((2, 3, 231, 300), generator=g) * 255).round() / 255
+    paths = []
+    for i, img in enumerate(pixels):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(paths[-1])
+    x = pixels.clone().requires_grad_(True)
+    scores = reward.score(x, PROMPTS[0])
+    assert list(scores) == ["mps.overall", "mps.detail", "hpsv2.1", "clipscore", "pickscore"]
+    for key, value in scores.items():
+        (grad,) = torch.autograd.grad(value.sum(), x, retain_graph=True)
+        assert grad.abs().sum() > 0, key
+    panel = load_scorer(str(WEIGHTS), model=spec, device="cpu", dtype="fp32")
+    for r, i in zip(panel.score(paths, PROMPTS[0], dims=["overall", "detail"]), range(2)):
+        for key, value in scores.items():
+            # HPSv2's transform is the reward's own tensor ops; the others emulate PIL's 8-bit resize (docs/reward.md).
+            tol = TOL if key == "hpsv2.1" else 5e-3
+            assert abs(value[i].item() - r.scores[key]) < tol, (key, value[i].item(), r.scores[key])

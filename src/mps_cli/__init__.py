@@ -25,7 +25,7 @@ _LAZY = {
     "load_scorer": "engine.panel", "Panel": "engine.panel", "Scorer": "engine.scorer", "ScoreResult": "engine.scorer",
     "Comparison": "engine.scorer", "PairResult": "engine.scorer", "preference_probability": "engine.scorer",
     "compare_scores": "engine.scorer",
-    "load_reward": "reward", "MPSReward": "reward",
+    "load_reward": "panel_reward", "PanelReward": "panel_reward", "MPSReward": "reward",
     "ModelConfig": "weights.config", "read_config": "weights.config", "builtin_config": "weights.config",
 }
 
