@@ -21,10 +21,19 @@ import time
 from pathlib import Path
 
 from bench_assets import DEFAULT_FIXTURE, PROMPT, check_outside_repo, default_cache_dir, log
-from bench_measure import machine_info, mem
+from bench_measure import machine_info
 
 JUDGE_SEEDS = {"hpsv2.1": 1, "pickscore": 2, "clipscore": 3}
 ALL = ("mps", "hpsv2.1", "pickscore", "clipscore")
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def tiny_judges(folder: Path) -> dict[str, Path]:
@@ -127,11 +136,11 @@ def rss_per_model(judges: dict[str, Path]) -> list[dict]:
     gc.collect()
     panel = load_scorer(str(DEFAULT_FIXTURE / "mps-tiny.safetensors"), model=specs(judges, ALL), device="cpu",
                         dtype="fp32")
-    rows = [{"loaded": "none (weights opened and checked)", "rss": mem()["VmRSS"]}]
+    rows = [{"loaded": "none (weights opened and checked)", "rss": rss()}]
     for member in panel.members:
         _ = member.scorer if member.name == "mps" else member.model
         gc.collect()
-        rows.append({"loaded": member.name, "rss": mem()["VmRSS"]})
+        rows.append({"loaded": member.name, "rss": rss()})
     return rows
 
 

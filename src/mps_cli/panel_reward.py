@@ -10,37 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEAN, IMAGE_STD, MPS_MODEL
+from .constants import DEFAULT_MASK_THRESHOLD, MPS_MODEL
 from .engine.model import judge_logits
 from .engine.panel import keyed_conditions, load_panel, mps_key
+from .engine.pixel_rules import letterbox_images
 from .errors import InputError
 from .reward import MPSReward, preprocess_images
 from .reward import load_reward as load_mps_reward
-
-
-def letterbox_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """HPSv2's eval transform on B x 3 x H x W floats, differentiably: exactly the reference's tensor ops.
-
-    Longer side to ``size`` (``round``) with antialiased bicubic, zero padding (left and top the smaller
-    half), CLIP mean/std.
-    """
-    lo, hi = input_range
-    x = images.float() if images.dtype not in (torch.float32, torch.float64) else images
-    x = (x - lo) / (hi - lo)
-    h, w = x.shape[-2:]
-    scale = size / float(max(h, w))
-    if scale != 1.0:
-        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bicubic", antialias=True,
-                          align_corners=False)
-    nh, nw = x.shape[-2:]
-    top, left = (size - nh) // 2, (size - nw) // 2
-    x = F.pad(x, (left, size - nw - left, top, size - nh - top))
-    mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 class PanelReward(MPSReward):
@@ -151,4 +129,4 @@ def load_reward(weights=None, *, model=None, dims: Iterable[str] | str | None = 
     return reward
 
 
-__all__ = ["PanelReward", "letterbox_images", "load_reward"]
+__all__ = ["PanelReward", "load_reward"]

@@ -86,15 +86,20 @@ class Judge:
             self._prompts.popitem(last=False)
         return torch.stack(out)
 
-    def score(self, pixels, prompts: Sequence[str]) -> list[float]:
-        """Scores of a B x 3 x S x S batch (this judge's preprocessing) for its prompts, as floats."""
+    def score(self, pixels: Sequence, prompts: Sequence[str]) -> list[float]:
+        """Scores of one batch for its prompts, as floats: ``pixels`` are :func:`pixels_by_rule`'s for this rule."""
         import torch
 
         from .model import judge_logits
+        from .pixel_rules import LETTERBOX, letterbox_batch
 
         with torch.inference_mode():
             model = self.model
-            image = model.encode_image(pixels.to(self.device, self.precision.image_dtype))
+            if self.rule == LETTERBOX:
+                batch = letterbox_batch(pixels, self.config.vision.image_size, self.device)
+            else:
+                batch = torch.stack(list(pixels))
+            image = model.encode_image(batch.to(self.device, self.precision.image_dtype))
             text = self.text_embeddings(prompts)
             return judge_logits(self.spec.formula, image, text, model.logit_scale).tolist()
 

@@ -270,8 +270,6 @@ class Panel(Scorer):
         return super().score_pixels(pixels, prompts, labels, dims, condition, *args, **kwargs)
 
     def _score_batch(self, pixels: list, prompts: list[str], conditions, threshold: float):
-        import torch
-
         scores: dict[str, list[float]] = {}
         kept: dict[str, list[int]] = {}
         truncated = [self.tokenizer(p).truncated for p in prompts]
@@ -282,7 +280,7 @@ class Panel(Scorer):
                 scores.update((mps_key(key), v) for key, v in s.items())
                 kept.update((mps_key(key), v) for key, v in k.items())
             else:
-                scores[member.name] = member.score(torch.stack(batch), prompts)
+                scores[member.name] = member.score(batch, prompts)
         self.stats["image_batches"] += 1
         return scores, kept, truncated
 
