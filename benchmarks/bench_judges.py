@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,9 +179,10 @@ def main(argv=None) -> int:
         log(f"k={k}: one panel {together:.2f} s, {k} separate runs {apart:.2f} s")
     memory = {"full_size": full_size_bytes(), "tiny_rss": rss_per_model(judges)}
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# bench_judges: {len(paths)} PNGs of {args.size}x{args.size}, tiny models, fp32, CPU: {info['cpu']} "
-          f"({info['usable_cpus']} CPUs, {info['torch_threads']} torch threads)")
-    print("\n| decode + preprocess, one thread | ms per image |\n| --- | --- |")
+          f"({info['usable_cpus']} CPUs, {info['torch_threads']} torch threads; load average {load:.1f} at the end)")
+    print("\n| decode + preprocess in a decode thread, one thread | ms per image |\n| --- | --- |")
     for k, v in decode.items():
         print(f"| {k} | {v:.1f} |")
     print("\n| models | one panel (one decode), ms/image | k separate runs, ms/image | saving |")
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
         print(f"| {r['loaded']} | {r['rss'] / 2**20:.0f} MiB | {added} |")
         prev = r["rss"]
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "images": len(paths), "size": args.size,
+        args.json.write_text(json.dumps({"machine": info, "load_average": load, "images": len(paths), "size": args.size,
                                          "decode_ms": decode, "runs": rows, "memory": memory}, indent=2))
     return 0
 
