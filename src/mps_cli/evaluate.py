@@ -274,15 +274,17 @@ def inversion_accuracy(ranks: Sequence[int], scores: Sequence[float]) -> float |
 
 def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *, condition: str | None = None,
              mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache: ScoreCache | None = None,
-             batch_size: int | None = None, progress: ProgressFn | None = None) -> EvalReport:
+             batch_size: int | None = None, progress: ProgressFn | None = None, models=None) -> EvalReport:
     """Score every image of ``benchmark`` (reusing cached scores) and compute its accuracy per dimension.
 
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
+    ``models`` (the panel's, see :func:`~mps_cli.engine.panel.keyed_conditions`): accuracy per model key.
     """
-    from .engine.scorer import check_mask_threshold, resolve_conditions
+    from .engine.panel import keyed_conditions
+    from .engine.scorer import check_mask_threshold
 
-    conditions = resolve_conditions(dims, condition)
+    conditions = keyed_conditions(models, dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
     threshold = check_mask_threshold(mask_threshold)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import CUSTOM_KEY
 from .errors import MPSError
 from .weights.cachedir import scores_path
 from .weights.reader import file_sha256
@@ -255,9 +254,12 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
 
 def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], condition: str | None,
                   mask_threshold: float, batch_size: int | None) -> Iterator:
-    dims = [k for k in keys if k != CUSTOM_KEY]
-    cond = condition if CUSTOM_KEY in keys else None
-    return scorer.iter_score([p for p, _ in todo], [q for _, q in todo], dims=dims or None, condition=cond,
+    from .engine.panel import mps_dims
+
+    # Keys are dimensions, or with several models mps.<dim> and judge names (a judge needs no dimension).
+    dims, custom = mps_dims(keys)
+    cond = condition if custom else None
+    return scorer.iter_score([p for p, _ in todo], [q for _, q in todo], dims=dims, condition=cond,
                              mask_threshold=mask_threshold, batch_size=batch_size)
 
 

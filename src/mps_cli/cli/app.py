@@ -235,7 +235,7 @@ def load_model(options: ModelOptions):
     key = _cache_key(options)
     if key in _SCORERS:
         return _SCORERS[key]
-    from ..engine.scorer import load_scorer
+    from ..engine.panel import load_scorer
 
     LOADS["count"] += 1
     with handle_errors("loading the weights"), output.status("loading MPS weights…"):

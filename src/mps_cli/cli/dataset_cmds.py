@@ -121,11 +121,13 @@ def dataset_command(
 ) -> None:
     from ..dataset import DatasetJob
 
+    if model.model and engine is Engine.ray:
+        raise fail("--model runs on the local engine only for now: drop --engine ray or --model", Exit.USAGE)
     with handle_errors():
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
-                         batch_size=run.batch_size)
+                         batch_size=run.batch_size, models=model.model)
         plan = _plan(job, engine)
         summary = _score(plan, model, ray if engine is Engine.ray else None)
     done = f"{summary.already_done} already done, " if summary.already_done else ""

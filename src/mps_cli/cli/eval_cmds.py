@@ -65,12 +65,12 @@ def eval_command(
     *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
-    from ..engine.scorer import resolve_conditions
+    from ..engine.panel import keyed_conditions
     from ..evaluate import BenchmarkError, evaluate, load_benchmark
 
     with handle_errors("reading the benchmark"):
         try:
-            resolve_conditions(dims, condition)
+            keyed_conditions(model.model, dims, condition)
         except ValueError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         if images_root is not None and not images_root.is_dir():
@@ -84,7 +84,8 @@ def eval_command(
         scorer = load_model(model)
         with handle_errors("evaluating"), Progress(force=True) as progress:
             report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                              cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback)
+                              cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback,
+                              models=model.model)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
         output.warning(f"{problem.item}: {problem.message}; item skipped")

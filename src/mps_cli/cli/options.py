@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
+from ..constants import DIMENSIONS, KNOWN_SOURCES, MODEL_NAMES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
 from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
 from ..engine.options import ModelOptions
 from ..errors import DeviceError, MPSError
@@ -110,6 +110,26 @@ MaskThreshold = Annotated[float, typer.Option(
     "--mask-threshold", callback=_check_threshold, rich_help_panel="Scoring",
     help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
 
+
+def _check_models(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    from ..engine.panel import parse_models
+
+    try:
+        requests = parse_models(values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return [r.name if r.weights is None else f"{r.name}={r.weights}" for r in requests]
+
+
+Models = Annotated[list[str] | None, typer.Option(
+    "--model", "-m", callback=_check_models, rich_help_panel="Model",
+    help=f"Models to score with, repeatable or comma-separated: {', '.join(MODEL_NAMES)}; each image is decoded "
+    "once for all of them. NAME=WEIGHTS gives a model a local file or hf:// URI. With --model every score is keyed "
+    "by model: mps.overall (mps.DIM for each --dim), hpsv2.1, pickscore, clipscore. Default: MPS alone, keyed by "
+    "dimension (docs/judges.md).")]
+
 AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
 AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
                                        help="One JSON object per line, streamed.")]
@@ -187,7 +207,7 @@ def _model_options(offline: bool, **values) -> ModelOptions:
 #: :class:`~mps_cli.engine.options.ModelOptions` (a test holds the two to the same names).
 MODEL = OptionGroup("model", {
     "weights": (Weights, None), "config": (Config, None), "revision": (Revision, None),
-    "offline": (Offline, False), "device": (Device, "auto"), "dtype": (Dtype, "auto"),
+    "offline": (Offline, False), "device": (Device, "auto"), "dtype": (Dtype, "auto"), "model": (Models, None),
 }, _model_options)
 
 
@@ -268,5 +288,8 @@ def open_scorer(model: ModelOptions, remote: Remote, run: RunOptions):
     if remote.server:
         from ..client import Client
 
+        if model.model:
+            raise fail("--model scores here; the server scores with its own models (mps serve --model): "
+                       "drop --model or --server", Exit.USAGE)
         return Client(remote.server, token=remote.token, batch_size=run.batch_size)
     return load_model(model)

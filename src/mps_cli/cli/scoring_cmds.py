@@ -67,11 +67,17 @@ class Scoring:
     keys: tuple[str, ...]
 
 
-def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float) -> Scoring:
+def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float,
+            models: str | None = None) -> Scoring:
+    """What to score; with ``models`` (``--model``) the keys are the panel's (``mps.overall``, ``hpsv2.1``, ...)."""
+    from ..engine.panel import parse_models, result_keys
     from ..engine.scorer import resolve_conditions
 
     try:
-        keys = tuple(k for k, _ in resolve_conditions(dims, condition))
+        if models:
+            keys = result_keys(parse_models(models), dims, condition)
+        else:
+            keys = tuple(k for k, _ in resolve_conditions(dims, condition))
     except ValueError as exc:
         raise fail(str(exc), Exit.USAGE) from None
     return Scoring(dims, condition, mask_threshold, keys)
@@ -154,6 +160,21 @@ def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Ro
     return out + [r for r in rows if r.error is not None]
 
 
+def _model_by(by: str, models: str) -> tuple[str | None, str | None]:
+    """``--by`` with ``--model``: (the MPS dimension to make sure is scored, or None; the result key to rank by)."""
+    from ..constants import JUDGES, MPS_MODEL
+    from ..engine.panel import parse_models
+
+    if by in JUDGES:
+        names = [m.name for m in parse_models(models)]
+        if by not in names:
+            raise typer.BadParameter(f"{by!r} is not one of the --model models ({', '.join(names)})",
+                                     param_hint="--by")
+        return None, by
+    dim = by.removeprefix(MPS_MODEL + ".")
+    return dim, None
+
+
 def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter, *, run: RunOptions,
         remote: Remote, rank_by: str | None = None, top: int | None = None, html: Path | None = None) -> int:
     """Score items and write them (and the ``html`` report); returns how many failed.
@@ -190,7 +211,7 @@ def score(
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold)
+    how = scoring(dim, condition, mask_threshold, model.model)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     failed = score_items(items, how, model, ResultWriter(mode, how.keys), run=run, remote=remote, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
@@ -214,8 +235,12 @@ def rank(
 
     Scores compare only within a prompt: with --prompts or --prompt-from, images are ranked within
     each prompt group, and every row says its group (numbered in order of first appearance).
+    With --model, --by takes a result key (mps.detail, hpsv2.1, ...) or an MPS dimension.
     """
     mode = output_mode(as_json, as_jsonl, as_csv)
+    by_key = None
+    if by is not None and model.model:
+        by, by_key = _model_by(by, model.model)
     if by is not None:
         if by not in (*DIMENSIONS, CUSTOM_KEY):
             raise typer.BadParameter(f"{by!r} is not one of {', '.join(DIMENSIONS)}, custom", param_hint="--by")
@@ -223,11 +248,12 @@ def rank(
             raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
-    how = scoring(dim, condition, mask_threshold)
+    how = scoring(dim, condition, mask_threshold, model.model)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
+    rank_by = by_key or (f"mps.{by}" if model.model and by else by) or how.keys[0]
     failed = score_items(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped), run=run,
-                         remote=remote, rank_by=by or how.keys[0], top=top, html=html)
+                         remote=remote, rank_by=rank_by, top=top, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -246,7 +272,7 @@ def compare(
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold)
+    how = scoring(dim, condition, mask_threshold, model.model)
     if prompt is None and prompt_from is None:
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:

@@ -77,14 +77,14 @@ def versus_command(
     from ..versus import SideError, compare_sides
 
     with handle_errors():
-        lineup = _line_up(sides, prompt, prompts, prompt_from, dims, condition)
+        lineup = _line_up(sides, prompt, prompts, prompt_from, dims, condition, model.model)
         store = scores.open() if lineup.needs_scoring else None
         scorer = load_model(model) if lineup.needs_scoring else None
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
                                        cache=store, batch_size=run.batch_for(scorer), samples=samples, seed=seed,
-                                       progress=progress.stage_callback)
+                                       progress=progress.stage_callback, models=model.model)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         finally:
@@ -103,9 +103,9 @@ def versus_command(
         raise typer.Exit(int(Exit.PARTIAL))
 
 
-def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition):
+def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition, models):
     """The sides read and every image given its prompt; anything wrong with them is a usage error."""
-    from ..engine.scorer import resolve_conditions
+    from ..engine.panel import keyed_conditions
     from ..versus import SideError, line_up, read_side
 
     if len(sides) < 2:
@@ -117,7 +117,7 @@ def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition):
     if len(sources) > 1:
         raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
     try:
-        resolve_conditions(dims, condition)
+        keyed_conditions(models, dims, condition)
         read = [read_side(s) for s in sides]
     except (ValueError, SideError) as exc:
         raise fail(str(exc), Exit.USAGE) from None

@@ -1,6 +1,7 @@
 """Which model to load, and how: the options every way of loading one shares, defined once.
 
-:func:`~mps_cli.engine.scorer.load_scorer`, :func:`~mps_cli.dataset.resolve_model` (and through it
+``mps_cli.load_scorer`` (:mod:`~mps_cli.engine.panel`, and through it
+:func:`~mps_cli.engine.scorer.load_scorer`), :func:`~mps_cli.dataset.resolve_model` (and through it
 the Ray workers) and the command line's shared options all take a :class:`ModelOptions`, so a new
 option is one new field here. Nothing here imports torch.
 """
@@ -8,6 +9,7 @@ option is one new field here. Nothing here imports torch.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,9 @@ class ModelOptions:
     ``dtype``: ``IMAGE[/TEXT]``: the image side (vision tower, cross model) in IMAGE (auto: fp32 on
     CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in fp32
     unless TEXT names another.
+    ``model``: the models scored on one decode (``"mps,hpsv2.1"`` or a list; each may be
+    ``NAME=WEIGHTS``; see :mod:`mps_cli.engine.panel`); None is MPS alone, keyed by dimension.
+    ``weights``, ``config`` and ``revision`` are then MPS's.
     """
 
     weights: str | os.PathLike | None = None
@@ -37,6 +42,12 @@ class ModelOptions:
     offline: bool | None = None
     device: str = "auto"
     dtype: str = "auto"
+    model: str | Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        # One spelling (a comma-separated string, or None), so equal options compare, and cache, equal.
+        model = ",".join(self.model) if isinstance(self.model, (list, tuple)) else self.model
+        object.__setattr__(self, "model", model or None)
 
 
 #: The field names of :class:`ModelOptions`, in order (what ``load_scorer(**options)`` accepts).

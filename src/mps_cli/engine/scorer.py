@@ -14,7 +14,7 @@ from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support
 from ..errors import ImageError
 from ..weights.config import ModelConfig
 from .options import ModelOptions, model_options
-from .preprocess import ImageInput, Tokenizer, load_pixels
+from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 PromptInput = str | Sequence[str | None]
 
@@ -258,6 +258,17 @@ class Scorer:
                                    kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j]))
         return out
 
+    #: Images for :meth:`preprocess` come RGB (:func:`~mps_cli.engine.preprocess.open_image`'s default).
+    keeps_mode = False
+
+    def load_pixels(self, source: ImageInput):
+        """Decode and preprocess one image into what :meth:`score_pixels` takes; raises :class:`ImageError`."""
+        return load_pixels(source, self.config.vision.image_size)
+
+    def preprocess(self, img):
+        """:meth:`load_pixels` for an image already decoded (``open_image(..., keep_mode=self.keeps_mode)``)."""
+        return pixels_from_image(img, self.config.vision.image_size)
+
     def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
                      dims: Iterable[str] | None = None, condition: str | None = None,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -299,14 +310,13 @@ class Scorer:
         conditions = resolve_conditions(dims, condition)
         threshold = check_mask_threshold(mask_threshold)
         batch_size = batch_of(self, batch_size)
-        size = self.config.vision.image_size
         labels = [image_label(img, i) for i, img in enumerate(images)]
 
         def prepare(i: int):
             if prompt_list[i] is None:
                 return None, f"{labels[i]}: no prompt for this image"
             try:
-                return load_pixels(images[i], size), None
+                return self.load_pixels(images[i]), None
             except ImageError as exc:
                 return None, str(exc)
             except Exception as exc:  # whatever else one file does to a decoder, it fails alone
@@ -384,7 +394,7 @@ def _prefetch(items: Iterable, fn: Callable, workers: int | None, depth: int) ->
 
 def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batch_size: int | None = None,
                 **options) -> Scorer:
-    """Load an MPS checkpoint and return a :class:`Scorer`.
+    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` also loads several models).
 
     ``weights`` and the keyword ``options`` are the fields of
     :class:`~mps_cli.engine.options.ModelOptions` (``config``, ``revision``, ``offline``, ``device``,
@@ -392,17 +402,30 @@ def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batc
     per forward pass when a call does not say (default: its device's, see :mod:`mps_cli.devices`).
     ``Scorer.dtype_support`` says whether the device runs each dtype in use natively.
     """
-    from ..weights.checkpoint import load_weights
     from ..weights.sources import open_weights
-    from .model import MPSModel
 
     opts = model_options(weights, **options)
+    if opts.model is not None:
+        raise ValueError("this loads MPS alone; mps_cli.load_scorer (mps_cli.engine.panel) loads several models")
     dev = resolve_device(opts.device)
     precision = resolve_precision(opts.dtype, dev)
-    # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
-    in_use = dict.fromkeys((precision.image, precision.text))
-    support = {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+    support = dtypes_in_use(dev, precision)
     resolved = open_weights(opts.weights, revision=opts.revision, offline=opts.offline, config=opts.config)
+    return build_scorer(resolved, dev, precision, batch_size, support)
+
+
+def dtypes_in_use(dev, precision: Precision) -> dict[str, DtypeSupport]:
+    """Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process)."""
+    in_use = dict.fromkeys((precision.image, precision.text))
+    return {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+
+
+def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = None,
+                 support: dict[str, DtypeSupport] | None = None) -> Scorer:
+    """The :class:`Scorer` of opened MPS weights (:func:`~mps_cli.weights.sources.open_weights`), loaded now."""
+    from ..weights.checkpoint import load_weights
+    from .model import MPSModel
+
     cfg = resolved.config
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
     return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
