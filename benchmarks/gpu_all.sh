@@ -41,3 +41,8 @@ step bench_reward 140 python3 benchmarks/bench_reward.py --device cuda --cache-d
 # The server against the in-process scorer on the full-size model.
 step bench_serve 240 env MPS_SHARED="$(dirname "$(dirname "$fixture")")" python3 benchmarks/bench_serve.py --weights "$cache/mps-vit-h-14-random-fp16.safetensors" \
     --device cuda --images 2048 --per-request 8 --repeats 2 --json "$out/bench_serve.json"
+# A trainer's load on the full-size model: rollout batches of 16 and 64 raw 512² arrays (POST /v1/batch) from
+# 1 and 4 rollout workers against in-process scoring, and the overlap Client.submit / AsyncClient gain.
+step bench_serve_trainer 240 env MPS_SHARED="$(dirname "$(dirname "$fixture")")" python3 benchmarks/bench_serve.py \
+    --trainer --weights "$cache/mps-vit-h-14-random-fp16.safetensors" --device cuda --max-batch 64 --images 512 \
+    --repeats 2 --json "$out/bench_serve_trainer.json"

@@ -317,3 +317,30 @@ def test_unreachable_port_is_a_server_error_at_once():
     with pytest.raises(ServerError, match="cannot reach the scoring server"):
         asyncio.run(AsyncClient(f"http://127.0.0.1:{free_port()}").info())
     assert time.monotonic() - t < 5
+
+
+def test_the_flow_grpo_example_rewards_tensors_and_arrays_alike(server, scorer):
+    """examples/flow_grpo_reward_server.py: flow_grpo's reward contract (B x 3 x H x W floats in [0, 1] or
+    B x H x W x 3 uint8 in, (scores, details) out) over /v1/batch."""
+    import importlib.util
+
+    import torch
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("flow_grpo_example", REPO / "examples" / "flow_grpo_reward_server.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pixels = np.stack([np.asarray(Image.open(IMAGES / n).convert("RGB").resize((128, 96))) for n in NAMES])
+    fn = example.RemoteReward(server.url, "overall + 0.5*alignment", TOKEN)
+    scores, details = fn(pixels, [PROMPT] * 4, {})
+    want = scorer.score([Image.fromarray(a) for a in pixels], PROMPT, dims=["overall", "alignment"])
+    assert set(details) == {"overall", "alignment"}
+    for s, w, o in zip(scores, want, details["overall"]):
+        assert abs(s - (w.scores["overall"] + 0.5 * w.scores["alignment"])) <= 2e-5
+        assert abs(o - w.scores["overall"]) <= 1e-5
+    tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # what a sampler decodes
+    pending = fn.submit(tensor, [PROMPT] * 4)
+    again, _ = fn.collect(pending)
+    assert again == pytest.approx(scores, abs=1e-6)
+    with pytest.raises(ValueError, match="expected B x 3 x H x W floats"):
+        fn(pixels[0], [PROMPT], {})
