@@ -30,11 +30,17 @@ NAMES = ["crop.png", "portrait.jpg", "sunset.png", "wide.webp"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_process(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("batch"))
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(server_process) -> ServerProcess:
+    """The module's server, started again if a test (the one that kills it) has stopped it."""
+    return server_process.ensure()
 
 
 def rgb(name: str) -> np.ndarray:
@@ -251,38 +257,6 @@ def test_async_client_retries_503_honouring_retry_after_and_bounds_requests_in_f
         assert t_retry - t_busy >= 0.3
 
 
-def test_a_server_killed_mid_run_is_a_server_error_for_async_and_submitted_calls(tmp_path):
-    from mps_cli.client import AsyncClient, Client
-    from mps_cli.errors import ServerError
-
-    srv = ServerProcess(tmp_path)
-    srv.start()
-    try:
-        big = [(IMAGES / n).read_bytes() for n in NAMES] * 16
-
-        async def rollout():
-            client = AsyncClient(srv.url, token=TOKEN, max_in_flight=2, timeout=30)
-            assert (await client.score(big[:2], PROMPT))[0].ok
-            tasks = [asyncio.create_task(client.score(big, PROMPT, dims=["all"])) for _ in range(6)]
-            await asyncio.sleep(0.2)
-            srv.proc.send_signal(signal.SIGKILL)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            with pytest.raises(ServerError, match="cannot reach the scoring server"):
-                await client.score(big[:1], PROMPT)
-            return results
-
-        results = asyncio.run(rollout())
-        errors = [r for r in results if isinstance(r, BaseException)]
-        assert errors and all(isinstance(e, ServerError) for e in errors), results
-        assert all("cannot reach the scoring server at " + srv.url in str(e) for e in errors)
-        future = Client(srv.url, token=TOKEN).submit(big[:1], PROMPT)
-        with pytest.raises(ServerError, match="connection refused|Connection refused"):
-            future.result(30)
-    finally:
-        srv.proc.wait(30)
-        srv.log.close()
-
-
 def test_the_async_client_and_submit_import_no_torch(server):
     script = f"""
 import asyncio, sys
@@ -344,3 +318,33 @@ def test_the_flow_grpo_example_rewards_tensors_and_arrays_alike(server, scorer):
     assert again == pytest.approx(scores, abs=1e-6)
     with pytest.raises(ValueError, match="expected B x 3 x H x W floats"):
         fn(pixels[0], [PROMPT], {})
+
+
+def test_a_server_killed_mid_run_is_a_server_error_for_async_and_submitted_calls(server):
+    from mps_cli.client import AsyncClient, Client
+    from mps_cli.errors import ServerError
+
+    srv = server  # killed here; the next test that needs it starts it again
+    try:
+        big = [(IMAGES / n).read_bytes() for n in NAMES] * 16
+
+        async def rollout():
+            client = AsyncClient(srv.url, token=TOKEN, max_in_flight=2, timeout=30)
+            assert (await client.score(big[:2], PROMPT))[0].ok
+            tasks = [asyncio.create_task(client.score(big, PROMPT, dims=["all"])) for _ in range(6)]
+            await asyncio.sleep(0.2)
+            srv.proc.send_signal(signal.SIGKILL)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            with pytest.raises(ServerError, match="cannot reach the scoring server"):
+                await client.score(big[:1], PROMPT)
+            return results
+
+        results = asyncio.run(rollout())
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors and all(isinstance(e, ServerError) for e in errors), results
+        assert all("cannot reach the scoring server at " + srv.url in str(e) for e in errors)
+        future = Client(srv.url, token=TOKEN).submit(big[:1], PROMPT)
+        with pytest.raises(ServerError, match="connection refused|Connection refused"):
+            future.result(30)
+    finally:
+        srv.proc.wait(30)
