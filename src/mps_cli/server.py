@@ -41,7 +41,7 @@ from .constants import (
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
 )
-from .engine.preprocess import open_image, open_image_bytes, pixels_from_image
+from .engine.preprocess import EncodedImage, pixels_from_image
 from .engine.scorer import ScoreResult, compare_scores, resolve_conditions
 from .errors import ImageError
 
@@ -264,15 +264,15 @@ class _Work:
     threshold: float
 
 
-def _decode(src: _Source, max_pixels: int, size: int):
-    """The model's input tensor for one image (decoded, resized, cropped, normalised), or raises
+def _decode(src: _Source, max_pixels: int, scorer):
+    """The model's input for one image on the scorer's decode path (:meth:`Scorer.prepare_image`), or raises
     ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
-    return pixels_from_image(_open(src, max_pixels), size)
+    return scorer.prepare_image(_open(src), src.name, max_pixels)
 
 
-def _open(src: _Source, max_pixels: int):
+def _open(src: _Source):
     if src.path is not None:
-        return open_image(src.path, max_pixels)
+        return src.path
     data = src.data
     if data is None:
         text = src.text or ""
@@ -284,7 +284,7 @@ def _open(src: _Source, max_pixels: int):
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{src.name}: invalid base64 ({exc})") from None
-    return open_image_bytes(data, src.name, max_pixels)
+    return EncodedImage(data, src.name)
 
 
 class ScoringService:
@@ -400,13 +400,12 @@ class ScoringService:
         """Decode (thread pool, the request's images in parallel), score (batcher), and return results
         in request order."""
         max_px = self.options.max_image_pixels
-        size = self.scorer.config.vision.image_size
 
         def decode(src: _Source, prompt: str | None):
             if prompt is None:
                 return f"{src.name}: no prompt for this image"
             try:
-                return _decode(src, max_px, size)
+                return _decode(src, max_px, self.scorer)
             except ImageError as exc:
                 return str(exc)
             except Exception as exc:  # whatever else one image does to a decoder, it fails alone

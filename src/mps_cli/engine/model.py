@@ -371,6 +371,17 @@ class MPSModel(nn.Module):
                 names.add(f"{prefix}.{attr}")
         return names
 
+    def compile_image_side(self, mode: str) -> None:
+        """Run ``encode_image`` and the cross model through ``torch.compile`` from now on.
+
+        ``mode`` ``on``: the default mode (fused layer norms, GELU and residual adds); ``graphs``: also
+        CUDA graphs (``reduce-overhead``), which replay a batch's kernels without launching each one.
+        The text tower stays eager: it runs once per distinct prompt.
+        """
+        options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
+        self.encode_image = torch.compile(self.encode_image, **options)
+        self.cross.forward = torch.compile(self.cross.forward, **options)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the vision tower's blocks and the cross model's layers in backward (saves memory)."""
         self.visual.set_grad_checkpointing(enable)
