@@ -22,7 +22,16 @@ import typer
 import typer.core
 
 from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
-from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
+from ..devices import (
+    BATCH_DEFAULT_TEXT,
+    COMPILE_CHOICES,
+    DECODE_CHOICES,
+    DEVICE_CHOICES,
+    check_compile_spec,
+    check_decode_spec,
+    check_device_spec,
+    parse_precision,
+)
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
 from ..inputs.items import Problem
 
@@ -125,6 +134,7 @@ FLAG_HINTS = {
     "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
+    "compile": " (--compile off runs without it)",
 }
 
 
@@ -245,6 +255,20 @@ def _check_device(value: str) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _check_decode(value: str) -> str:
+    try:
+        return check_decode_spec(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _check_compile(value: str) -> str:
+    try:
+        return check_compile_spec(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _check_dtype(value: str) -> str:
     try:
         parse_precision(value)
@@ -281,6 +305,15 @@ Dtype = Annotated[str, typer.Option(
 BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", "-b", callback=_check_batch, rich_help_panel="Model",
     help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
+Decode = Annotated[str, typer.Option(
+    "--decode", callback=_check_decode, rich_help_panel="Model",
+    help=f"{DECODE_CHOICES}: how images become model input. exact: PIL, as the original; fast: JPEGs decoded on "
+    "the GPU (tensor, needs torchvision) or, elsewhere, at a reduced JPEG scale (draft). auto: fast on CUDA, "
+    "exact on CPU. Scores move by at most a few hundredths (docs/precision.md).")]
+Compile = Annotated[str, typer.Option(
+    "--compile", callback=_check_compile, rich_help_panel="Model",
+    help=f"{COMPILE_CHOICES}: torch.compile the vision tower and cross model at load (slow to start; "
+    "graphs adds CUDA graphs, CUDA only).")]
 Dims = Annotated[list[str] | None, typer.Option(
     "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
     help="Dimension to score, repeatable or comma-separated: overall (default), aesthetics, detail, "
@@ -314,6 +347,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
+    decode: str = "auto"
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         check_revision(self.weights, self.revision)
@@ -328,7 +363,7 @@ class ModelOptions:
             except (OSError, ValueError):
                 pass
         return (self.weights, stamp, str(self.config) if self.config else None, self.revision, self.offline,
-                self.device, self.dtype)
+                self.device, self.dtype, self.decode, self.compile)
 
 
 def check_revision(source: str | None, revision: str | None) -> None:
@@ -361,7 +396,8 @@ def load_model(options: ModelOptions):
     LOADS["count"] += 1
     with handle_errors("loading the weights"), status("loading MPS weights…"):
         scorer = load_scorer(options.weights, options.config, options.device, options.dtype,
-                             revision=options.revision, offline=options.offline or None)
+                             revision=options.revision, offline=options.offline or None, decode=options.decode,
+                             compile=options.compile)
     warn_slow_dtypes(scorer)
     _SCORERS[key] = scorer
     return scorer

@@ -14,8 +14,10 @@ from ..constants import DEFAULT_MASK_THRESHOLD
 from ..errors import MissingExtraError, OutputError
 from .app import (
     BatchSize,
+    Compile,
     Condition,
     Config,
+    Decode,
     Device,
     Dims,
     Dtype,
@@ -122,6 +124,8 @@ def dataset_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    decode: Decode = "auto",
+    compile_mode: Compile = "off",
 ) -> None:
     from ..dataset import DatasetJob, open_output, plan_dataset, resolve_model, score_dataset
 
@@ -136,6 +140,9 @@ def dataset_command(
                 from ..ray_engine import require_ray
 
                 require_ray()
+                if decode not in ("auto", "exact") or compile_mode != "off":
+                    raise fail("--decode and --compile apply to the local engine; Ray's workers decode the exact "
+                               "way (drop them, or use --engine local)", Exit.USAGE)
         except (OutputError, MissingExtraError) as exc:
             raise fail(str(exc), Exit.USAGE) from None
         except ValueError as exc:
@@ -155,7 +162,8 @@ def dataset_command(
             summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
                                         cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
         else:
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size,
+                                             decode, compile_mode))
             summary = score_dataset(plan, scorer, progress=progress, output=output)
 
     done = f"{summary.already_done} already done, " if summary.already_done else ""

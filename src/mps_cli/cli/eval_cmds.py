@@ -13,8 +13,10 @@ from .app import (
     DIMENSION_NOTE,
     AsJson,
     BatchSize,
+    Compile,
     Condition,
     Config,
+    Decode,
     Device,
     Dims,
     Dtype,
@@ -86,12 +88,14 @@ def eval_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    decode: Decode = "auto",
+    compile_mode: Compile = "off",
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.scorer import resolve_conditions
     from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
 
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, decode, compile_mode)
     with handle_errors("reading the benchmark"):
         try:
             resolve_conditions(dims, condition)

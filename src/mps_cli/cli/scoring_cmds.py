@@ -23,8 +23,10 @@ from .app import (
     AsJson,
     AsJsonl,
     BatchSize,
+    Compile,
     Condition,
     Config,
+    Decode,
     Device,
     Dims,
     Dtype,
@@ -217,12 +219,13 @@ def score(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    decode: Decode = "auto", compile_mode: Compile = "off",
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, decode, compile_mode)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     failed = run(items, how, model, ResultWriter(mode, how.keys), remote=Remote(server, token), html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
@@ -241,6 +244,7 @@ def rank(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    decode: Decode = "auto", compile_mode: Compile = "off",
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking.
@@ -257,7 +261,7 @@ def rank(
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, decode, compile_mode)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
     failed = run(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped),
@@ -277,12 +281,13 @@ def compare(
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    decode: Decode = "auto", compile_mode: Compile = "off",
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
     how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, decode, compile_mode)
     if prompt is None and prompt_from is None:
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:

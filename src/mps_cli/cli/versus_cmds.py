@@ -16,8 +16,10 @@ from .app import (
     DIMENSION_NOTE,
     AsJson,
     BatchSize,
+    Compile,
     Condition,
     Config,
+    Decode,
     Device,
     Dims,
     Dtype,
@@ -192,6 +194,8 @@ def versus_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    decode: Decode = "auto",
+    compile_mode: Compile = "off",
 ) -> None:
     from ..engine.scorer import resolve_conditions
     from ..evaluate import CacheError, ScoreCache, default_cache_path
@@ -228,7 +232,8 @@ def versus_command(
                 store = ScoreCache(None if no_cache else (cache or default_cache_path()))
             except CacheError as exc:
                 raise fail(describe(exc), Exit.USAGE) from None
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size,
+                                             decode, compile_mode))
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
