@@ -1,6 +1,6 @@
 """The fast decode paths beside the exact one: JPEGs decoded in batches on the scorer's device and resized
-there in torch (the *tensor* path: nvJPEG through torchvision on CUDA, libjpeg-turbo on CPU), and the
-two-pass bicubic resize in torch that it shares with the differentiable reward.
+there in torch (the *tensor* path: nvJPEG on CUDA, libjpeg-turbo on CPU, through torchcodec or
+torchvision), and the two-pass bicubic resize in torch that it shares with the differentiable reward.
 
 The exact path (PIL decode, PIL's two-pass bicubic, :mod:`.preprocess`) stays the reference; PIL's
 JPEG draft (the *draft* path) lives there too, since it is a way of opening a file. Which path runs is
@@ -8,13 +8,13 @@ decided once, at load (:func:`mps_cli.devices.resolve_decode`). An image the ten
 (not a JPEG, a CMYK or truncated one, one its decoder refuses) goes the exact way on its own, so one
 odd file never fails its batch.
 
-torchvision is optional (the ``gpu`` extra): :func:`tensor_decode_available` says whether it is there.
+The decoder is optional (the ``gpu`` extra: torchcodec, or torchvision, whose image decoding is
+deprecated from 0.29 in torchcodec's favour): :func:`tensor_decode_available` says whether one is there.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +44,31 @@ class EncodedJpeg:
     source: ImageInput
 
 
-def tensor_decode_available() -> bool:
-    """Whether the tensor path's decoder (torchvision's ``decode_jpeg``) can be imported here."""
+def jpeg_decoder():
+    """``decode(list of encoded uint8 tensors, device) -> list of 3 x H x W uint8 RGB tensors``, or None.
+
+    torchcodec's ``decode_jpeg`` when it is installed, else torchvision's; both decode a list in
+    one nvJPEG call on CUDA and raise RuntimeError for data they refuse. An absent or broken
+    package both mean: not available.
+    """
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except Exception:  # an absent or broken torchvision both mean: not available
-        return False
-    return True
+        from torchcodec.decoders import decode_jpeg as codec_decode
+
+        return lambda data, device: codec_decode(data, mode="RGB", device=device)
+    except Exception:
+        pass
+    try:
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as vision_decode
+
+        return lambda data, device: vision_decode(data, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        return None
+
+
+def tensor_decode_available() -> bool:
+    """Whether the tensor path has a JPEG decoder here (torchcodec or torchvision)."""
+    return jpeg_decoder() is not None
 
 
 def checked_jpeg(source: ImageInput, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> EncodedJpeg | None:
@@ -121,13 +139,13 @@ def decode_jpegs(items: list[EncodedJpeg], size: int, device) -> list:
     PIL's rounding after each pass, in groups of equal size.
     """
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
+    decode = jpeg_decoder()
     encoded = [torch.frombuffer(bytearray(it.data), dtype=torch.uint8) for it in items]
     try:
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        decoded = decode(encoded, device)
     except RuntimeError:
-        decoded = [_decode_one(decode_jpeg, data, device) for data in encoded]
+        decoded = [_decode_one(decode, data, device) for data in encoded]
     out: list = [None] * len(items)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (it, img) in enumerate(zip(items, decoded, strict=True)):
@@ -144,11 +162,9 @@ def decode_jpegs(items: list[EncodedJpeg], size: int, device) -> list:
     return out
 
 
-def _decode_one(decode_jpeg, data, device):
-    from torchvision.io import ImageReadMode
-
+def _decode_one(decode, data, device):
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode([data], device)[0]
     except RuntimeError:
         return None
 
@@ -160,8 +176,3 @@ def _exact(item: EncodedJpeg, size: int, device):
         return exc
     except Exception as exc:  # whatever else one file does to a decoder, it fails alone
         return ImageError(f"{item.label}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})")
-
-
-def read_jpeg_files(paths: list[str | os.PathLike], label=os.fspath) -> list[EncodedJpeg | None]:
-    """:func:`checked_jpeg` of each path (benchmarks and tests feed the tensor path with these)."""
-    return [checked_jpeg(p, label(p)) for p in paths]

@@ -555,7 +555,8 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     if mode == "graphs" and dev.type != "cuda":
         raise DeviceError(f"compile mode 'graphs' (CUDA graphs) needs a CUDA device, not {dev}", hint="compile")
     if path == "tensor" and not tensor_decode_available():
-        log.warning("the fast GPU decode needs torchvision (the gpu extra); decoding the exact way instead")
+        log.warning("the fast GPU decode needs torchcodec or torchvision (the gpu extra); decoding the exact way "
+                    "instead")
         path = "exact"
     # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
     in_use = dict.fromkeys((precision.image, precision.text))
