@@ -66,7 +66,7 @@ def time_host(paths: list[Path], size: int, draft: bool, workers: int) -> dict:
     return {"ms_per_image_one_thread": one * 1000, "images_per_s": pooled, "threads": workers}
 
 
-def time_tensor(paths: list[Path], size: int, device, batch: int) -> dict:
+def time_tensor(paths: list[Path], size: int, device, batch: int, decode) -> dict:
     """The tensor path: the host's part (read, header check) and the device's (batched decode, resize)."""
     from mps_cli.engine.decode import checked_jpeg, decode_jpegs
 
@@ -74,11 +74,11 @@ def time_tensor(paths: list[Path], size: int, device, batch: int) -> dict:
     jpegs = [checked_jpeg(p, str(p)) for p in paths]
     host = (time.perf_counter() - t) / len(paths)
     assert all(j is not None for j in jpegs), "the pool's JPEGs must all take the tensor path"
-    decode_jpegs(jpegs[:batch], size, device)
+    decode_jpegs(jpegs[:batch], size, device, decode)
     synchronize(device)
     t = time.perf_counter()
     for start in range(0, len(jpegs), batch):
-        out = decode_jpegs(jpegs[start:start + batch], size, device)
+        out = decode_jpegs(jpegs[start:start + batch], size, device, decode)
     synchronize(device)
     took = time.perf_counter() - t
     bad = [o for o in out if not hasattr(o, "shape")]
@@ -125,7 +125,8 @@ def render(report: dict) -> str:
         r = speed.get("tensor")
         if r and "error" not in r:
             lines.append(f"  tensor {r['host_ms_per_image']:7.2f} ms/image on the host (read, header), "
-                         f"{r['device_ms_per_image']:.2f} ms/image on {speed['device']} in batches of {r['batch']} "
+                         f"{r['device_ms_per_image']:.2f} ms/image on {speed['device']} ({speed['decoder']}) in "
+                         f"batches of {r['batch']} "
                          f"({r['images_per_s']:.1f} images/s)")
         elif r:
             lines.append(f"  tensor {r['error']}")
@@ -170,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mps_cli.devices import decode_workers, resolve_device
-    from mps_cli.engine.decode import tensor_decode_available
+    from mps_cli.engine.decode import find_jpeg_decoder
 
     device = resolve_device(args.device)
     cache = check_outside_repo(args.cache_dir or default_cache_dir())
@@ -182,8 +183,10 @@ def main(argv=None) -> int:
         threads = args.threads or decode_workers(device)
         speed = {"images": len(paths), "size": 224, "device": str(device),
                  "exact": time_host(paths, 224, False, threads), "draft": time_host(paths, 224, True, threads)}
-        speed["tensor"] = time_tensor(paths, 224, device, args.batch_size) if tensor_decode_available() \
-            else {"error": "torchvision is not installed (the gpu extra)"}
+        decode = find_jpeg_decoder(device)
+        speed["tensor"] = time_tensor(paths, 224, device, args.batch_size, decode) if decode is not None \
+            else {"error": f"no torchcodec or torchvision that decodes on {device} (the gpu extra)"}
+        speed["decoder"] = getattr(decode, "backend", None)
         report["speed"] = speed
     if "drift" not in skip:
         log(f"drift on the fixture's JPEG versions, fp32 on {device}")

@@ -17,11 +17,12 @@ from PIL import Image
 from mps_cli import load_scorer
 from mps_cli.constants import DIMENSIONS, IMAGE_STD
 from mps_cli.devices import resolve_decode
-from mps_cli.engine.decode import checked_jpeg, decode_jpegs
+from mps_cli.engine.decode import checked_jpeg, decode_jpegs, find_jpeg_decoder
 from mps_cli.engine.preprocess import EncodedImage, load_pixels, open_image, resized_size
 
 PROMPTS = ["a red fox in the snow", "portrait of an old fisherman", "three blue cubes on a table"]
 STD = torch.tensor(IMAGE_STD).view(3, 1, 1)
+CPU = torch.device("cpu")
 
 
 def jpeg_versions(folder: Path, side: int) -> list[Path]:
@@ -120,7 +121,7 @@ def test_tensor_path_lands_within_a_grey_level_of_pil(tmp_path):
              smooth_jpeg(tmp_path / "c.jpg", 224, 279), smooth_jpeg(tmp_path / "d.jpg", 640, 480)]
     jpegs = [checked_jpeg(p, p.name) for p in paths]
     assert all(j is not None for j in jpegs)
-    got = decode_jpegs(jpegs, 224, torch.device("cpu"))
+    got = decode_jpegs(jpegs, 224, CPU, find_jpeg_decoder(CPU))
     for p, px in zip(paths, got):
         ref = load_pixels(p, 224)
         assert px.shape == ref.shape == (3, 224, 224) and px.dtype == torch.float32
@@ -174,7 +175,7 @@ def test_a_jpeg_the_decoder_refuses_falls_back_to_pil(scorers, tmp_path):
     bad.write_bytes(data[: len(data) // 2] + b"\xff\xd9")  # half the scan, then the end-of-image marker
     assert checked_jpeg(bad, "bad") is not None
     items = [checked_jpeg(good, "good"), checked_jpeg(bad, "bad"), checked_jpeg(good, "good again")]
-    out = decode_jpegs(items, 224, torch.device("cpu"))
+    out = decode_jpegs(items, 224, CPU, find_jpeg_decoder(CPU))
     assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
     assert torch.equal(out[0], out[2])
     exact = scorers["exact"].score([bad], "a fox")[0]
@@ -258,8 +259,8 @@ def test_without_torchvision_the_tensor_path_decodes_exactly_with_one_note(monke
     res = run_cli(*args, "--decode", "tensor")
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stderr.splitlines() if "torchvision" in line]
-    assert notes == ["mps: note: the fast GPU decode needs torchcodec or torchvision (the gpu extra); decoding the "
-                     "exact way instead"]
+    assert notes == ["mps: note: the fast decode needs torchcodec or torchvision built for cpu (the gpu extra); "
+                     "decoding the exact way instead"]
     assert res.stdout == run_cli(*args, "--decode", "exact").stdout
 
 

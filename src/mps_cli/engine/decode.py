@@ -9,7 +9,7 @@ decided once, at load (:func:`mps_cli.devices.resolve_decode`). An image the ten
 odd file never fails its batch.
 
 The decoder is optional (the ``gpu`` extra: torchcodec, or torchvision, whose image decoding is
-deprecated from 0.29 in torchcodec's favour): :func:`tensor_decode_available` says whether one is there.
+deprecated from 0.29 in torchcodec's favour): :func:`find_jpeg_decoder` finds one that runs on a device.
 """
 
 from __future__ import annotations
@@ -44,31 +44,48 @@ class EncodedJpeg:
     source: ImageInput
 
 
-def jpeg_decoder():
-    """``decode(list of encoded uint8 tensors, device) -> list of 3 x H x W uint8 RGB tensors``, or None.
+def find_jpeg_decoder(device):
+    """A JPEG decoder that runs on ``device``, or None: ``decode(list of encoded uint8 tensors, device)``
+    gives a list of 3 x H x W uint8 RGB tensors there.
 
-    torchcodec's ``decode_jpeg`` when it is installed, else torchvision's; both decode a list in
-    one nvJPEG call on CUDA and raise RuntimeError for data they refuse. An absent or broken
-    package both mean: not available.
+    torchcodec's ``decode_jpeg`` when it decodes on ``device``, else torchvision's (the decoder's
+    ``backend`` attribute says which); both decode a list in one nvJPEG call on CUDA and raise
+    RuntimeError for data they refuse. Each is tried on a 16 x 16 JPEG on the device, so an absent
+    or broken package, or a CPU-only build on a GPU machine, all mean: not this one.
     """
-    try:
-        from torchcodec.decoders import decode_jpeg as codec_decode
+    import torch
 
-        return lambda data, device: codec_decode(data, mode="RGB", device=device)
-    except Exception:
-        pass
-    try:
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_jpeg as vision_decode
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(buf, "JPEG")
+    sample = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    for make in (_torchcodec_decoder, _torchvision_decoder):
+        try:
+            decode = make()
+            if tuple(decode([sample], device)[0].shape) == (3, 16, 16):
+                return decode
+        except Exception:  # not installed, not built for this device, or broken: try the next
+            continue
+    return None
 
-        return lambda data, device: vision_decode(data, mode=ImageReadMode.RGB, device=device)
-    except Exception:
-        return None
+
+def _torchcodec_decoder():
+    from torchcodec.decoders import decode_jpeg
+
+    def decode(data, device):
+        return decode_jpeg(data, mode="RGB", device=device)
+
+    decode.backend = "torchcodec"
+    return decode
 
 
-def tensor_decode_available() -> bool:
-    """Whether the tensor path has a JPEG decoder here (torchcodec or torchvision)."""
-    return jpeg_decoder() is not None
+def _torchvision_decoder():
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data, device):
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    decode.backend = "torchvision"
+    return decode
 
 
 def checked_jpeg(source: ImageInput, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> EncodedJpeg | None:
@@ -130,17 +147,16 @@ def round_to_8_bits(x):
     return x + ((x * 255).round() / 255 - x).detach()
 
 
-def decode_jpegs(items: list[EncodedJpeg], size: int, device) -> list:
+def decode_jpegs(items: list[EncodedJpeg], size: int, device, decode) -> list:
     """The model input (3 x size x size fp32 on ``device``) of each JPEG, or the :class:`ImageError` it raised.
 
-    One batched ``decode_jpeg`` call on ``device`` (nvJPEG on CUDA); a batch the decoder refuses
+    One batched call of ``decode`` (:func:`find_jpeg_decoder`) on ``device`` (nvJPEG on CUDA); a batch it refuses
     is retried image by image, and an image it still refuses goes the exact way (PIL on the
     host), so only a file that no path can read comes back as an error. Resized in torch with
     PIL's rounding after each pass, in groups of equal size.
     """
     import torch
 
-    decode = jpeg_decoder()
     encoded = [torch.frombuffer(bytearray(it.data), dtype=torch.uint8) for it in items]
     try:
         decoded = decode(encoded, device)

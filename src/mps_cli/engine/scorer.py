@@ -26,7 +26,7 @@ from ..devices import (
 )
 from ..errors import DeviceError, ImageError
 from ..weights.config import ModelConfig
-from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, tensor_decode_available
+from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, find_jpeg_decoder
 from .preprocess import ImageInput, Tokenizer, load_pixels
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Scorer:
 
     def __init__(self, model, config: ModelConfig, device, precision: Precision, weights: str, identity: str,
                  batch_size: int | None = None, dtype_support: dict[str, DtypeSupport] | None = None,
-                 decode: str = "exact", compiled: str = "off"):
+                 decode: str = "exact", compiled: str = "off", jpeg_decoder=None):
         self.model = model
         self.config = config
         self.device = device
@@ -190,6 +190,7 @@ class Scorer:
         self.identity = identity
         #: How images become model input: exact, draft or tensor (see :func:`mps_cli.devices.resolve_decode`).
         self.decode = decode
+        self._jpeg_decoder = jpeg_decoder or (find_jpeg_decoder(device) if decode == "tensor" else None)
         #: torch.compile on the image side: off, on or graphs.
         self.compiled = compiled
         self.batch_size = batch_size or default_batch_size(device, activation_bytes(config, precision))
@@ -268,7 +269,8 @@ class Scorer:
         errors: dict[int, str] = {}
         jpegs = [i for i, it in enumerate(items) if isinstance(it, EncodedJpeg)]
         if jpegs:
-            for i, px in zip(jpegs, decode_jpegs([items[i] for i in jpegs], size, self.device), strict=True):
+            decoded = decode_jpegs([items[i] for i in jpegs], size, self.device, self._jpeg_decoder)
+            for i, px in zip(jpegs, decoded, strict=True):
                 if isinstance(px, ImageError):
                     errors[i] = str(px)
                 else:
@@ -554,9 +556,10 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     mode = check_compile_spec(compile)
     if mode == "graphs" and dev.type != "cuda":
         raise DeviceError(f"compile mode 'graphs' (CUDA graphs) needs a CUDA device, not {dev}", hint="compile")
-    if path == "tensor" and not tensor_decode_available():
-        log.warning("the fast GPU decode needs torchcodec or torchvision (the gpu extra); decoding the exact way "
-                    "instead")
+    decoder = find_jpeg_decoder(dev) if path == "tensor" else None
+    if path == "tensor" and decoder is None:
+        log.warning(f"the fast decode needs torchcodec or torchvision built for {dev.type} (the gpu extra); "
+                    "decoding the exact way instead")
         path = "exact"
     # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
     in_use = dict.fromkeys((precision.image, precision.text))
@@ -565,7 +568,7 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     cfg = resolved.config
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
     scorer = Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
-                    batch_size=batch_size, dtype_support=support, decode=path, compiled=mode)
+                    batch_size=batch_size, dtype_support=support, decode=path, compiled=mode, jpeg_decoder=decoder)
     if mode != "off":
         _compile(scorer, mode)
     return scorer
