@@ -364,12 +364,12 @@ def main(argv=None) -> int:
     for dt in sorted(set(args.dtypes) | {"fp32"}, key=DTYPES.index):
         mm.probe(dt)
     pipeline, naive = measure_scoring(args, ckpt, pool, images, cfg, mm, report)
+    build_rows(args, pipeline, naive, fl, cfg, report)
     if args.variants:
         measure_variants(args, ckpt, pool, images, cfg, fl, mm, report)
     report.matmul_samples = mm.samples
     report.matmul_desc = (f"{args.matmul_size}x{args.matmul_size} torch.mm, best of {args.matmul_reps} "
                           "per probe; each row's floor uses the better of the probes just before and after it")
-    build_rows(args, pipeline, naive, fl, cfg, report)
     report.cpu_default_dtype = resolve_precision("auto", torch.device("cpu")).label
     if "accuracy" not in args.skip:
         log(f"fixture accuracy (tiny checkpoint) on {args.device}")

@@ -296,7 +296,7 @@ class Scorer:
             # GPU only: copies and decodes overlap the model's kernels on the default stream.
             if self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(self._side_stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
                 prepared = self._model_input(items)
                 done = torch.cuda.Event()
                 done.record(self._side_stream)
