@@ -288,3 +288,17 @@ def test_ray_engine_refuses_decode_and_compile_before_starting(tmp_path):
     res = run_cli("dataset", str(tmp_path), "--out", str(tmp_path / "out"), "--engine", "ray", "--decode", "fast",
                   "--weights", str(WEIGHTS))
     assert res.returncode == 2 and "apply to the local engine" in res.stderr
+
+
+def test_a_panel_of_models_refuses_a_decode_path_before_loading():
+    """The judges' references decode their own ways: --decode and --compile are MPS's alone."""
+    import mps_cli
+    from mps_cli.errors import InputError
+
+    for options in ({"decode": "fast"}, {"decode": "tensor"}, {"compile": "on"}):
+        with pytest.raises(InputError, match="MPS's alone"):
+            mps_cli.load_scorer(WEIGHTS, device="cpu", model="mps", **options)
+    panel = mps_cli.load_scorer(WEIGHTS, device="cpu", model="mps", decode="auto")
+    ref = load_scorer(WEIGHTS, device="cpu").score([IMAGES / "sunset.png"], "a fox")[0]
+    got = panel.score([IMAGES / "sunset.png"], "a fox")[0]
+    assert got.scores == {"mps.overall": ref.scores["overall"]}

@@ -22,7 +22,7 @@ from .errors import InputError
 
 
 def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0),
-                      round_pixels: bool = False) -> torch.Tensor:
+                      round_pixels: bool = False, rounded_crop: bool = False) -> torch.Tensor:
     """B x 3 x H x W floats in ``input_range`` to normalised B x 3 x size x size model input, differentiably.
 
     The scorer's PIL path in torch: bicubic resize with antialiasing (PIL's kernel) so the
@@ -30,14 +30,15 @@ def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float,
     mean/std. PIL stores 8-bit pixels: it rounds the input (as saved) and the result of each
     resize pass. By default this path does not, and lands within about one grey level of
     PIL's pixels; ``round_pixels`` rounds where PIL does, in the forward pass only
-    (straight-through: the gradient is that of the unrounded path).
+    (straight-through: the gradient is that of the unrounded path). ``rounded_crop``: the crop offsets
+    rounded as torchvision's ``CenterCrop`` does (open_clip's transform, CLIPScore's) instead of floored.
     """
     lo, hi = input_range
     x = images.float() if images.dtype not in (torch.float32, torch.float64) else images
     x = (x - lo) / (hi - lo)
     if round_pixels:
         x = round_to_8_bits(x.clamp(0, 1))
-    return resize_crop_normalise(x, size, round_pixels)
+    return resize_crop_normalise(x, size, round_pixels, rounded_crop)
 
 
 class MPSReward(nn.Module):

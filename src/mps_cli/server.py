@@ -41,8 +41,9 @@ from .constants import (
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
 )
-from .engine.preprocess import EncodedImage, pixels_from_image
-from .engine.scorer import ScoreResult, compare_scores, resolve_conditions
+from .engine.panel import keyed_conditions, mps_dims, split_key
+from .engine.preprocess import EncodedImage
+from .engine.scorer import ScoreResult, compare_scores
 from .errors import ImageError
 
 log = logging.getLogger("mps_cli.server")
@@ -216,8 +217,9 @@ class MicroBatcher:
             if not batch:
                 continue
             conditions, threshold = batch[0].key
-            dims = [k for k, _ in conditions if k != CUSTOM_KEY] or None
-            custom = dict(conditions).get(CUSTOM_KEY)
+            dims, has_custom = mps_dims(k for k, _ in conditions)
+            custom = next((text for k, text in conditions if split_key(k)[1] == CUSTOM_KEY), None) \
+                if has_custom else None
             try:
                 results = self.scorer.score_pixels([j.pixels for j in batch], [j.prompt for j in batch],
                                                    [j.label for j in batch], dims=dims, condition=custom,
@@ -265,12 +267,15 @@ class _Work:
 
 
 def _decode(src: _Source, max_pixels: int, scorer):
-    """The model's input for one image on the scorer's decode path (:meth:`Scorer.prepare_image`), or raises
-    ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
-    return scorer.prepare_image(_open(src), src.name, max_pixels)
+    """The model's input for one image on the scorer's decode path (:meth:`Scorer.load_pixels`: decoded, resized,
+    cropped, normalised; for a panel, once per rule; on the tensor path, a JPEG checked for the batched decode on
+    the device), or raises ImageError naming it. Runs in the request's thread, so the model's worker never
+    waits for the host's part."""
+    return scorer.load_pixels(_open(src), max_pixels)
 
 
 def _open(src: _Source):
+    """The image of a request as a path or encoded bytes (base64 decoded here, the image itself not yet)."""
     if src.path is not None:
         return src.path
     data = src.data
@@ -364,7 +369,7 @@ class ScoringService:
         if condition is not None and not isinstance(condition, str):
             raise RequestError(422, "'condition' must be a string")
         try:
-            conditions = tuple(resolve_conditions(dims, condition))
+            conditions = tuple(keyed_conditions(getattr(self.scorer, "models", None), dims, condition))
         except ValueError as exc:
             raise RequestError(422, str(exc)) from None
         threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
@@ -436,6 +441,7 @@ class ScoringService:
         return {
             "version": __version__, "weights": s.weights, "identity": s.identity, "device": str(s.device),
             "dtype": s.precision.label, "batch_size": s.batch_size,
+            **({"models": list(s.models)} if getattr(s, "models", None) else {}),
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,
                        "server_paths": self.allow_dir is not None},
@@ -668,8 +674,9 @@ def warm_up(scorer) -> None:
     from PIL import Image
 
     size = scorer.config.vision.image_size
-    pixels = pixels_from_image(Image.new("RGB", (size, size), (128, 128, 128)), size)
-    scorer.score_pixels([pixels], ["warm-up"], ["warm-up"], dims=["all"])
+    pixels = scorer.preprocess(Image.new("RGB", (size, size), (128, 128, 128)))
+    models = getattr(scorer, "models", None)
+    scorer.score_pixels([pixels], ["warm-up"], ["warm-up"], dims=["all"] if not models or "mps" in models else None)
 
 
 def serve(scorer, host: str, port: int, options: ServeOptions, log_level: str = "info") -> None:

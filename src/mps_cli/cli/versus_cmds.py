@@ -26,6 +26,7 @@ from .app import (
     Exit,
     MaskThreshold,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     Weights,
@@ -194,10 +195,11 @@ def versus_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    models: Models = None,
     decode: Decode = "auto",
     compile_mode: Compile = "off",
 ) -> None:
-    from ..engine.scorer import resolve_conditions
+    from ..engine.panel import keyed_conditions
     from ..evaluate import CacheError, ScoreCache, default_cache_path
     from ..versus import SideError, compare_sides, line_up, read_side
 
@@ -212,8 +214,10 @@ def versus_command(
                                    ("--prompt-from", prompt_from is not None)) if on]
         if len(sources) > 1:
             raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+        model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models,
+                             decode=decode, compile=compile_mode)
         try:
-            resolve_conditions(dims, condition)
+            keyed_conditions(model.model, dims, condition)
             read = [read_side(s) for s in sides]
         except (ValueError, SideError) as exc:
             raise fail(str(exc), Exit.USAGE) from None
@@ -232,13 +236,12 @@ def versus_command(
                 store = ScoreCache(None if no_cache else (cache or default_cache_path()))
             except CacheError as exc:
                 raise fail(describe(exc), Exit.USAGE) from None
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size,
-                                             decode, compile_mode))
+            scorer = load_model(model)
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
                                        cache=store, batch_size=batch_size, samples=samples, seed=seed,
-                                       progress=progress.stage_callback)
+                                       progress=progress.stage_callback, models=model.model)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         finally:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..constants import IMAGE_MEAN, IMAGE_STD, MAX_IMAGE_PIXELS
 from ..errors import ImageError
+from .pixel_rules import rounded_crop_offsets
 from .preprocess import EncodedImage, ImageInput, crop_offsets, load_pixels, resized_size
 
 #: JPEG modes the tensor path decodes as PIL would (CMYK and others go the exact way).
@@ -115,12 +116,13 @@ def checked_jpeg(source: ImageInput, label: str, max_pixels: int = MAX_IMAGE_PIX
     return EncodedJpeg(data, label, w, h, source)
 
 
-def resize_crop_normalise(x, size: int, round_pixels: bool = False):
+def resize_crop_normalise(x, size: int, round_pixels: bool = False, rounded_crop: bool = False):
     """B x 3 x H x W floats in [0, 1] to normalised B x 3 x size x size model input, differentiably.
 
     PIL's path in torch: bicubic with antialiasing (PIL's kernel) so that the shorter side is
     ``size`` and the longer side floored, width first, then height, the overshoot clipped to
-    [0, 1] after each pass as PIL's 8-bit store does; centre crop at floor offsets; CLIP mean/std.
+    [0, 1] after each pass as PIL's 8-bit store does; centre crop at floor offsets (``rounded_crop``:
+    rounded as torchvision's ``CenterCrop`` does, open_clip's transform); CLIP mean/std.
     ``round_pixels`` also rounds to 8 bits after each pass, as PIL does (straight-through: the
     gradient is the unrounded path's).
     """
@@ -135,7 +137,7 @@ def resize_crop_normalise(x, size: int, round_pixels: bool = False):
     if new_h != h:
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         x = round_to_8_bits(x) if round_pixels else x
-    left, top = crop_offsets(new_w, new_h, size)
+    left, top = (rounded_crop_offsets if rounded_crop else crop_offsets)(new_w, new_h, size)
     x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

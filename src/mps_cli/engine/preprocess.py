@@ -27,16 +27,19 @@ ImageInput = str | Path | Image.Image | EncodedImage
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, draft: int | None = None) -> Image.Image:
+def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, keep_mode: bool = False,
+               draft: int | None = None) -> Image.Image:
     """Open and decode one image as RGB, refusing bombs before allocating pixels.
 
-    With ``draft`` (the model's image size), a JPEG is decoded at the smallest DCT scale
+    With ``keep_mode`` the image keeps its own mode (RGBA, P, L, ...; 16-bit grey still comes down to 8 bits),
+    for preprocessing rules that convert to RGB after resizing (see :mod:`mps_cli.engine.pixel_rules`).
+    With ``draft`` (the model's image size; RGB only), a JPEG is decoded at the smallest DCT scale
     (1/2, 1/4, 1/8) that keeps it at least as large as its resized size and is resized to that
     size at once: the fast host path, within a few grey levels of the exact one. Other formats
     decode as always. Raises :class:`ImageError` naming the file and what is wrong with it.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
+        return _eight_bit(source) if keep_mode else _to_rgb(source)
     if isinstance(source, EncodedImage):
         # Bytes decode exactly as the same file on disk would: same checks, same conversion.
         fp, path = io.BytesIO(source.data), None
@@ -58,7 +61,7 @@ def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, draft: in
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot open ({exc})") from None
-    return _decode(img, str(source), max_pixels, draft)
+    return _decode(img, str(source), max_pixels, keep_mode, draft)
 
 
 def file_error(source: ImageInput, exc: OSError) -> ImageError:
@@ -77,7 +80,8 @@ def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS
     return open_image(EncodedImage(data, label), max_pixels)
 
 
-def _decode(img: Image.Image, label: str, max_pixels: int, draft: int | None = None) -> Image.Image:
+def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = False,
+            draft: int | None = None) -> Image.Image:
     with img:
         w, h = img.size
         if w * h > max_pixels or w <= 0 or h <= 0:
@@ -86,8 +90,13 @@ def _decode(img: Image.Image, label: str, max_pixels: int, draft: int | None = N
                              "refusing to decode (decompression bomb?)")
         try:
             img.seek(0)  # animated images: the first frame
-            box = img.draft(img.mode, resized_size(w, h, draft)) if draft and img.format == "JPEG" else None
+            reduce = draft and not keep_mode and img.format == "JPEG"
+            box = img.draft(img.mode, resized_size(w, h, draft)) if reduce else None
             img.load()
+            if keep_mode:
+                kept = _eight_bit(img)
+                # Closing the file releases the decoded pixels too: keep a copy.
+                return kept.copy() if kept is img else kept
             if box is not None:
                 # The reduced image spans the original's box (its size rounds up): resize that box
                 # to the exact target so the geometry, hence the crop, is the exact path's.
@@ -101,11 +110,15 @@ def _decode(img: Image.Image, label: str, max_pixels: int, draft: int | None = N
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    # PIL clips 16-bit grey to 0..255 on convert("RGB"), turning most pixels white; scale it
-    # down instead. Every other mode goes through convert("RGB") as the original did.
+    # Every mode but 16-bit grey goes through convert("RGB") as the original did.
+    return _eight_bit(img).convert("RGB")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    # PIL clips 16-bit grey to 0..255 on convert("RGB"), turning most pixels white; scale it down instead.
     if img.mode in _HIGH_BIT_MODES:
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
+        return img.convert("I").point(lambda v: v / 256).convert("L")
+    return img
 
 
 def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
@@ -136,11 +149,15 @@ def pixels_from_image(img: Image.Image, size: int):
     The arithmetic is numpy's, not torch's: this runs in decode threads beside the model,
     and a torch op there would start its own team of compute threads and crowd the model's.
     """
+    return normalized_tensor(resize_crop(img, size))
+
+
+def normalized_tensor(img):
+    """A cropped RGB image (or an H x W x 3 float32 array in [0, 1]) as the normalised ``3 x H x W`` tensor."""
     import numpy as np
     import torch
 
-    img = resize_crop(img, size)
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = img if isinstance(img, np.ndarray) else np.asarray(img, dtype=np.float32) / np.float32(255.0)
     x -= np.asarray(IMAGE_MEAN, dtype=np.float32)
     x /= np.asarray(IMAGE_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

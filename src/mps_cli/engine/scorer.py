@@ -27,7 +27,7 @@ from ..devices import (
 from ..errors import DeviceError, ImageError
 from ..weights.config import ModelConfig
 from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, find_jpeg_decoder
-from .preprocess import ImageInput, Tokenizer, load_pixels
+from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +243,21 @@ class Scorer:
         return self.tokenizer(prompt).truncated
 
     # image side: host decoding in threads, then one batch on the device
-    def prepare_image(self, source: ImageInput, label: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
-        """The host side of one image on this scorer's decode path; thread-safe, raises :class:`ImageError`.
+    def load_pixels(self, source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS):
+        """One image decoded and preprocessed into what :meth:`score_pixels` takes; raises :class:`ImageError`.
 
-        Its 3 x S x S input tensor (decoded, resized, normalised; the draft path's JPEGs reduced
+        On this scorer's decode path: the 3 x S x S input tensor (the draft path's JPEGs reduced
         while they decode), or, on the tensor path, the JPEG checked and left encoded for the
-        batched decode on the device (anything else is decoded the exact way here).
+        batched decode on the device (anything else is decoded the exact way here). Thread-safe.
         """
         if self.decode == "tensor":
-            jpeg = checked_jpeg(source, label or image_label(source, 0), max_pixels)
+            jpeg = checked_jpeg(source, image_label(source, 0), max_pixels)
             if jpeg is not None:
                 return jpeg
         return load_pixels(source, self.config.vision.image_size, draft=self.decode == "draft", max_pixels=max_pixels)
 
     def _model_input(self, items: list):
-        """One batch of :meth:`prepare_image` results as the model's B x 3 x S x S input on the device.
+        """One batch of :meth:`load_pixels` results as the model's B x 3 x S x S input on the device.
 
         Returns (input, positions it holds, {position: error message}): JPEGs are decoded on the
         device in one call; host tensors are stacked and, on CUDA, copied from pinned memory.
@@ -320,8 +320,11 @@ class Scorer:
         return self.device.type == "cuda" or self.decode == "tensor"
 
     def _score_batch(self, px, prompts: list[str], conditions, threshold: float):
+        """Scores, kept tokens and truncation of one batch: ``px`` the model input on the device (or host tensors)."""
         import torch
 
+        if isinstance(px, (list, tuple)):  # a panel hands over its rule's host tensors
+            px = torch.stack(px).to(self.device, self.dtype)
         with torch.inference_mode():
             if self.compiled == "graphs":  # GPU only: CUDA graphs replay into the same output buffers
                 torch.compiler.cudagraph_mark_step_begin()
@@ -361,11 +364,18 @@ class Scorer:
                                  kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j])
         return out
 
+    #: Images for :meth:`preprocess` come RGB (:func:`~mps_cli.engine.preprocess.open_image`'s default).
+    keeps_mode = False
+
+    def preprocess(self, img):
+        """:meth:`load_pixels` for an image already decoded (``open_image(..., keep_mode=self.keeps_mode)``)."""
+        return pixels_from_image(img, self.config.vision.image_size)
+
     def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
                      dims: Iterable[str] | None = None, condition: str | None = None,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                      batch_size: int | None = None) -> list[ScoreResult]:
-        """Score images already prepared by :meth:`prepare_image` (or :func:`~mps_cli.engine.preprocess.load_pixels`).
+        """Score images already prepared by :meth:`load_pixels` (or :func:`~mps_cli.engine.preprocess.load_pixels`).
 
         For callers that decode on other threads or workers (the server, Ray Data) and hand over
         the ``3 x S x S`` float tensors (or the tensor path's checked JPEGs); ``labels`` name the
@@ -394,7 +404,7 @@ class Scorer:
     ) -> Iterator[ScoreResult]:
         """Like :meth:`score`, yielding each result in input order as soon as it is ready.
 
-        Images decode on host threads (:meth:`prepare_image`); on a GPU, and on the tensor path,
+        Images decode on host threads (:meth:`load_pixels`); on a GPU, and on the tensor path,
         each full batch is then made model input on a feeder thread while the model runs the one
         before it.
         """
@@ -417,7 +427,7 @@ class Scorer:
             if prompt_list[i] is None:
                 return None, f"{labels[i]}: no prompt for this image"
             try:
-                return self.prepare_image(images[i], labels[i]), None
+                return self.load_pixels(images[i]), None
             except ImageError as exc:
                 return None, str(exc)
             except Exception as exc:  # whatever else one file does to a decoder, it fails alone
@@ -532,7 +542,7 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
                 device: str = "auto", dtype: str = "auto", *, revision: str | None = None,
                 offline: bool | None = None, batch_size: int | None = None, decode: str = "auto",
                 compile: str = "off") -> Scorer:
-    """Load an MPS checkpoint and return a :class:`Scorer`.
+    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` adds ``model=``).
 
     ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
     a known short name, or ``None`` for ``$MPS_WEIGHTS`` or the published default.
@@ -546,9 +556,7 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     only); compiled at load, on a warm-up batch, so that a failure is a :class:`DeviceError` here.
     ``batch_size``: by default 4 on CPU; on CUDA what half the free memory holds (32 to 256).
     """
-    from ..weights.checkpoint import load_weights
     from ..weights.sources import open_weights
-    from .model import MPSModel
 
     dev = resolve_device(device)
     precision = resolve_precision(dtype, dev)
@@ -561,17 +569,36 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
         log.warning(f"the fast decode needs torchcodec or torchvision built for {dev.type} (the gpu extra); "
                     "decoding the exact way instead")
         path = "exact"
-    # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
-    in_use = dict.fromkeys((precision.image, precision.text))
-    support = {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+    support = dtypes_in_use(dev, precision)
     resolved = open_weights(weights, revision=revision, offline=offline, config=config)
-    cfg = resolved.config
-    model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
-    scorer = Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
-                    batch_size=batch_size, dtype_support=support, decode=path, compiled=mode, jpeg_decoder=decoder)
+    scorer = build_scorer(resolved, dev, precision, batch_size, support, decode=path, compiled=mode,
+                          jpeg_decoder=decoder)
     if mode != "off":
         _compile(scorer, mode)
     return scorer
+
+
+def dtypes_in_use(dev, precision: Precision) -> dict[str, DtypeSupport]:
+    """Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process)."""
+    in_use = dict.fromkeys((precision.image, precision.text))
+    return {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+
+
+def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = None,
+                 support: dict[str, DtypeSupport] | None = None, decode: str = "exact", compiled: str = "off",
+                 jpeg_decoder=None) -> Scorer:
+    """The :class:`Scorer` of opened MPS weights (:func:`~mps_cli.weights.sources.open_weights`), loaded now.
+
+    ``decode``, ``compiled`` and ``jpeg_decoder`` as :func:`load_scorer` resolved them (its compiling is its own).
+    """
+    from ..weights.checkpoint import load_weights
+    from .model import MPSModel
+
+    cfg = resolved.config
+    model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
+    return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
+                  batch_size=batch_size, dtype_support=support, decode=decode, compiled=compiled,
+                  jpeg_decoder=jpeg_decoder)
 
 
 def _compile(scorer: Scorer, mode: str) -> None:
