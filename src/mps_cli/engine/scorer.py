@@ -281,6 +281,8 @@ class Scorer:
             if self.device.type == "cuda":  # GPU only: an asynchronous copy needs page-locked memory
                 stacked = stacked.pin_memory()
             stacked = stacked.to(self.device, non_blocking=True)
+            if len(host) == len(items):  # the common case, every image from the host: already one batch
+                return stacked.to(self.dtype), host, errors
             ready.update(zip(host, stacked, strict=True))
         order = sorted(ready)
         px = torch.stack([ready[i] for i in order]).to(self.dtype) if order else None
