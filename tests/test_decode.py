@@ -246,8 +246,10 @@ def test_decode_option_on_the_command_line(tmp_path):
     assert bad.returncode == 2 and "unknown decode 'quick'" in bad.stderr and bad.stdout == ""
 
 
-def test_without_torchvision_the_tensor_path_decodes_exactly_with_one_note(monkeypatch, tmp_path):
-    """torchvision is the optional gpu extra: an absent one (None in sys.modules: import fails) is no error."""
+def test_without_torchvision_the_tensor_path_decodes_exactly_with_one_warning(monkeypatch, tmp_path):
+    """torchvision is the optional gpu extra: an absent one (None in sys.modules: import fails) is no error.
+
+    The library logs the fallback as a warning, which the output door (cli/output.py) says as ``warning:``."""
     import mps_cli.cli  # noqa: F401 (the package's `app` attribute is the Typer app; the module is below)
 
     cli_app = sys.modules["mps_cli.cli.app"]
@@ -259,7 +261,7 @@ def test_without_torchvision_the_tensor_path_decodes_exactly_with_one_note(monke
     res = run_cli(*args, "--decode", "tensor")
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stderr.splitlines() if "torchvision" in line]
-    assert notes == ["mps: note: the fast decode needs torchcodec or torchvision built for cpu (the gpu extra); "
+    assert notes == ["mps: warning: the fast decode needs torchcodec or torchvision built for cpu (the gpu extra); "
                      "decoding the exact way instead"]
     assert res.stdout == run_cli(*args, "--decode", "exact").stdout
 

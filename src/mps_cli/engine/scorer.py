@@ -27,6 +27,7 @@ from ..devices import (
 from ..errors import DeviceError, ImageError
 from ..weights.config import ModelConfig
 from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, find_jpeg_decoder
+from .options import ModelOptions, model_options
 from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,25 @@ def resolve_conditions(dims: Iterable[str] | None, condition: str | None) -> lis
     if not seen:
         raise ValueError("no dimension to score")
     return list(seen.items())
+
+
+def check_mask_threshold(value) -> float:
+    """The condition-mask threshold as a float, checked to lie in [0, 1); ValueError otherwise (text and bools too)."""
+    try:
+        number = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0.0 <= number < 1.0:
+        raise ValueError(f"mask threshold must be in [0, 1), got {value!r}")
+    return number
+
+
+def batch_of(scorer, batch_size: int | None) -> int:
+    """A call's batch size: the one given, else the scorer's own (its device's default, or what it was loaded with)."""
+    size = int(scorer.batch_size if batch_size is None else batch_size)
+    if size < 1:
+        raise ValueError("batch size must be at least 1")
+    return size
 
 
 def image_label(image: ImageInput, index: int) -> str:
@@ -384,14 +404,15 @@ class Scorer:
         images in the results. Batches of ``batch_size`` (default ``self.batch_size``).
         """
         conditions = resolve_conditions(dims, condition)
-        step = int(batch_size or self.batch_size)
+        threshold = check_mask_threshold(mask_threshold)
+        step = batch_of(self, batch_size)
         out: list[ScoreResult] = []
         for start in range(0, len(pixels), step):
             end = start + step
             with _inference():
                 prepared = self._model_input(list(pixels[start:end]))
             out.extend(self._results(prepared, list(prompts[start:end]), list(labels[start:end]),
-                                     conditions, float(mask_threshold)))
+                                     conditions, threshold))
         return out
 
     def iter_score(
@@ -418,11 +439,8 @@ class Scorer:
             if len(prompt_list) != len(images):
                 raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
         conditions = resolve_conditions(dims, condition)
-        if not 0.0 <= float(mask_threshold) < 1.0:
-            raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
-        batch_size = int(batch_size or self.batch_size)
-        if batch_size < 1:
-            raise ValueError("batch size must be at least 1")
+        threshold = check_mask_threshold(mask_threshold)
+        batch_size = batch_of(self, batch_size)
         labels = [image_label(img, i) for i, img in enumerate(images)]
 
         def prepare(i: int):
@@ -443,7 +461,7 @@ class Scorer:
         def finish() -> None:
             future, idx = ahead.popleft()
             results = self._results(self._take_ahead(future), [prompt_list[i] for i in idx],
-                                    [labels[i] for i in idx], conditions, float(mask_threshold))
+                                    [labels[i] for i in idx], conditions, threshold)
             ready.update(zip(idx, results, strict=True))
 
         def flush(feeder) -> None:
@@ -454,7 +472,7 @@ class Scorer:
                 with _inference():
                     prepared = self._model_input(items)
                 ready.update(zip(idx, self._results(prepared, [prompt_list[i] for i in idx], [labels[i] for i in idx],
-                                                    conditions, float(mask_threshold)), strict=True))
+                                                    conditions, threshold), strict=True))
                 return
             ahead.append((feeder.submit(self._model_input_ahead, items), idx))
             if len(ahead) > 1:
@@ -540,30 +558,29 @@ def _prefetch(items: Iterable, fn: Callable, workers: int | None, depth: int) ->
                 f.cancel()
 
 
-def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathLike | ModelConfig | None = None,
-                device: str = "auto", dtype: str = "auto", *, revision: str | None = None,
-                offline: bool | None = None, batch_size: int | None = None, decode: str = "auto",
-                compile: str = "off") -> Scorer:
-    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` adds ``model=``).
+def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batch_size: int | None = None,
+                **options) -> Scorer:
+    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` also loads several models).
 
-    ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
-    a known short name, or ``None`` for ``$MPS_WEIGHTS`` or the published default.
-    ``config``: a ``config.json`` path; by default the one beside the weights, else ViT-H-14.
-    ``dtype``: ``IMAGE[/TEXT]``: the image side (vision tower, cross model) in IMAGE (``auto``: fp32
-    on CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in
-    fp32 unless TEXT names another. ``Scorer.dtype_support`` says whether the device runs each natively.
-    ``decode``: ``auto``, ``exact``, ``fast``, ``draft`` or ``tensor`` (:func:`mps_cli.devices.resolve_decode`);
-    the tensor path without torchvision decodes the exact way, with one warning logged.
-    ``compile``: ``off``, ``on`` (torch.compile on the image side) or ``graphs`` (with CUDA graphs, CUDA
-    only); compiled at load, on a warm-up batch, so that a failure is a :class:`DeviceError` here.
-    ``batch_size``: by default 4 on CPU; on CUDA what half the free memory holds (32 to 256).
+    ``weights`` and the keyword ``options`` are the fields of
+    :class:`~mps_cli.engine.options.ModelOptions` (``config``, ``revision``, ``offline``, ``device``,
+    ``dtype``, ``decode``, ``compile``; see there), or ``weights`` is one ModelOptions. ``batch_size`` is
+    the scorer's images per forward pass when a call does not say (default: its device's, see
+    :mod:`mps_cli.devices`: 4 on CPU; on CUDA what half the free memory holds, 32 to 256).
+    ``Scorer.dtype_support`` says whether the device runs each dtype in use natively.
+    The decode path is resolved here (:func:`mps_cli.devices.resolve_decode`): the tensor path without a
+    decoder for the device decodes the exact way, with one warning logged. A compile mode other than
+    ``off`` compiles at load, on a warm-up batch, so that a failure is a :class:`DeviceError` here.
     """
     from ..weights.sources import open_weights
 
-    dev = resolve_device(device)
-    precision = resolve_precision(dtype, dev)
-    path = resolve_decode(decode, dev)
-    mode = check_compile_spec(compile)
+    opts = model_options(weights, **options)
+    if opts.model is not None:
+        raise ValueError("this loads MPS alone; mps_cli.load_scorer (mps_cli.engine.panel) loads several models")
+    dev = resolve_device(opts.device)
+    precision = resolve_precision(opts.dtype, dev)
+    path = resolve_decode(opts.decode, dev)
+    mode = check_compile_spec(opts.compile)
     if mode == "graphs" and dev.type != "cuda":
         raise DeviceError(f"compile mode 'graphs' (CUDA graphs) needs a CUDA device, not {dev}", hint="compile")
     decoder = find_jpeg_decoder(dev) if path == "tensor" else None
@@ -572,7 +589,7 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
                     "decoding the exact way instead")
         path = "exact"
     support = dtypes_in_use(dev, precision)
-    resolved = open_weights(weights, revision=revision, offline=offline, config=config)
+    resolved = open_weights(opts.weights, revision=opts.revision, offline=opts.offline, config=opts.config)
     scorer = build_scorer(resolved, dev, precision, batch_size, support, decode=path, compiled=mode,
                           jpeg_decoder=decoder)
     if mode != "off":
@@ -619,6 +636,6 @@ def _compile(scorer: Scorer, mode: str) -> None:
 
 
 __all__ = [
-    "Comparison", "PairResult", "ScoreResult", "Scorer", "compare_scores", "load_scorer",
-    "preference_probability", "resolve_conditions",
+    "Comparison", "ModelOptions", "PairResult", "ScoreResult", "Scorer", "batch_of", "check_mask_threshold",
+    "compare_scores", "load_scorer", "preference_probability", "resolve_conditions",
 ]
