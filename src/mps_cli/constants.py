@@ -32,6 +32,8 @@ CONTEXT_LENGTH = 77
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Webdataset member extensions read as a sample's image when none is named, in this order.
+IMAGE_MEMBER_EXTENSIONS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS, key=lambda e: (e != ".jpg", e)))
 
 # Where the published weights live: the DiffSynth-Studio repository on the Hugging Face Hub, config.json beside them.
 DEFAULT_REPO = "DiffSynth-Studio/QualityMetric_reward_pretrained"
