@@ -217,7 +217,7 @@ def _write_json(path: Path, doc: dict) -> None:
 
 
 _SETTING_NAMES = {"weights": "weights", "dtype": "dtype", "mask_threshold": "mask threshold",
-                  "conditions": "conditions", "prompt": "prompt", "caption_column": "caption column",
+                  "conditions": "dimensions", "prompt": "prompt", "caption_column": "caption column",
                   "image_column": "image column", "caption_ext": "caption member", "image_ext": "image member"}
 
 
@@ -361,9 +361,9 @@ class Output:
             if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (rows, errors)) \
                     and errors <= rows:
                 return rows, errors
-        rows, scored = self._inspect(self.path_for(shard))
-        self._record(shard, rows, rows - scored)
-        return rows, rows - scored
+        rows, errors = self._inspect(self.path_for(shard))
+        self._record(shard, rows, errors)
+        return rows, errors
 
     def _read_manifest(self) -> dict:
         try:
@@ -377,16 +377,23 @@ class Output:
         return doc
 
     def _inspect(self, path: Path) -> tuple[int, int]:
+        """(rows, rows with an error) of an output file, its settings checked."""
         import pyarrow.parquet as pq
+
+        def unreadable(exc: Exception) -> OutputError:
+            detail = " ".join(str(exc).split())[:120]
+            return OutputError(f"{path}: unreadable output file ({detail}); delete it to score that shard again")
 
         try:
             meta = pq.read_metadata(path)
             found = json.loads((meta.metadata or {}).get(PARQUET_METADATA_KEY, b"{}"))
+        except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
+            raise unreadable(exc) from None
+        self._check(found, str(path))
+        try:
             errors = pq.read_table(path, columns=["error"]).column("error").null_count
         except Exception as exc:
-            raise OutputError(f"{path}: unreadable output file ({exc}); delete it to score that shard again") \
-                from None
-        self._check(found, str(path))
+            raise unreadable(exc) from None
         return meta.num_rows, meta.num_rows - errors
 
     def _record(self, shard: Shard, rows: int, errors: int) -> None:

@@ -160,14 +160,17 @@ def dataset_command(
         except OutputError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         progress = _ProgressLines()
-        if engine is Engine.ray:
-            from ..ray_engine import score_dataset_ray
+        try:
+            if engine is Engine.ray:
+                from ..ray_engine import score_dataset_ray
 
-            summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
-                                        cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
-        else:
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
-            summary = score_dataset(plan, scorer, progress=progress, output=output)
+                summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
+                                            cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
+            else:
+                scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+                summary = score_dataset(plan, scorer, progress=progress, output=output)
+        except OutputError as exc:  # a file in --out that is damaged or made with other settings
+            raise fail(str(exc), Exit.USAGE) from None
 
     _report(summary, job)
 

@@ -69,6 +69,11 @@ class Sample:
     cause: str | None = None  # NO_IMAGE, NO_CAPTION, or None (scorable, or another problem)
 
 
+def _detail(exc: BaseException) -> str:
+    """A library's error text on one line (tarfile's lists every compression it tried, one per line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``a/{00000..00003}.tar`` and ``{train,test}.parquet`` as webdataset and img2dataset write them.
 
@@ -189,7 +194,7 @@ def _find_remote(source: str) -> tuple[list[Shard], str | None]:
             found = [Shard(source.rstrip("/") + "/" + n, k) for n, k in _folder_shards(names)]
             return found, None if found else "no .tar or .parquet shards in this folder"
     except Exception as exc:  # listing a remote folder: network, permissions
-        return [], f"cannot list ({exc})"
+        return [], f"cannot list ({_detail(exc)})"
     kind = _kind(path)
     if kind is None:
         return [], "not a shard: expected .tar, .tar.gz, .tgz or .parquet"
@@ -204,7 +209,7 @@ def open_source(source: str) -> Iterator[BinaryIO]:
         try:
             f = open_file(path)
         except Exception as exc:
-            raise ShardError(f"{source}: cannot open ({exc})") from None
+            raise ShardError(f"{source}: cannot open ({_detail(exc)})") from None
     else:
         try:
             f = open(_local(source), "rb")
@@ -279,7 +284,7 @@ def _read_tar_members(source: str, wanted) -> tuple[dict[str, dict[str, tuple[st
                 compressed = tf.fileobj is not f
                 end = tf.offset
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
-            raise ShardError(f"{source}: truncated or not a tar file ({exc})") from None
+            raise ShardError(f"{source}: truncated or not a tar file ({_detail(exc)})") from None
         # A tar cut at a member boundary reads as a shorter archive; its end-of-archive block is missing.
         if not compressed:
             f.seek(end)
@@ -373,7 +378,7 @@ def _read_parquet(source: str, caption_column: str | None, image_column: str | N
         except ShardError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise ShardError(f"{source}: unreadable parquet file ({exc})") from None
+            raise ShardError(f"{source}: unreadable parquet file ({_detail(exc)})") from None
     images = table.column(image_col).to_pylist()
     captions = table.column(caption_col).to_pylist() if caption_col else [prompt] * len(images)
     keys = [str(k) for k in table.column(key_col).to_pylist()] if key_col else [str(i) for i in range(len(images))]
