@@ -70,3 +70,5 @@ SERVE_MAX_QUEUE = 1024
 SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
 #: Per-image pixel limit for uploads: generous for generations (8192 x 8192), far below a bomb.
 SERVE_MAX_IMAGE_PIXELS = 8192 * 8192
+#: Seconds a client has to send a request's headers, then as long again for its body; a slower one is cut off.
+SERVE_READ_TIMEOUT_S = 30.0
