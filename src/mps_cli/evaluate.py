@@ -206,7 +206,7 @@ _WINNER_RANKS = {"a": (1, 2), "b": (2, 1), "tie": (1, 1)}
 
 
 def _pair_items(path: Path, root: Path) -> list[BenchmarkItem]:
-    lines = _read_text(path).splitlines()
+    lines = _read_text(path).split("\n")  # not splitlines(): U+2028 is text in JSON
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

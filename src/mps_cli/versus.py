@@ -308,7 +308,7 @@ def _read_jsonl(path: Path, name: str) -> Side:
         numbered = list(enumerate(records, 1))
     else:
         numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text in JSON
             if line.strip():
                 try:
                     numbered.append((n, json.loads(line)))
