@@ -560,6 +560,13 @@ def _evaluate(benchmark, scorer, keys, texts, condition, threshold, weights, dty
                 bad_items.add(i)
                 problems.append(Problem(benchmark.items[i].label, path, message))
 
+    # An item that lists one image twice pits it against itself: the model ties, which counts as wrong.
+    for i in relevant:
+        images = benchmark.items[i].images
+        repeated = next((p for n, p in enumerate(images) if p in images[:n]), None)
+        if repeated is not None:
+            drop(repeated, [i], "lists this image twice; fix the benchmark file")
+
     # Hash every distinct image once; a missing or unreadable file takes its items out.
     digests, unreadable = hash_images(cache, list(items_of), progress)
     for path, message in unreadable.items():

@@ -276,11 +276,10 @@ def _read_dataset(root: Path, name: str) -> Side:
             key = row.get("key")
             key = str(n) if key is None else str(key)
             label = f"{f.name}:{key}"
-            scores = {k: float(v) for k, v in row.items()
-                      if k not in DATASET_META_COLUMNS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scores, bad = _scores_of({k: v for k, v in row.items() if k not in DATASET_META_COLUMNS}, label)
+            error = f"{label}: {row['error']}" if row.get("error") else bad
             entries.append(Entry(key=_key_of(key), name=key, label=label, prompt=row.get("prompt"),
-                                 scores=None if row.get("error") else scores,
-                                 error=f"{label}: {row['error']}" if row.get("error") else None))
+                                 scores=None if error else scores, error=error))
     if not entries:
         raise SideError(f"{name}: an mps dataset folder without rows")
     settings = None
@@ -335,9 +334,20 @@ def _read_jsonl(path: Path, name: str) -> Side:
             error = rec.get("error") or "no scores"
             entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), error=f"{error}"))
             continue
-        scores = {k: float(v) for k, v in rec["scores"].items() if isinstance(v, (int, float))}
-        entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), scores=scores))
+        scores, bad = _scores_of(rec["scores"], image)
+        entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), scores=None if bad else scores,
+                             error=bad))
     return Side(name, "jsonl", tuple(entries))
+
+
+def _scores_of(values: dict, label: str) -> tuple[dict[str, float], str | None]:
+    """The numeric scores of a pre-scored record, and an error when one of them is NaN or infinite
+    (it would count as a loss, or win, in every pair). Text and booleans are not scores."""
+    scores = {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    bad = [k for k, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        return scores, f"{label}: its {bad[0]!r} score is {scores[bad[0]]} (not a finite number); score it again"
+    return scores, None
 
 
 def read_side(path: str | os.PathLike) -> Side:
@@ -366,8 +376,9 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
     for a prompts file that cannot be read, ``ValueError`` when a folder side has no prompt source.
     """
     names = [s.name for s in sides]
-    if len(set(names)) != len(names):
-        raise ValueError("the same side is given twice")
+    if len(set(names)) != len(names) or len({os.path.realpath(n) for n in names}) != len(names):
+        raise ValueError("the same side is given twice (" + ", ".join(names) + "): a side compared with "
+                         "itself ties every pair")
     given = [x for x in (prompt, prompts_file, prompt_from) if x is not None]
     if len(given) > 1:
         raise ValueError("give one prompt source")
@@ -569,6 +580,37 @@ def _mirror(m: Matchup) -> Matchup:
                    per_prompt, m.unit)
 
 
+def _flag_repeats(side: Side, by_prompt: bool) -> Side:
+    """Within one side and one prompt, an image listed twice counts once (the repeat is an error), and,
+    pairing by name, images that pair under one name (``a.png``, ``a.jpg``) pair with nothing: which
+    one is meant is unknown. Each such entry becomes an error naming the other."""
+    seen: set[tuple] = set()
+    out: list[Entry] = []
+    for e in side.entries:
+        if e.error is None and (e.prompt, e.label) in seen:
+            e = replace(e, scores=None, error=f"{e.label}: listed twice under one prompt ({_short(e.prompt)!r}); "
+                                              "it counts once: remove the repeat")
+        elif e.error is None:
+            seen.add((e.prompt, e.label))
+        out.append(e)
+    if not by_prompt:
+        groups: dict[tuple, list[Entry]] = {}
+        for e in out:
+            if e.error is None:
+                groups.setdefault((e.prompt, e.key), []).append(e)
+        clash = {id(e): g for g in groups.values() if len(g) > 1 for e in g}
+        out = [replace(e, scores=None, error=f"{e.label}: pairs under the name {e.key!r}, as "
+                                             f"{', '.join(o.label for o in clash[id(e)] if o is not e)} does; "
+                                             "rename one so that each name is one image")
+               if id(e) in clash else e for e in out]
+    return replace(side, entries=tuple(out))
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _check_prescored(side: Side, keys: Sequence[str]) -> None:
     for e in side.entries:
         if e.error is None and e.scores is not None:
@@ -621,7 +663,7 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
         if side.prescored:
             _check_prescored(side, keys)
 
-    sides = list(lineup.sides)
+    sides = [_flag_repeats(s, lineup.by_prompt) for s in lineup.sides]
     scored = cached = 0
     weights = identity = dtype = None
     if lineup.needs_scoring:
