@@ -414,11 +414,11 @@ def test_paths_outside_allow_dir_and_files_that_are_not_files(server):
         "/etc/passwd": (403, "outside the folder", "/etc/passwd"),
         "a symlink out": (403, "outside the folder", "out.png"),
         "a NUL byte": (422, "NUL", "gray.png\0.txt"),
-        "a FIFO (would block a thread for ever)": (422, "not a file", "fifo.png"),
-        "a folder": (422, "not a file", "sub"),
+        "a FIFO (would block a thread for ever)": (422, "not a regular file", "fifo.png"),
+        "a folder": (422, "not a regular file", "sub"),
         "a symlink loop": (422, "", "loop-a.png"),
         "a name of 5000 characters": (422, "", "x" * 5000),
-        "a missing file": (422, "not a file", "missing.png"),
+        "a missing file": (422, "no such file", "missing.png"),
     }
 
     def send(srv, path):

@@ -332,14 +332,16 @@ class ScoringService:
         try:
             resolved = (self.allow_dir / raw).resolve()  # follows symlinks and `..`
             inside = resolved.is_relative_to(self.allow_dir)
-            regular = inside and resolved.is_file()
+            exists, regular = (resolved.exists(), resolved.is_file()) if inside else (False, False)
         except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
             why = getattr(exc, "strerror", None) or exc
             raise RequestError(422, f"{_short_text(raw)}: not a usable path ({why})") from None
         if not inside:
             raise RequestError(403, f"{_short_text(raw)}: outside the folder this server may read")
-        if not regular:  # a folder, a FIFO or a device would fail, or block a decoding thread forever
-            raise RequestError(422, f"{_short_text(raw)}: not a file in the folder this server may read")
+        if not exists:
+            raise RequestError(422, f"{_short_text(raw)}: no such file in the folder this server may read")
+        if not regular:  # a FIFO or a device would block a decoding thread for ever
+            raise RequestError(422, f"{_short_text(raw)}: not a regular file (a folder, FIFO or device)")
         return resolved
 
     def parse(self, body: dict, single: bool = False) -> _Work:
