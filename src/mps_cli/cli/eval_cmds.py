@@ -57,8 +57,9 @@ EVAL_HELP = "\n\n".join([
     "prompt, condition, threshold, weights and dtype, so an interrupted run resumes where it stopped "
     "and a repeated run costs no model time.",
     f"{DIMENSION_NOTE} The paper's figures are for the overall dimension.",
-    "Exit status: 0 every item evaluated; 1 some items skipped (a missing or unreadable image, named "
-    "on stderr and counted in the report); 2 bad usage or a malformed benchmark file; 3 weights or "
+    "Exit status: 0 every item evaluated; 1 some items skipped (a missing or unreadable image, or an item "
+    "listing one image twice, named on stderr and counted in the report); 2 bad usage or a malformed "
+    "benchmark file; 3 weights or "
     "config problem; 4 fetch problem; 130 interrupted (scores so far stay cached).",
 ])
 
