@@ -220,19 +220,21 @@ def evaluate(pairs: Path, cache: Path):
     return res
 
 
-@pytest.mark.parametrize("tamper", ["'nan'", "'inf'", "'<script>'", "x'00ff'", "1e308 * 10", "-1e308 * 10"])
-def test_a_tampered_score_cache_is_rescored_to_the_same_accuracy(pairs_file, tmp_path, tamper):
+def test_a_tampered_score_cache_is_rescored_to_the_same_accuracy(pairs_file, tmp_path):
+    """Stored scores replaced by NaN, infinities, text and a blob: not scores, so scored again."""
     cache = tmp_path / "scores.sqlite"
     first = evaluate(pairs_file, cache)
     assert first.returncode == 0, first.stderr
     want = json.loads(first.stdout)
-    with sqlite3.connect(cache) as db:
-        assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] > 0
-        db.execute(f"UPDATE scores SET score = {tamper}")
-    again = evaluate(pairs_file, cache)
-    assert again.returncode == 0, again.stderr
-    doc = json.loads(again.stdout)
-    assert doc["accuracy"] == want["accuracy"] and doc["scored"] == want["scored"] > 0 and doc["cached"] == 0
+    for tamper in ("'nan'", "1e308 * 10", "-1e308 * 10", "'<script>'", "x'00ff'"):
+        with sqlite3.connect(cache) as db:
+            assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] > 0
+            db.execute(f"UPDATE scores SET score = {tamper}")
+        again = evaluate(pairs_file, cache)
+        assert again.returncode == 0, (tamper, again.stderr)
+        doc = json.loads(again.stdout)
+        assert doc["accuracy"] == want["accuracy"] and doc["scored"] == want["scored"] > 0 and doc["cached"] == 0, \
+            tamper
 
 
 def test_a_cache_that_is_not_sqlite_is_one_line(pairs_file, tmp_path):
