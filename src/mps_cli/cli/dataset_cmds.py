@@ -68,7 +68,7 @@ class _ProgressLines:
             return
         self.shards, self.last = p.shards_done, now
         eta = "" if p.eta is None else f", ETA {_duration(p.eta)}"
-        say(f"mps: dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
+        say(f"mps: dataset: {p.shards_done}/{_n(p.shards_total, 'shard')}, {_n(p.images, 'image')}, "
             f"{p.rate:.1f} images/s{eta}")
 
 
