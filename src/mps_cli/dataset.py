@@ -343,19 +343,25 @@ class Output:
     def path_for(self, shard: Shard) -> Path:
         return self.folder / f"{shard.name}.parquet"
 
-    def pending(self, shards: Iterable[Shard]) -> tuple[list[Shard], list[Shard]]:
-        """The shards still to score, and those already done under these settings (their rows
-        counted in :meth:`counts`)."""
-        todo, done = [], []
+    def pending(self, shards: Iterable[Shard]) -> tuple[list[Shard], dict[Shard, tuple[int, int]]]:
+        """The shards still to score, and those already done under these settings with their
+        (rows, rows with an error)."""
+        todo, done = [], {}
+        recorded = self._read_manifest().get("shards", {})  # read once: it lists every shard done
         for shard in shards:
-            (done if self.path_for(shard).exists() else todo).append(shard)
-        for shard in done:
-            self.counts(shard)  # records a shard written just before a kill, before the manifest heard of it
+            if self.path_for(shard).exists():
+                # a shard written just before a kill, before the manifest heard of it, is recorded now
+                done[shard] = self.counts(shard, recorded)
+            else:
+                todo.append(shard)
         return todo, done
 
-    def counts(self, shard: Shard) -> tuple[int, int]:
-        """(rows, rows with an error) of a written shard: from the manifest, else from its file."""
-        entry = self._read_manifest().get("shards", {}).get(f"{shard.name}.parquet")
+    def counts(self, shard: Shard, recorded: dict | None = None) -> tuple[int, int]:
+        """(rows, rows with an error) of a written shard: from the manifest (or its ``shards``
+        record as read), else from its file."""
+        if recorded is None:
+            recorded = self._read_manifest().get("shards", {})
+        entry = recorded.get(f"{shard.name}.parquet")
         if isinstance(entry, dict):
             rows, errors = entry.get("rows"), entry.get("errors")
             if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (rows, errors)) \
@@ -519,9 +525,11 @@ class DatasetSummary:
 class Tracker:
     """Counts a run's progress and tells the caller; shared by both engines."""
 
-    def __init__(self, plan: DatasetPlan, pending: int, already_done: int,
+    def __init__(self, plan: DatasetPlan, pending: int, done: dict[Shard, tuple[int, int]],
                  progress: Callable[[DatasetProgress], None] | None):
-        self.plan, self.pending, self.already_done, self.callback = plan, pending, already_done, progress
+        """``done``: the selected shards already written, with (rows, rows with an error), as
+        :meth:`Output.pending` gives them."""
+        self.plan, self.pending, self.already_done, self.callback = plan, pending, len(done), progress
         self.start = time.perf_counter()
         self.written = 0
         self.elsewhere = 0
@@ -532,6 +540,8 @@ class Tracker:
         self.causes: dict[str, int] = {}
         self.bad_shards = 0  # shards written this run holding failed rows
         self.earlier = [0, 0, 0]  # rows, failed rows, shards with failed rows: written by other runs
+        for rows, errors in done.values():
+            self.written_before(rows, errors)
 
     def _emit(self, failure: ShardFailure | None = None) -> None:
         if self.callback is not None:
@@ -659,9 +669,7 @@ def score_dataset(plan: DatasetPlan, scorer, progress: Callable[[DatasetProgress
         raise OutputError(f"the loaded model ({spec.identity}, {spec.dtype}) is not the one the output was "
                           f"opened for ({output.settings['weights']}, {output.settings['dtype']})")
     todo, done = output.pending(plan.shards)
-    tracker = Tracker(plan, len(todo), len(done), progress)
-    for shard in done:
-        tracker.written_before(*output.counts(shard))
+    tracker = Tracker(plan, len(todo), done, progress)
     job = plan.job
 
     def finish(shard: Shard, samples: list[Sample] | ShardError) -> None:

@@ -164,9 +164,7 @@ def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None 
 def _run(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, workers: int, gpus_per_worker: float,
          cpus_per_worker: float, address: str | None, progress) -> DatasetSummary:
     pending, done = output.pending(plan.shards)
-    tracker = Tracker(plan, len(pending), len(done), progress)
-    for shard in done:
-        tracker.written_before(*output.counts(shard))
+    tracker = Tracker(plan, len(pending), done, progress)
     # The pipeline reads every shard at once: claim them all now; another run's are waited for at the end.
     deferred: list = []
     todo = list(claim_shards(output, pending, tracker, deferred))
