@@ -503,12 +503,14 @@ def test_a_client_that_trickles_bytes_is_cut_off_and_others_are_served_meanwhile
     for t in threads:
         t.join(20)
     assert set(results) == {"headers", "body", "silent"}
+    # Cut off after the read timeout, long before the trickle would have ended (7.5 s of headers);
+    # the upper bounds leave room for a loaded machine.
     status, seconds = results["headers"]
-    assert status == 408 and READ_TIMEOUT <= seconds < READ_TIMEOUT + 3, results
+    assert status == 408 and READ_TIMEOUT <= seconds < 7, results
     status, seconds = results["body"]
-    assert status == 408 and seconds < 2 * READ_TIMEOUT + 3, results
+    assert status == 408 and seconds < 2 * READ_TIMEOUT + 6, results
     status, seconds = results["silent"]
-    assert status == 408 and seconds < READ_TIMEOUT + 3, results
+    assert status == 408 and READ_TIMEOUT <= seconds < READ_TIMEOUT + 6, results
     assert_serving(server, "after the trickles")
 
 
@@ -639,7 +641,9 @@ def test_sigterm_under_load_answers_or_refuses_every_request_and_none_half_writt
             time.sleep(0.01)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20  # the clients go on until one finds the port closed
+        while "refused" not in outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         stop.set()
         for t in threads:
