@@ -93,6 +93,8 @@ class DatasetJob:
     batch_size: int | None = None
     image_ext: str | None = None  # webdataset member extension
     caption_ext: str | None = None  # webdataset member extension
+    #: Several models on one decode (``mps,hpsv2.1``): columns keyed ``mps.<dim>`` and by judge.
+    models: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class DatasetPlan:
 
     @property
     def keys(self) -> list[str]:
+        if self.job.models:
+            from .engine.panel import parse_models, result_keys
+
+            return list(result_keys(parse_models(self.job.models), self.job.dims, self.job.condition))
         return [k for k, _ in self.conditions]
 
 
@@ -136,6 +142,10 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
 
     require_pyarrow()
     conditions = resolve_conditions(job.dims, job.condition)
+    if job.models:
+        from .engine.panel import parse_models, result_keys
+
+        result_keys(parse_models(job.models), job.dims, job.condition)
     if (job.shard_index is None) != (job.num_shards is None):
         raise ValueError("a shard index needs the number of shards, and the number of shards an index")
     if job.num_shards is not None and not (job.num_shards >= 1 and 0 <= job.shard_index < job.num_shards):
@@ -179,6 +189,8 @@ def settings_of(plan: DatasetPlan, spec: ModelSpec) -> dict:
         "image_column": job.image_column,
         "caption_ext": job.caption_ext,
         "image_ext": job.image_ext,
+        # Only with --model, so folders written before it existed still resume.
+        **({"models": job.models} if job.models else {}),
     }
 
 
@@ -218,7 +230,8 @@ def _write_json(path: Path, doc: dict) -> None:
 
 _SETTING_NAMES = {"weights": "weights", "dtype": "dtype", "mask_threshold": "mask threshold",
                   "conditions": "dimensions", "prompt": "prompt", "caption_column": "caption column",
-                  "image_column": "image column", "caption_ext": "caption member", "image_ext": "image member"}
+                  "image_column": "image column", "caption_ext": "caption member", "image_ext": "image member",
+                  "models": "models"}
 
 
 def _setting_text(key: str, value) -> str:
