@@ -26,6 +26,7 @@ from .dataset import (
     open_output,
     wait_for_shard,
 )
+from .devices import DEFAULT_BATCH
 from .errors import EngineError, MissingExtraError, MPSError, OutputError, ShardError
 from .inputs.shards import Shard, read_shard
 
@@ -90,11 +91,10 @@ def _decode(batch: dict, image_size: int) -> dict:
 class _ScoreActor:
     """map_batches on actors: the model is loaded once per actor, then scores batch after batch."""
 
-    def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float):
+    def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float, batch_size: int):
         from .engine.scorer import load_scorer, resolve_conditions
 
-        self.scorer = load_scorer(spec.weights, spec.config, spec.device, spec.dtype, revision=spec.revision,
-                                  offline=spec.offline, batch_size=spec.batch_size)
+        self.scorer = load_scorer(spec.options, batch_size=batch_size)
         got = ModelSpec.from_scorer(self.scorer)
         if (got.identity, got.dtype) != (spec.identity, spec.dtype):
             raise OutputError(f"a worker loaded weights {got.identity} in {got.dtype}, not {spec.identity} in "
@@ -183,7 +183,7 @@ def _run_pipeline(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, todo:
         return
     by_source = {s.source: s for s in todo}
     job = plan.job
-    batch_size = job.batch_size or spec.batch_size or (32 if gpus_per_worker else 4)
+    batch_size = job.batch_size or DEFAULT_BATCH["accelerator" if gpus_per_worker else "cpu"]
     started = _start(ray, address)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -200,7 +200,8 @@ def _run_pipeline(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, todo:
         ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
                             batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": 1})
         ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={
-            "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold},
+            "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold,
+            "batch_size": batch_size},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
         buffers: dict[str, list[tuple[int, Row]]] = {}
