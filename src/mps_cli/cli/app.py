@@ -145,6 +145,8 @@ FLAG_HINTS = {
     "reward": " (--reward)",
     "model": " (add them with --model)",
     "condition": " (give one with --condition)",
+    "compile": " (--compile off runs without it)",
+    "panel-decode": " (drop --decode and --compile, or --model)",
 }
 
 

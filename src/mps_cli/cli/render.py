@@ -233,7 +233,8 @@ def _diff(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:+.3f}"
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """``1 pair``, ``2 pairs``."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
@@ -249,7 +250,7 @@ def _versus_two(report, details: bool, note: str) -> None:
         table.add_row(k, _rate(r.win_rate), f"{_rate(r.ci95[0])}–{_rate(r.ci95[1])}", _diff(r.mean_diff),
                       f"{r.wins} / {r.ties} / {r.losses}")
     console.print(table)
-    console.print(f"{_count(m.prompts, 'prompt')}, {_count(m.pairs, 'pair')}; interval from {report.samples} "
+    console.print(f"{counted(m.prompts, 'prompt')}, {counted(m.pairs, 'pair')}; interval from {report.samples} "
                   f"resamples of {m.unit}s, seed {report.seed}; {report.scored} images scored, "
                   f"{report.cached} from cache.", soft_wrap=True)
     if details:
@@ -306,7 +307,7 @@ def _versus_many(report, details: bool) -> None:
         for i, st in enumerate(report.ranking[k], 1):
             ranking.add_row(str(i), st.side, f"{st.strength:.3f}")
         console.print(ranking)
-    console.print(f"{_count(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
+    console.print(f"{counted(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
                   f"intervals from {report.samples} resamples, seed {report.seed}; {report.scored} images scored, "
                   f"{report.cached} from cache.", soft_wrap=True)
     if details:
@@ -340,7 +341,7 @@ def render_series(series) -> None:
             table.add_row(c.side, *cells, "—" if c.duplicate_rate is None else f"{c.duplicate_rate:.0%}")
         console.print(table)
     watched = f"watching {series.rising} against {', '.join(series.falling) or 'nothing'}" if series.rising else ""
-    console.print(f"{_count(len(series.flags), 'flag')}" + (f"; {watched}" if watched else "") + ".", soft_wrap=True)
+    console.print(f"{counted(len(series.flags), 'flag')}" + (f"; {watched}" if watched else "") + ".", soft_wrap=True)
     for f in series.flags:
         console.print(f"flag ({f.kind}): {clean(f.message)}", markup=False, soft_wrap=True)
     for note in series.notes:
