@@ -393,7 +393,7 @@ def trainer_main(args) -> int:
         server.wait(60)
     load = os.getloadavg()
     print(f"CPU: {cpu_name()}; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; model: {args.weights.name}, "
-          f"device {args.device}; torch threads: default")
+          f"device {args.device}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')} (OMP_NUM_THREADS)")
     print(f"trainer load: {count} rollout images, raw uint8 512x512x3 arrays (POST /v1/batch, multipart), "
           f"dims {', '.join(DIMS)}, reward '{REWARD}'; server --max-batch {args.max_batch} "
           f"--max-wait-ms {args.max_wait_ms}; interleaved, best of {args.repeats}")

@@ -347,3 +347,46 @@ def test_a_server_killed_mid_run_is_a_server_error_for_async_and_submitted_calls
             future.result(30)
     finally:
         srv.proc.wait(30)
+
+
+def test_a_large_request_is_scored_a_model_batch_at_a_time_while_the_rest_decodes(scorer):
+    """The first max_batch images go to the model before the request's last image is decoded: here the last
+    one decodes only once a batch has been scored (in-process app; the scorer is the real one, its decode of
+    that one image held back)."""
+    import httpx
+
+    from mps_cli.server import ServeOptions, create_app
+
+    batch_done = threading.Event()
+
+    class HeldBack:
+        def __getattr__(self, name):
+            return getattr(scorer, name)
+
+        def load_pixels(self, source, max_pixels):
+            if getattr(source, "filename", "") == "last":
+                assert batch_done.wait(30), "the first batch was not scored while the last image waited"
+            return scorer.load_pixels(source, max_pixels)
+
+        def score_pixels(self, *args, **kwargs):
+            out = scorer.score_pixels(*args, **kwargs)
+            batch_done.set()
+            return out
+
+    app = create_app(HeldBack(), ServeOptions(max_batch=2))
+    images = [{"data": b64((IMAGES / n).read_bytes()), "name": name}
+              for n, name in (("crop.png", "a"), ("sunset.png", "b"), ("portrait.jpg", "last"))]
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://mps") as http:
+                return await http.post("/v1/batch", json={"images": images, "prompt": PROMPT}, timeout=60)
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    assert [r["image"] for r in doc["results"]] == ["a", "b", "last"] and doc["failed"] == 0
+    want = scorer.score([IMAGES / "portrait.jpg"], PROMPT)[0].scores["overall"]
+    assert abs(doc["results"][2]["scores"]["overall"] - want) <= 1e-5
+    assert app.state.service.batcher.stats()["requests"] == 1  # one request, queued in two parts

@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -51,6 +52,9 @@ from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
 from .errors import CompositeError, ImageError
 
 log = logging.getLogger("mps_cli.server")
+
+#: Images of one request decoded at once (in the request's thread pool), one per CPU.
+DECODE_THREADS = max(2, os.cpu_count() or 1)
 
 Conditions = tuple[tuple[str, str], ...]
 
@@ -159,10 +163,11 @@ class MicroBatcher:
             self._cond.notify_all()
 
     def submit(self, pixels: list, labels: list[str], prompts: list[str], conditions: Conditions,
-               threshold: float, expected: bool = False) -> list[Future]:
+               threshold: float, expected: bool = False, new_request: bool = True) -> list[Future]:
         """Queue preprocessed images (:func:`~mps_cli.engine.preprocess.pixels_from_image`) with their names and
         prompts; one future of a ScoreResult per image. ``expected``: this request called :meth:`expect`,
-        and no longer counts as on its way once this returns."""
+        and no longer counts as on its way once this returns. ``new_request``: False for a request's later
+        parts (a large request is queued in parts as its images are decoded)."""
         jobs = [_Job(px, label, p, conditions, threshold, Future())
                 for px, label, p in zip(pixels, labels, prompts, strict=True)]
         with self._cond:
@@ -174,7 +179,7 @@ class MicroBatcher:
             if expected:
                 self._incoming -= 1
             self._pending.extend((now, j) for j in jobs)
-            self._stats["requests"] += 1
+            self._stats["requests"] += new_request
             self._stats["images"] += len(jobs)
             self._cond.notify_all()
         return [j.future for j in jobs]
@@ -473,9 +478,11 @@ class ScoringService:
 
     # ----------------------------------------------------------------------- scoring
     async def run(self, work: _Work) -> list[ScoreResult]:
-        """Decode (thread pool, the request's images in parallel), score (batcher), and return results
-        in request order."""
+        """Decode (thread pool, the request's images in parallel, about in order), score (batcher), and return
+        results in request order. A request larger than a model batch is queued a batch at a time as its images
+        are decoded, so the model scores its first images while the host decodes the rest."""
         max_px = self.options.max_image_pixels
+        decoding = asyncio.Semaphore(DECODE_THREADS)
 
         def decode(src: _Source, prompt: str | None):
             if prompt is None:
@@ -487,23 +494,38 @@ class ScoringService:
             except Exception as exc:  # whatever else one image does to a decoder, it fails alone
                 return f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
+        async def bounded(src: _Source, prompt: str | None):
+            async with decoding:  # first come, first decoded: a request's early images are ready first
+                return await run_in_threadpool(decode, src, prompt)
+
+        n, step = len(work.sources), self.batcher.max_batch
+        tasks = [asyncio.ensure_future(bounded(src, p)) for src, p in zip(work.sources, work.prompts, strict=True)]
+        decoded: list = [None] * n
+        futures: dict[int, Future] = {}
         self.batcher.expect()
         submitted = False
         try:
-            decoded = await asyncio.gather(*(run_in_threadpool(decode, src, prompt)
-                                             for src, prompt in zip(work.sources, work.prompts, strict=True)))
-            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-            futures = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
+            for start in range(0, n, step):
+                part = range(start, min(start + step, n))
+                for i in part:
+                    decoded[i] = await tasks[i]
+                good = [i for i in part if not isinstance(decoded[i], str)]
+                got = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
                                           [work.prompts[i] for i in good], work.conditions, work.threshold,
-                                          expected=True)
+                                          expected=part.stop == n, new_request=start == 0)
+                futures.update(zip(good, got, strict=True))
             submitted = True
         except QueueFull as exc:
+            for f in futures.values():  # the parts already queued are not scored for nobody
+                f.cancel()
             raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
         finally:
             if not submitted:
                 self.batcher.unexpect()
-        scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        by_index = dict(zip(good, scored, strict=True))
+                for t in tasks:
+                    t.cancel()
+        scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures.values()))
+        by_index = dict(zip(futures, scored, strict=True))
         return [by_index[i] if i in by_index else ScoreResult(image=src.name, prompt=prompt, error=decoded[i])
                 for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True))]
 
