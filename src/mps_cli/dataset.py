@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .constants import DISTRIBUTION
 from .errors import MissingExtraError, OutputError, ShardError
 from .inputs.shards import Sample, Shard, find_shards, read_shard
 
@@ -115,7 +116,7 @@ def require_pyarrow() -> None:
         import pyarrow
         import pyarrow.parquet  # noqa: F401 (imported only to check the extra is installed)
     except ImportError:
-        raise MissingExtraError('scoring a dataset needs pyarrow: pip install "mps-cli[dataset]"') from None
+        raise MissingExtraError(f'scoring a dataset needs pyarrow: pip install "{DISTRIBUTION}[dataset]"') from None
 
 
 def plan_dataset(job: DatasetJob) -> DatasetPlan:
@@ -251,7 +252,7 @@ class Output:
                     raise OutputError(f"{path}: unreadable manifest ({exc}); move it away to start over") from None
                 self._check(found, str(path))
             else:
-                _write_json(path, {"tool": "mps-cli", "version": __version__, "settings": self.settings,
+                _write_json(path, {"tool": DISTRIBUTION, "version": __version__, "settings": self.settings,
                                    "shards": {}})
         return self
 

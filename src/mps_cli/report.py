@@ -36,7 +36,7 @@ from urllib.parse import quote
 import numpy as np
 
 from . import __version__
-from .constants import CUSTOM_KEY, DIMENSIONS, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
+from .constants import CUSTOM_KEY, DIMENSIONS, DISTRIBUTION, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
 from .errors import ImageError, ReportError, ResultsError
 
 DEFAULT_THUMB = 256
@@ -767,11 +767,11 @@ class _Page:
         if m.conditions:
             items.append("conditions " + ", ".join(_e(c) for c in m.conditions))
         if m.version:
-            items.append(f"scored with mps-cli {_e(m.version)}")
+            items.append(f"scored with {DISTRIBUTION} {_e(m.version)}")
         if not items:
             items.append("model settings not recorded in these results")
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        items.append(f"report by mps-cli {__version__}, {when}")
+        items.append(f"report by {DISTRIBUTION} {__version__}, {when}")
         note = ("Scores are MPS logits; they compare images for the same prompt. Only a checkpoint trained on "
                 "overall preference has been published; other dimensions read it through condition masks.")
         return f'<footer><p>{" · ".join(items)}</p><p class="note">{note}</p></footer>'

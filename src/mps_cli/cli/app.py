@@ -38,8 +38,9 @@ NOTICE_MIN_BYTES = 256 * 2**20
 def _show_version(value: bool) -> None:
     if value:
         from .. import __version__
+        from ..constants import DISTRIBUTION
 
-        print(f"mps-cli {__version__}")
+        print(f"{DISTRIBUTION} {__version__}")
         raise typer.Exit(0)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DEFAULT_MASK_THRESHOLD
+from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
 from ..errors import MissingExtraError, OutputError
 from .app import (
     BatchSize,
@@ -101,7 +101,7 @@ def dataset_command(
         "--num-shards", rich_help_panel="Splitting", help="How many workers share the shards.")] = None,
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
-        "(pip install \"mps-cli\\[ray]\").")] = Engine.local,
+        f"(pip install \"{DISTRIBUTION}\\[ray]\").")] = Engine.local,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", rich_help_panel="Engine",
         help="Ray cluster to join (default: start Ray on this machine).")] = None,

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ..constants import (
+    DISTRIBUTION,
     SERVE_DEFAULT_PORT,
     SERVE_MAX_BATCH,
     SERVE_MAX_BODY_BYTES,
@@ -35,7 +36,7 @@ from .app import (
     say,
 )
 
-INSTALL_HINT = "`mps serve` needs the serve extra: pip install 'mps-cli[serve]'"
+INSTALL_HINT = f"`mps serve` needs the serve extra: pip install '{DISTRIBUTION}[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
+from ..constants import DISTRIBUTION, KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
 from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
 from .output import emit_json
@@ -127,6 +127,7 @@ def info(
         device = resolve_device("auto")
         precision = resolve_precision("auto", device)
         doc = {
+            "distribution": DISTRIBUTION,
             "version": __version__,
             "python": platform.python_version(),
             "cache_dir": str(cache_dir()),
@@ -137,7 +138,7 @@ def info(
             "default_device": str(device),
             "default_dtype": precision.image,
             "default_text_dtype": precision.text,
-            "versions": {d: _version(d) for d in ("torch", "open_clip_torch", "huggingface_hub", "safetensors")},
+            "versions": {d: _version(d) for d in ("torch", "pillow", "huggingface_hub", "safetensors")},
             "prepared": _prepared_summary(),
         }
         if verify:
@@ -150,7 +151,7 @@ def info(
         return
     w = doc["weights"]
     lines = [
-        f"mps-cli {doc['version']} (python {doc['python']})",
+        f"{doc['distribution']} {doc['version']} (python {doc['python']})",
         f"cache: {doc['cache_dir']}" + ("  [offline]" if doc["offline"] else f"  (from {doc['endpoint']})"),
         f"weights: {w['source']}" + (f" = {w['uri']}" if w.get("uri") else ""),
     ]
