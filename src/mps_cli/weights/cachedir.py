@@ -1,8 +1,9 @@
 """The one folder the package keeps its own caches in, and the strong identity of a weights file.
 
 ``$MPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mps-cli`` (``%LOCALAPPDATA%`` on Windows), else
-``~/.cache/mps-cli`` (the project's first name, kept: see ``CACHE_FOLDER``). It holds ``prepared/`` (converted weights), ``scores.sqlite`` (the eval
-score cache) and ``identities/`` (the SHA-256 of weights files, remembered per file version).
+``~/.cache/mps-cli`` (the project's first name, kept: see ``CACHE_FOLDER``). It holds
+``prepared/`` (converted weights), ``scores.sqlite`` (the eval score cache) and ``identities/``
+(the SHA-256 of weights files, remembered per file version).
 """
 
 from __future__ import annotations
