@@ -223,6 +223,29 @@ def test_ray_run_prints_what_a_local_run_prints(data, reference, tmp_path):
     assert lines[-1].startswith("mps: dataset: 5/5 shards, 14 images")
 
 
+def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(local_ray, data, tmp_path, capfd):
+    """An actor whose model does not load (here: other weights than planned) must end the job with that
+    error, typed, and quickly: raised from the actor's constructor, Ray restarts it for most of a minute
+    and prints each traceback on the driver's stdout."""
+    import dataclasses
+
+    from mps_cli.dataset import resolve_model
+    from mps_cli.errors import OutputError
+    from mps_cli.ray_engine import score_dataset_ray
+
+    root, _ = data
+    plan = plan_dataset(DatasetJob((str(root / "wds"),), tmp_path / "out"))
+    spec = dataclasses.replace(resolve_model(str(WEIGHTS), device="cpu", dtype="fp32"), identity="sha256:" + "0" * 64)
+    capfd.readouterr()
+    started = time.monotonic()
+    with pytest.raises(OutputError, match="the weights differ between machines"):
+        score_dataset_ray(plan, spec)
+    assert time.monotonic() - started < 30
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, out + err
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
 def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
     """Ray passes batches zero-copy from its object store, read-only; a tensor sharing that memory would be
     undefined behaviour (torch warns once per process, so the warning is no test: the memory is)."""

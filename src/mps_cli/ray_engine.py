@@ -32,6 +32,8 @@ from .errors import EngineError, MissingExtraError, MPSError, OutputError, Shard
 from .inputs.shards import Shard, read_shard
 
 _SCORE_PREFIX = "score:"
+#: Prefix of the columns in which a scoring actor that could not load its model reports why.
+_FAILURE = "failure:"
 #: Ray's C++ log threshold, read when its processes start.
 BACKEND_LOG_ENV = "RAY_BACKEND_LOG_LEVEL"
 
@@ -96,25 +98,46 @@ DECODE_TASK_MEMORY = 256 << 20
 
 
 class _ScoreActor:
-    """map_batches on actors: the model is loaded once per actor, then scores batch after batch."""
+    """map_batches on actors: the model is loaded once per actor, then scores batch after batch.
+
+    A model that cannot be loaded is not raised from the constructor: Ray would restart the actor
+    again and again for most of a minute, printing each traceback on the driver's stdout. The
+    actor returns the error as data instead (:data:`_FAILURE` columns), like a sample's error, and
+    the driver raises it as the error it was."""
 
     def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float):
-        from .engine.scorer import load_scorer, resolve_conditions
+        from .engine.scorer import resolve_conditions
 
-        self.scorer = load_scorer(spec.weights, spec.config, spec.device, spec.dtype, revision=spec.revision,
-                                  offline=spec.offline, batch_size=spec.batch_size)
-        got = ModelSpec.from_scorer(self.scorer)
+        self.failure: MPSError | None = None
+        try:
+            self.scorer = self._load(spec)
+        except MPSError as exc:
+            self.failure = exc
+        self.dims, self.condition, self.threshold = dims, condition, mask_threshold
+        self.keys = [k for k, _ in resolve_conditions(dims, condition)]
+
+    @staticmethod
+    def _load(spec: ModelSpec):
+        from .engine.scorer import load_scorer
+
+        scorer = load_scorer(spec.weights, spec.config, spec.device, spec.dtype, revision=spec.revision,
+                             offline=spec.offline, batch_size=spec.batch_size)
+        got = ModelSpec.from_scorer(scorer)
         if (got.identity, got.dtype) != (spec.identity, spec.dtype):
             raise OutputError(f"a worker loaded weights {got.identity} in {got.dtype}, not {spec.identity} in "
                               f"{spec.dtype} as planned; the weights differ between machines")
-        self.dims, self.condition, self.threshold = dims, condition, mask_threshold
-        self.keys = [k for k, _ in resolve_conditions(dims, condition)]
+        return scorer
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         import torch
 
         n = len(batch["index"])
+        if self.failure is not None:
+            failure = {"kind": type(self.failure).__name__, "message": str(self.failure),
+                       "hint": self.failure.hint or ""}
+            return {"source": batch["source"],
+                    **{_FAILURE + key: np.full(n, value, dtype=object) for key, value in failure.items()}}
         ok = [i for i in range(n) if _scorable(batch, i)]
         # Ray hands the batch over read-only (zero-copy from its object store); indexing by a list copies
         # the kept rows into one writable array, which torch may then share.
@@ -165,9 +188,19 @@ def _quiet_ray_backend() -> Iterator[None]:
             os.dup2(null.fileno(), 2)
         yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         del os.environ[BACKEND_LOG_ENV]
+
+
+def _worker_failure(kind: str, message: str, hint: str) -> MPSError:
+    """A scoring actor's error, reported as data, as the error it was."""
+    from . import errors
+
+    cls = getattr(errors, kind, None)
+    cls = cls if isinstance(cls, type) and issubclass(cls, MPSError) else EngineError
+    return cls(message, hint=hint or None)
 
 
 def _unwrap(exc: Exception) -> MPSError:
@@ -250,6 +283,8 @@ def _write_rows(ds, keys: list[str], by_source: dict[str, Shard], output: Output
     """Take the scored rows as they come and write each shard once all its rows are in."""
     buffers: dict[str, list[tuple[int, Row]]] = {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if _FAILURE + "kind" in batch:
+            raise _worker_failure(*(str(batch[_FAILURE + k][0]) for k in ("kind", "message", "hint")))
         for i in range(len(batch["index"])):
             shard = by_source[str(batch["source"][i])]
             if batch["shard_error"][i]:
