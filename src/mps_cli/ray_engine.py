@@ -113,6 +113,10 @@ class _ScoreActor:
             self.scorer = self._load(spec)
         except MPSError as exc:
             self.failure = exc
+        except Exception as exc:  # torch's own (out of memory, a CUDA error): as deterministic, and as final
+            text = str(exc).strip().splitlines()
+            self.failure = EngineError(f"a scoring worker could not load the model: {type(exc).__name__}"
+                                       + (f": {text[0]}" if text else ""))
         self.dims, self.condition, self.threshold = dims, condition, mask_threshold
         self.keys = [k for k, _ in resolve_conditions(dims, condition)]
 
