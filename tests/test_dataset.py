@@ -218,7 +218,7 @@ def test_ray_run_prints_what_a_local_run_prints(data, reference, tmp_path):
     assert_matches(out, data, reference)
     assert proc.stdout.startswith("5 shards (5 written, 0 failed), 14 images scored, 0 errors"), proc.stdout
     lines = proc.stderr.splitlines()
-    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images, [\d.]+ images/s(, ETA \d+s)?", line)
+    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images, [\d.]+ images/s(, ETA [\dhms]+)?", line)
                          for line in lines), proc.stderr
     assert lines[-1].startswith("mps: dataset: 5/5 shards, 14 images")
 
