@@ -170,17 +170,6 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_engine_matches_mps_score(local_ray, data, reference, tmp_path):
-    root, _ = data
-    out = tmp_path / "ray-out"
-    result = CliRunner().invoke(app, ["dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
-                                      "--dim", "all", "--engine", "ray", "--workers", "1", "--batch-size", "2",
-                                      *MODEL])
-    assert result.exit_code == 0, result.output
-    assert_matches(out, data, reference)
-    assert local_ray.is_initialized()  # it joined the instance this process runs, and left it running
-
-
 def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp_path):
     """Ray Data fuses stages whose resources match into one worker: decoding must stay a task stage of its
     own, or every scoring actor would decode its batches between forwards (the plan, before anything runs)."""
@@ -205,9 +194,10 @@ def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp
         assert "ActorPoolMapOperator[MapBatches(_ScoreActor)]" in optimized, shown.getvalue()
 
 
-def test_ray_run_prints_what_a_local_run_prints(data, reference, tmp_path):
-    """The console script starting Ray itself (all of this machine's CPUs): stdout is the summary, stderr only
-    the job's own progress lines, as for --engine local; no Ray log lines, deprecations or worker warnings."""
+def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(data, reference, tmp_path):
+    """The console script starting Ray itself (all of this machine's CPUs): the rows are mps score's, stdout is
+    the summary, stderr only the job's own progress lines, as for --engine local; no Ray log lines,
+    deprecations or worker warnings."""
     root, _ = data
     out = tmp_path / "ray-out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RAY_BACKEND_LOG_LEVEL")}
@@ -241,6 +231,7 @@ def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(
     with pytest.raises(OutputError, match="the weights differ between machines"):
         score_dataset_ray(plan, spec)
     assert time.monotonic() - started < 30
+    assert local_ray.is_initialized()  # it joined the instance this process runs, and left it running
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, out + err
     assert not list((tmp_path / "out").glob("*.parquet"))
