@@ -231,9 +231,12 @@ def test_formats_torch_reads_unsafely_or_not_at_all_get_their_reason(tmp_path):
     empty.write_bytes(b"")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(WHOLE_MODULE.read_bytes()[:100_000])
+    # 101 model classes, each built once: torch's loader slows with every class it is allowed (written by hand).
+    many = tmp_path / "many_classes.pkl"
+    many.write_bytes(b"\x80\x02](" + b"".join(f"ctrainer.m{i}\nC{i}\n".encode() + b")\x81" for i in range(101)) + b"e.")
     for path, needle in ((module, "legacy (pre-1.6) torch file holding more than tensors"),
                          (python_pickle, "protocol-4 pickle"), (empty, "empty file"),
-                         (truncated, "without its directory")):
+                         (truncated, "without its directory"), (many, "names 101 classes and functions")):
         with pytest.raises(CheckpointError) as info:
             read_checkpoint(path)
         assert needle in str(info.value) and "\n" not in str(info.value), (path.name, str(info.value))

@@ -18,6 +18,10 @@ What torch's loader does not do is kept here, and why:
 - :func:`_collect`: a whole-module pickle comes back as stand-ins, which are walked here into a
   state dict as ``Module.state_dict`` would: iteratively, refusing a module that contains itself,
   and within :data:`MAX_WALK_NODES` steps, since a few shared submodules can stand for 2^40 paths.
+- :data:`MAX_GLOBALS`: torch's loader is pure Python and rebuilds its table of allowed globals
+  at every step of the pickle, so the time a pickle takes grows with the number of stand-ins
+  it names times its length; more than this many is refused. (The steps themselves stay
+  torch's: a pickle near :data:`MAX_PICKLE_BYTES` of allowed steps costs it minutes, not memory.)
 - :func:`_check_views`: torch rebuilds views larger than their storage (stride 0, expanded)
   faithfully from a few stored bytes; converting one would materialise its full size.
 - A bare pickle (not written by ``torch.save``, so no archive) is read as the ``data.pkl`` of an
@@ -60,6 +64,9 @@ MAX_ARCHIVE_BYTES = 32 << 30
 MAX_WALK_NODES = 200_000
 # How deep a module tree may nest: the published model nests about 10 deep.
 MAX_WALK_DEPTH = 1_000
+# Classes and functions a pickle may name beside torch's own: the published model names 29. torch rebuilds
+# its table of allowed globals at every step of the pickle (2,000 stand-ins: 4 s for a 44 kB pickle).
+MAX_GLOBALS = 100
 
 # torch's safe globals are one process-wide set: loads that add their stand-ins take turns.
 _LOADING = threading.Lock()
@@ -93,6 +100,9 @@ def _is_stand_in(qualified: str) -> bool:
 
 def _allowed_globals(names: list[str], path: Path) -> list[tuple[Any, str]]:
     """``safe_globals`` pairs for the globals torch does not allow by itself; refuses any that could run code."""
+    if len(names) > MAX_GLOBALS:
+        raise CheckpointError(f"{path}: the pickle names {len(names):,} classes and functions, more than "
+                              f"{MAX_GLOBALS:,}: not a checkpoint")
     refused = sorted(n for n in names if not _is_stand_in(n) and n not in _CONTAINERS)
     if refused:
         raise UnsafePickleError(
