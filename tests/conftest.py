@@ -54,6 +54,15 @@ def expected() -> dict:
 
 
 @pytest.fixture(scope="session")
+def judges(tmp_path_factory):
+    """Tiny random-weight HPSv2.1, CLIPScore and PickScore checkpoints in their published layouts, with the
+    reference (open_clip, transformers) models that wrote them: {name: (path, model)}."""
+    import judges_refs
+
+    return judges_refs.write_judges(tmp_path_factory.mktemp("judges"))
+
+
+@pytest.fixture(scope="session")
 def scorer():
     """The fixture checkpoint loaded once, fp32 on CPU."""
     from mps_cli import load_scorer

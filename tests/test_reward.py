@@ -57,7 +57,8 @@ def batch(shape=(2, 3, 40, 56), seed=0) -> torch.Tensor:
 
 def test_exported_lazily_from_the_package():
     import mps_cli
-    from mps_cli.reward import MPSReward, load_reward
+    from mps_cli.panel_reward import load_reward  # MPS's reward, or with model= several models' (docs/judges.md)
+    from mps_cli.reward import MPSReward
 
     assert mps_cli.load_reward is load_reward and mps_cli.MPSReward is MPSReward
     assert issubclass(MPSReward, torch.nn.Module)

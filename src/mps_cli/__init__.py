@@ -22,10 +22,10 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_scorer": "engine.scorer", "Scorer": "engine.scorer", "ScoreResult": "engine.scorer",
+    "load_scorer": "engine.panel", "Panel": "engine.panel", "Scorer": "engine.scorer", "ScoreResult": "engine.scorer",
     "Comparison": "engine.scorer", "PairResult": "engine.scorer", "preference_probability": "engine.scorer",
     "compare_scores": "engine.scorer",
-    "load_reward": "reward", "MPSReward": "reward",
+    "load_reward": "panel_reward", "PanelReward": "panel_reward", "MPSReward": "reward",
     "ModelConfig": "weights.config", "read_config": "weights.config", "builtin_config": "weights.config",
 }
 

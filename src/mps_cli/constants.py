@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 #: The distribution's name on the package index (``pip install mps-score``; ``mps-cli`` there is another project).
 #: The import name stays ``mps_cli`` and the command ``mps``.
 DISTRIBUTION = "mps-score"
@@ -48,6 +50,40 @@ KNOWN_SOURCES: dict[str, tuple[str, str, str | None]] = {
     "mpsv1": ("RE-N-Y/mpsv1", "model.safetensors", None),
 }
 DEFAULT_SOURCE = "mps-overall"
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """One CLIP judge scored beside MPS: where its weights are published, their layout, its preprocessing, its formula.
+
+    ``layout``: ``open_clip`` (an open_clip ``CLIP`` state dict) or ``hf_clip`` (a transformers ``CLIPModel``).
+    ``preprocess``: ``clip`` (transformers' CLIPImageProcessor, MPS's own rule), ``open_clip`` (open_clip's
+    eval transform) or ``letterbox`` (HPSv2's). ``formula``: ``cos100`` (100 cos), ``scaled_cos``
+    (exp(logit_scale) cos) or ``clipscore`` (max(100 cos, 0)). docs/judges.md cites each fact.
+    """
+
+    repo: str
+    filename: str
+    revision: str | None
+    layout: str
+    preprocess: str
+    formula: str
+
+
+#: The judges ``--model`` names beside ``mps``; the one table of their sources, layouts and formulas.
+JUDGES: dict[str, JudgeSpec] = {
+    "hpsv2.1": JudgeSpec("xswu/HPSv2", "HPS_v2.1_compressed.pt", None, "open_clip", "letterbox", "cos100"),
+    "pickscore": JudgeSpec("yuvalkirstain/PickScore_v1", "model.safetensors", None, "hf_clip", "clip", "scaled_cos"),
+    "clipscore": JudgeSpec("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_model.safetensors", None,
+                           "open_clip", "open_clip", "clipscore"),
+}
+MPS_MODEL = "mps"
+#: Every name ``--model`` accepts, MPS first.
+MODEL_NAMES: tuple[str, ...] = (MPS_MODEL, *JUDGES)
+#: CLIPScore's weight on the cosine (torchmetrics' convention; Hessel et al. use 2.5 on CLIP ViT-B/32).
+CLIPSCORE_WEIGHT = 100.0
+#: HPSv2's benchmark scale: 100 x the cosine of its image and text embeddings.
+HPS_SCALE = 100.0
 WEIGHTS_ENV = "MPS_WEIGHTS"
 #: Where the package keeps its own caches (prepared weights, scores); default ``$XDG_CACHE_HOME/mps-cli``.
 CACHE_ENV = "MPS_CACHE_DIR"

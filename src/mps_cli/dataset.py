@@ -88,6 +88,8 @@ class DatasetJob:
     shard_index: int | None = None
     num_shards: int | None = None
     batch_size: int | None = None
+    #: Several models on one decode (``mps,hpsv2.1``): columns keyed ``mps.<dim>`` and by judge.
+    models: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ class DatasetPlan:
 
     @property
     def keys(self) -> list[str]:
+        if self.job.models:
+            from .engine.panel import parse_models, result_keys
+
+            return list(result_keys(parse_models(self.job.models), self.job.dims, self.job.condition))
         return [k for k, _ in self.conditions]
 
 
@@ -129,6 +135,10 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
 
     require_pyarrow()
     conditions = resolve_conditions(job.dims, job.condition)
+    if job.models:
+        from .engine.panel import parse_models, result_keys
+
+        result_keys(parse_models(job.models), job.dims, job.condition)
     if (job.shard_index is None) != (job.num_shards is None):
         raise ValueError("a shard index needs the number of shards, and the number of shards an index")
     if job.num_shards is not None and not (job.num_shards >= 1 and 0 <= job.shard_index < job.num_shards):
@@ -168,6 +178,8 @@ def settings_of(plan: DatasetPlan, spec: ModelSpec) -> dict:
         "prompt": job.prompt,
         "caption_column": job.caption_column,
         "image_column": job.image_column,
+        # Only with --model, so folders written before it existed still resume.
+        **({"models": job.models} if job.models else {}),
     }
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
+from .constants import DEFAULT_MASK_THRESHOLD, PUBLISHED_ACCURACY
 from .errors import InputError, MPSError
 from .weights.cachedir import scores_path
 from .weights.reader import file_sha256
@@ -505,23 +505,27 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
 
 def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], condition: str | None,
                   mask_threshold: float, batch_size: int | None) -> Iterator:
-    dims = [k for k in keys if k != CUSTOM_KEY]
-    cond = condition if CUSTOM_KEY in keys else None
-    return scorer.iter_score([p for p, _ in todo], [q for _, q in todo], dims=dims or None, condition=cond,
+    from .engine.panel import mps_dims
+
+    # Keys are dimensions, or with several models mps.<dim> and judge names (a judge needs no dimension).
+    dims, custom = mps_dims(keys)
+    cond = condition if custom else None
+    return scorer.iter_score([p for p, _ in todo], [q for _, q in todo], dims=dims, condition=cond,
                              mask_threshold=mask_threshold, batch_size=batch_size)
 
 
 def evaluate(benchmark: Benchmark, scorer, dims: Iterable[str] | None = None, *, condition: str | None = None,
              mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache: ScoreCache | None = None,
-             batch_size: int | None = None, progress: ProgressFn | None = None) -> EvalReport:
+             batch_size: int | None = None, progress: ProgressFn | None = None, models=None) -> EvalReport:
     """Score every image of ``benchmark`` (reusing cached scores) and compute its accuracy per dimension.
 
     Images of all prompts go through the model in one stream, so batches mix prompts. Items
     with a missing or unreadable image are skipped and listed in the report's ``problems``.
+    ``models`` (the panel's, see :func:`~mps_cli.engine.panel.keyed_conditions`): accuracy per model key.
     """
-    from .engine.scorer import resolve_conditions
+    from .engine.panel import keyed_conditions
 
-    conditions = resolve_conditions(dims, condition)
+    conditions = keyed_conditions(models, dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
     threshold = float(mask_threshold)

@@ -51,7 +51,7 @@ DISAGREE_TOP = 10
 ERRORS_LISTED = 500
 SAMPLE_SEED = 0
 # A dimension name becomes part of an attribute name (data-score-<dim>): only plain names.
-_DIM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_DIM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")  # "." for --model keys (mps.overall, hpsv2.1)
 _DATASET_COLUMNS = {"key", "shard", "prompt", "error", "image", "rank"}
 
 

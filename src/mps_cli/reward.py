@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEAN, IMAGE_STD
+from .engine.pixel_rules import rounded_crop_offsets
 from .engine.preprocess import crop_offsets, resized_size
 from .engine.scorer import Scorer, condition_masks, load_scorer, resolve_conditions, score_image_tokens
 from .errors import InputError
 
 
 def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0),
-                      round_pixels: bool = False) -> torch.Tensor:
+                      round_pixels: bool = False, rounded_crop: bool = False) -> torch.Tensor:
     """B x 3 x H x W floats in ``input_range`` to normalised B x 3 x size x size model input, differentiably.
 
     The scorer's PIL path in torch: bicubic resize with antialiasing (PIL's kernel) so the
@@ -30,7 +31,8 @@ def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float,
     mean/std. PIL stores 8-bit pixels: it rounds the input (as saved) and the result of each
     resize pass. By default this path does not, and lands within about one grey level of
     PIL's pixels; ``round_pixels`` rounds where PIL does, in the forward pass only
-    (straight-through: the gradient is that of the unrounded path).
+    (straight-through: the gradient is that of the unrounded path). ``rounded_crop``: the crop offsets
+    rounded as torchvision's ``CenterCrop`` does (open_clip's transform, CLIPScore's) instead of floored.
     """
     lo, hi = input_range
     x = images.float() if images.dtype not in (torch.float32, torch.float64) else images
@@ -47,7 +49,7 @@ def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float,
     if new_h != h:
         x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         x = _round_to_8_bits(x) if round_pixels else x
-    left, top = crop_offsets(new_w, new_h, size)
+    left, top = (rounded_crop_offsets if rounded_crop else crop_offsets)(new_w, new_h, size)
     x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -41,8 +41,9 @@ from .constants import (
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
 )
-from .engine.preprocess import open_image, open_image_bytes, pixels_from_image
-from .engine.scorer import ScoreResult, compare_scores, resolve_conditions
+from .engine.panel import keyed_conditions, mps_dims, split_key
+from .engine.preprocess import EncodedImage, open_image
+from .engine.scorer import ScoreResult, compare_scores
 from .errors import ImageError
 
 log = logging.getLogger("mps_cli.server")
@@ -216,8 +217,9 @@ class MicroBatcher:
             if not batch:
                 continue
             conditions, threshold = batch[0].key
-            dims = [k for k, _ in conditions if k != CUSTOM_KEY] or None
-            custom = dict(conditions).get(CUSTOM_KEY)
+            dims, has_custom = mps_dims(k for k, _ in conditions)
+            custom = next((text for k, text in conditions if split_key(k)[1] == CUSTOM_KEY), None) \
+                if has_custom else None
             try:
                 results = self.scorer.score_pixels([j.pixels for j in batch], [j.prompt for j in batch],
                                                    [j.label for j in batch], dims=dims, condition=custom,
@@ -264,15 +266,15 @@ class _Work:
     threshold: float
 
 
-def _decode(src: _Source, max_pixels: int, size: int):
-    """The model's input tensor for one image (decoded, resized, cropped, normalised), or raises
-    ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
-    return pixels_from_image(_open(src, max_pixels), size)
+def _decode(src: _Source, max_pixels: int, scorer):
+    """The model's input for one image (decoded, resized, cropped, normalised: for a panel, once per rule), or
+    raises ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
+    return scorer.preprocess(_open(src, max_pixels, scorer.keeps_mode))
 
 
-def _open(src: _Source, max_pixels: int):
+def _open(src: _Source, max_pixels: int, keep_mode: bool = False):
     if src.path is not None:
-        return open_image(src.path, max_pixels)
+        return open_image(src.path, max_pixels, keep_mode)
     data = src.data
     if data is None:
         text = src.text or ""
@@ -284,7 +286,7 @@ def _open(src: _Source, max_pixels: int):
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{src.name}: invalid base64 ({exc})") from None
-    return open_image_bytes(data, src.name, max_pixels)
+    return open_image(EncodedImage(data, src.name), max_pixels, keep_mode)
 
 
 class ScoringService:
@@ -364,7 +366,7 @@ class ScoringService:
         if condition is not None and not isinstance(condition, str):
             raise RequestError(422, "'condition' must be a string")
         try:
-            conditions = tuple(resolve_conditions(dims, condition))
+            conditions = tuple(keyed_conditions(getattr(self.scorer, "models", None), dims, condition))
         except ValueError as exc:
             raise RequestError(422, str(exc)) from None
         threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
@@ -400,13 +402,12 @@ class ScoringService:
         """Decode (thread pool, the request's images in parallel), score (batcher), and return results
         in request order."""
         max_px = self.options.max_image_pixels
-        size = self.scorer.config.vision.image_size
 
         def decode(src: _Source, prompt: str | None):
             if prompt is None:
                 return f"{src.name}: no prompt for this image"
             try:
-                return _decode(src, max_px, size)
+                return _decode(src, max_px, self.scorer)
             except ImageError as exc:
                 return str(exc)
             except Exception as exc:  # whatever else one image does to a decoder, it fails alone
@@ -437,6 +438,7 @@ class ScoringService:
         return {
             "version": __version__, "weights": s.weights, "identity": s.identity, "device": str(s.device),
             "dtype": s.precision.label, "batch_size": s.batch_size,
+            **({"models": list(s.models)} if getattr(s, "models", None) else {}),
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,
                        "server_paths": self.allow_dir is not None},
@@ -669,8 +671,9 @@ def warm_up(scorer) -> None:
     from PIL import Image
 
     size = scorer.config.vision.image_size
-    pixels = pixels_from_image(Image.new("RGB", (size, size), (128, 128, 128)), size)
-    scorer.score_pixels([pixels], ["warm-up"], ["warm-up"], dims=["all"])
+    pixels = scorer.preprocess(Image.new("RGB", (size, size), (128, 128, 128)))
+    models = getattr(scorer, "models", None)
+    scorer.score_pixels([pixels], ["warm-up"], ["warm-up"], dims=["all"] if not models or "mps" in models else None)
 
 
 def serve(scorer, host: str, port: int, options: ServeOptions, log_level: str = "info") -> None:

@@ -601,13 +601,14 @@ def _check_settings(sides: Sequence[Side], texts: dict[str, str], threshold: flo
 def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None, *, condition: str | None = None,
                   mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache=None, batch_size: int | None = None,
                   samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
-                  progress: Callable[[str, int, int], None] | None = None) -> VersusReport:
+                  progress: Callable[[str, int, int], None] | None = None, models=None) -> VersusReport:
     """Score what needs scoring (through ``cache``, a :class:`~mps_cli.evaluate.ScoreCache`) and compare every
-    two sides. ``scorer`` may be None when every side is pre-scored."""
-    from .engine.scorer import resolve_conditions
+    two sides. ``scorer`` may be None when every side is pre-scored. ``models``: compare by the keys of
+    several models (:func:`~mps_cli.engine.panel.keyed_conditions`)."""
+    from .engine.panel import keyed_conditions
     from .evaluate import ScoreCache, cache_identity, hash_images, score_cached
 
-    conditions = resolve_conditions(dims, condition)
+    conditions = keyed_conditions(models, dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
     threshold = float(mask_threshold)

@@ -21,7 +21,15 @@ from typing import Annotated
 import typer
 import typer.core
 
-from ..constants import DEFAULT_MASK_THRESHOLD, DIMENSIONS, KNOWN_SOURCES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
+from ..constants import (
+    DEFAULT_MASK_THRESHOLD,
+    DIMENSIONS,
+    KNOWN_SOURCES,
+    MODEL_NAMES,
+    SERVE_TOKEN_ENV,
+    SERVER_ENV,
+    WEIGHTS_ENV,
+)
 from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
 from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, InputError, MPSError, ServerError
 from ..inputs.items import Problem
@@ -295,6 +303,26 @@ MaskThreshold = Annotated[float, typer.Option(
 
 DEFAULT_THRESHOLD = DEFAULT_MASK_THRESHOLD
 
+
+def _check_models(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    from ..engine.panel import parse_models
+
+    try:
+        requests = parse_models(values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return [r.name if r.weights is None else f"{r.name}={r.weights}" for r in requests]
+
+
+Models = Annotated[list[str] | None, typer.Option(
+    "--model", "-m", callback=_check_models, rich_help_panel="Model",
+    help=f"Models to score with, repeatable or comma-separated: {', '.join(MODEL_NAMES)}; each image is decoded "
+    "once for all of them. NAME=WEIGHTS gives a model a local file or hf:// URI. With --model every score is keyed "
+    "by model: mps.overall (mps.DIM for each --dim), hpsv2.1, pickscore, clipscore. Default: MPS alone, keyed by "
+    "dimension (docs/judges.md).")]
+
 AsJson = Annotated[bool, typer.Option("--json", rich_help_panel="Output", help="One JSON document.")]
 AsJsonl = Annotated[bool, typer.Option("--jsonl", rich_help_panel="Output",
                                        help="One JSON object per line, streamed.")]
@@ -315,9 +343,13 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
+    #: ``--model``: the models scored on one decode (``mps,hpsv2.1``); None is MPS alone, keyed by dimension.
+    model: str | None = None
 
     def __post_init__(self) -> None:
         check_revision(self.weights, self.revision)
+        if isinstance(self.model, (list, tuple)):
+            object.__setattr__(self, "model", ",".join(self.model) or None)
 
     def key(self) -> tuple:
         """What decides the loaded model (not the batch size), with a local file's size and time."""
@@ -329,7 +361,7 @@ class ModelOptions:
             except (OSError, ValueError):
                 pass
         return (self.weights, stamp, str(self.config) if self.config else None, self.revision, self.offline,
-                self.device, self.dtype)
+                self.device, self.dtype, self.model)
 
 
 def check_revision(source: str | None, revision: str | None) -> None:
@@ -356,12 +388,12 @@ def load_model(options: ModelOptions):
     key = options.key()
     if key in _SCORERS:
         return _SCORERS[key]
-    from ..engine.scorer import load_scorer
+    from ..engine.panel import load_scorer
     from .output import status
 
     LOADS["count"] += 1
     with handle_errors("loading the weights"), status("loading MPS weights…"):
-        scorer = load_scorer(options.weights, options.config, options.device, options.dtype,
+        scorer = load_scorer(options.weights, options.config, options.device, options.dtype, model=options.model,
                              revision=options.revision, offline=options.offline or None)
     warn_slow_dtypes(scorer)
     _SCORERS[key] = scorer
@@ -394,5 +426,8 @@ def open_scorer(options: ModelOptions, server: str | None = None, token: str | N
     if server:
         from ..client import Client
 
+        if options.model:
+            raise fail("--model scores here; the server scores with its own models (mps serve --model): "
+                       "drop --model or --server", Exit.USAGE)
         return Client(server, token=token, batch_size=options.batch_size)
     return load_model(options)

@@ -22,6 +22,7 @@ from .app import (
     Exit,
     MaskThreshold,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     Weights,
@@ -122,14 +123,18 @@ def dataset_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    models: Models = None,
 ) -> None:
-    from ..dataset import DatasetJob, open_output, plan_dataset, resolve_model, score_dataset
+    from ..dataset import DatasetJob, ModelSpec, open_output, plan_dataset, resolve_model, score_dataset
 
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
+    if model.model and engine is Engine.ray:
+        raise fail("--model runs on the local engine only for now: drop --engine ray or --model", Exit.USAGE)
     with handle_errors():
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
-                         batch_size=batch_size)
+                         batch_size=batch_size, models=model.model)
         try:
             plan = plan_dataset(job)
             if engine is Engine.ray:
@@ -143,7 +148,13 @@ def dataset_command(
         for problem in plan.problems:
             say(f"mps: error: {problem.source}: {problem.message}; skipped")
         kind = None if engine is Engine.local else ("cuda" if gpus_per_worker else "cpu")
-        spec = resolve_model(weights, config, device, dtype, revision, offline or None, batch_size, device_kind=kind)
+        if model.model:
+            # A panel opens every model's weights and fills each at its first batch: its identity is all of them.
+            scorer = load_model(model)
+            spec = ModelSpec.from_scorer(scorer)
+        else:
+            spec = resolve_model(weights, config, device, dtype, revision, offline or None, batch_size,
+                                 device_kind=kind)
         try:
             output = open_output(plan, spec)
         except OutputError as exc:
@@ -155,7 +166,7 @@ def dataset_command(
             summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
                                         cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
         else:
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+            scorer = load_model(model)
             summary = score_dataset(plan, scorer, progress=progress, output=output)
 
     done = f"{summary.already_done} already done, " if summary.already_done else ""

@@ -21,6 +21,7 @@ from .app import (
     Exit,
     MaskThreshold,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     Weights,
@@ -86,15 +87,16 @@ def eval_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    models: Models = None,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
-    from ..engine.scorer import resolve_conditions
+    from ..engine.panel import keyed_conditions
     from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
 
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     with handle_errors("reading the benchmark"):
         try:
-            resolve_conditions(dims, condition)
+            keyed_conditions(model.model, dims, condition)
         except ValueError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         if images_root is not None and not images_root.is_dir():
@@ -113,7 +115,8 @@ def eval_command(
         scorer = load_model(model)
         with handle_errors("evaluating"), Progress(force=True) as progress:
             report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                              cache=store, batch_size=batch_size, progress=progress.stage_callback)
+                              cache=store, batch_size=batch_size, progress=progress.stage_callback,
+                              models=model.model)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
         say(f"mps: warning: {problem.item}: {problem.message}; item skipped")

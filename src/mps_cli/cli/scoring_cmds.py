@@ -31,6 +31,7 @@ from .app import (
     Exit,
     MaskThreshold,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     ServerToken,
@@ -83,11 +84,17 @@ class Scoring:
     keys: tuple[str, ...]
 
 
-def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float) -> Scoring:
+def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float,
+            models: list[str] | None = None) -> Scoring:
+    """What to score; with ``models`` (``--model``) the keys are the panel's (``mps.overall``, ``hpsv2.1``, ...)."""
+    from ..engine.panel import parse_models, result_keys
     from ..engine.scorer import resolve_conditions
 
     try:
-        keys = tuple(k for k, _ in resolve_conditions(dims, condition))
+        if models:
+            keys = result_keys(parse_models(models), dims, condition)
+        else:
+            keys = tuple(k for k, _ in resolve_conditions(dims, condition))
     except ValueError as exc:
         raise fail(str(exc), Exit.USAGE) from None
     return Scoring(dims, condition, mask_threshold, keys)
@@ -169,6 +176,19 @@ def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Ro
     return out + [r for r in rows if r.error is not None]
 
 
+def _model_by(by: str, models: list[str]) -> tuple[str | None, str | None]:
+    """``--by`` with ``--model``: (the MPS dimension to make sure is scored, or None; the result key to rank by)."""
+    from ..constants import JUDGES, MPS_MODEL
+
+    if by in JUDGES:
+        if by not in (m.partition("=")[0] for m in models):
+            raise typer.BadParameter(f"{by!r} is not one of the --model models ({', '.join(models)})",
+                                     param_hint="--by")
+        return None, by
+    dim = by.removeprefix(MPS_MODEL + ".")
+    return dim, None
+
+
 @dataclass(frozen=True)
 class Remote:
     """Where the scoring happens when not here: a running ``mps serve`` (``--server``) and its token."""
@@ -216,13 +236,13 @@ def score(
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    how = scoring(dim, condition, mask_threshold, models)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     failed = run(items, how, model, ResultWriter(mode, how.keys), remote=Remote(server, token), html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
@@ -240,15 +260,19 @@ def rank(
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking.
 
     Scores compare only within a prompt: with --prompts or --prompt-from, images are ranked within
     each prompt group, and every row says its group (numbered in order of first appearance).
+    With --model, --by takes a result key (mps.detail, hpsv2.1, ...) or an MPS dimension.
     """
     mode = output_mode(as_json, as_jsonl, as_csv)
+    by_key = None
+    if by is not None and models:
+        by, by_key = _model_by(by, models)
     if by is not None:
         if by not in (*DIMENSIONS, CUSTOM_KEY):
             raise typer.BadParameter(f"{by!r} is not one of {', '.join(DIMENSIONS)}, custom", param_hint="--by")
@@ -256,12 +280,13 @@ def rank(
             raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
-    how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    how = scoring(dim, condition, mask_threshold, models)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
+    rank_by = by_key or (f"mps.{by}" if models and by else by) or how.keys[0]
     failed = run(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped),
-                 rank_by=by or how.keys[0], top=top, remote=Remote(server, token), html=html)
+                 rank_by=rank_by, top=top, remote=Remote(server, token), html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -276,13 +301,13 @@ def compare(
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
     server: ServerUrl = None, token: ServerToken = None,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size)
+    how = scoring(dim, condition, mask_threshold, models)
+    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     if prompt is None and prompt_from is None:
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:

@@ -28,6 +28,7 @@ from .app import (
     Dtype,
     Exit,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     Weights,
@@ -69,7 +70,7 @@ def serve(
         "--allow-dir", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
     weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
 ) -> None:
     """Serve the scorer over HTTP: POST /v1/score, POST /v1/compare, GET /v1/info, GET /healthz.
 
@@ -100,7 +101,7 @@ def serve(
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # its lines are the request log, not library notices
-    scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+    scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models))
     if batch_size:
         scorer.batch_size = batch_size  # this process serves one model: its batch size is the server's
     say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"

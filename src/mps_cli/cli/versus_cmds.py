@@ -24,6 +24,7 @@ from .app import (
     Exit,
     MaskThreshold,
     ModelOptions,
+    Models,
     Offline,
     Revision,
     Weights,
@@ -192,8 +193,9 @@ def versus_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     batch_size: BatchSize = None,
+    models: Models = None,
 ) -> None:
-    from ..engine.scorer import resolve_conditions
+    from ..engine.panel import keyed_conditions
     from ..evaluate import CacheError, ScoreCache, default_cache_path
     from ..versus import SideError, compare_sides, line_up, read_side
 
@@ -208,8 +210,9 @@ def versus_command(
                                    ("--prompt-from", prompt_from is not None)) if on]
         if len(sources) > 1:
             raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+        model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
         try:
-            resolve_conditions(dims, condition)
+            keyed_conditions(model.model, dims, condition)
             read = [read_side(s) for s in sides]
         except (ValueError, SideError) as exc:
             raise fail(str(exc), Exit.USAGE) from None
@@ -228,12 +231,12 @@ def versus_command(
                 store = ScoreCache(None if no_cache else (cache or default_cache_path()))
             except CacheError as exc:
                 raise fail(describe(exc), Exit.USAGE) from None
-            scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size))
+            scorer = load_model(model)
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
                                        cache=store, batch_size=batch_size, samples=samples, seed=seed,
-                                       progress=progress.stage_callback)
+                                       progress=progress.stage_callback, models=model.model)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         finally:

@@ -391,3 +391,68 @@ class MPSModel(nn.Module):
         x = torch.cat((cls, x), dim=1) + v.positional_embedding
         x = _run_tower(v.transformer, v.ln_pre(x))
         return x @ v.proj
+
+
+class PooledVisionTower(VisionTower):
+    """The ViT with CLIP's pooled head: ``ln_post`` on the class token, then the projection."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__(cfg, embed_dim)
+        self.ln_post = LayerNorm(cfg.width, eps=cfg.eps)
+
+
+class CLIPJudgeModel(nn.Module):
+    """A CLIP scored by the cosine of its pooled embeddings (HPSv2.1, PickScore, CLIPScore), under open_clip's names.
+
+    The towers are MPS's; the heads are CLIP's own: the text feature at the first EOT, and ``ln_post`` of
+    the image's class token, each through its projection.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.visual = PooledVisionTower(cfg.vision, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    transposed_weights = MPSModel.transposed_weights
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the vision tower's blocks in backward (saves memory)."""
+        self.visual.set_grad_checkpointing(enable)
+
+    def encode_text(self, ids: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Projected prompt embeddings, B x D: the final-norm feature at each prompt's first EOT."""
+        t = self.text
+        x = t.token_embedding(ids) + t.positional_embedding
+        x = _run_tower(t.transformer, x, causal=True)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        return t.ln_final(x) @ t.text_projection
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings, B x D: ``ln_post`` of the class token."""
+        v = self.visual
+        x = v.conv1(pixels).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat((cls, x), dim=1) + v.positional_embedding
+        x = _run_tower(v.transformer, v.ln_pre(x))
+        return v.ln_post(x[:, 0]) @ v.proj
+
+
+def judge_logits(formula: str, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """A judge's score from its pooled embeddings, B, in fp32 (float64 for a float64 model).
+
+    ``cos100``: 100 cos (HPSv2); ``scaled_cos``: exp(logit_scale) cos (PickScore); ``clipscore``:
+    max(100 cos, 0) (CLIPScore).
+    """
+    from ..constants import CLIPSCORE_WEIGHT, HPS_SCALE
+
+    dtype = torch.promote_types(logit_scale.dtype, torch.float32)
+    cos = (F.normalize(image.to(dtype), dim=-1) * F.normalize(text.to(dtype), dim=-1)).sum(dim=-1)
+    if formula == "cos100":
+        return HPS_SCALE * cos
+    if formula == "scaled_cos":
+        return logit_scale.to(dtype).exp() * cos
+    if formula == "clipscore":
+        return (CLIPSCORE_WEIGHT * cos).clamp(min=0)
+    raise ValueError(f"unknown judge formula {formula!r}")

@@ -27,13 +27,15 @@ ImageInput = str | Path | Image.Image | EncodedImage
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, keep_mode: bool = False) -> Image.Image:
     """Open and decode one image as RGB, refusing bombs before allocating pixels.
 
+    With ``keep_mode`` the image keeps its own mode (RGBA, P, L, ...; 16-bit grey still comes down to 8 bits),
+    for preprocessing rules that convert to RGB after resizing (see :mod:`mps_cli.engine.pixel_rules`).
     Raises :class:`ImageError` naming the file and what is wrong with it.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
+        return _eight_bit(source) if keep_mode else _to_rgb(source)
     if isinstance(source, EncodedImage):
         # Bytes decode exactly as the same file on disk would: same checks, same conversion.
         fp, path = io.BytesIO(source.data), None
@@ -55,7 +57,7 @@ def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot open ({exc})") from None
-    return _decode(img, str(source), max_pixels)
+    return _decode(img, str(source), max_pixels, keep_mode)
 
 
 def file_error(source: ImageInput, exc: OSError) -> ImageError:
@@ -74,7 +76,7 @@ def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS
     return open_image(EncodedImage(data, label), max_pixels)
 
 
-def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
+def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = False) -> Image.Image:
     with img:
         w, h = img.size
         if w * h > max_pixels or w <= 0 or h <= 0:
@@ -84,6 +86,10 @@ def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
         try:
             img.seek(0)  # animated images: the first frame
             img.load()
+            if keep_mode:
+                kept = _eight_bit(img)
+                # Closing the file releases the decoded pixels too: keep a copy.
+                return kept.copy() if kept is img else kept
             return _to_rgb(img)
         except Image.DecompressionBombError:
             raise ImageError(f"{label}: image is too large to decode safely (decompression bomb?)") from None
@@ -93,11 +99,15 @@ def _decode(img: Image.Image, label: str, max_pixels: int) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    # PIL clips 16-bit grey to 0..255 on convert("RGB"), turning most pixels white; scale it
-    # down instead. Every other mode goes through convert("RGB") as the original did.
+    # Every mode but 16-bit grey goes through convert("RGB") as the original did.
+    return _eight_bit(img).convert("RGB")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    # PIL clips 16-bit grey to 0..255 on convert("RGB"), turning most pixels white; scale it down instead.
     if img.mode in _HIGH_BIT_MODES:
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
+        return img.convert("I").point(lambda v: v / 256).convert("L")
+    return img
 
 
 def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
@@ -128,11 +138,15 @@ def pixels_from_image(img: Image.Image, size: int):
     The arithmetic is numpy's, not torch's: this runs in decode threads beside the model,
     and a torch op there would start its own team of compute threads and crowd the model's.
     """
+    return normalized_tensor(resize_crop(img, size))
+
+
+def normalized_tensor(img):
+    """A cropped RGB image (or an H x W x 3 float32 array in [0, 1]) as the normalised ``3 x H x W`` tensor."""
     import numpy as np
     import torch
 
-    img = resize_crop(img, size)
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = img if isinstance(img, np.ndarray) else np.asarray(img, dtype=np.float32) / np.float32(255.0)
     x -= np.asarray(IMAGE_MEAN, dtype=np.float32)
     x /= np.asarray(IMAGE_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

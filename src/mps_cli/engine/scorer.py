@@ -13,7 +13,7 @@ from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIO
 from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
 from ..errors import ImageError
 from ..weights.config import ModelConfig
-from .preprocess import ImageInput, Tokenizer, load_pixels
+from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 PromptInput = str | Sequence[str | None]
 
@@ -238,6 +238,17 @@ class Scorer:
                                    kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j]))
         return out
 
+    #: Images for :meth:`preprocess` come RGB (:func:`~mps_cli.engine.preprocess.open_image`'s default).
+    keeps_mode = False
+
+    def load_pixels(self, source: ImageInput):
+        """Decode and preprocess one image into what :meth:`score_pixels` takes; raises :class:`ImageError`."""
+        return load_pixels(source, self.config.vision.image_size)
+
+    def preprocess(self, img):
+        """:meth:`load_pixels` for an image already decoded (``open_image(..., keep_mode=self.keeps_mode)``)."""
+        return pixels_from_image(img, self.config.vision.image_size)
+
     def score_pixels(self, pixels: Sequence, prompts: Sequence[str], labels: Sequence[str],
                      dims: Iterable[str] | None = None, condition: str | None = None,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -281,14 +292,13 @@ class Scorer:
         batch_size = int(batch_size or self.batch_size)
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
-        size = self.config.vision.image_size
         labels = [image_label(img, i) for i, img in enumerate(images)]
 
         def prepare(i: int):
             if prompt_list[i] is None:
                 return None, f"{labels[i]}: no prompt for this image"
             try:
-                return load_pixels(images[i], size), None
+                return self.load_pixels(images[i]), None
             except ImageError as exc:
                 return None, str(exc)
             except Exception as exc:  # whatever else one file does to a decoder, it fails alone
@@ -367,7 +377,7 @@ def _prefetch(items: Iterable, fn: Callable, workers: int | None, depth: int) ->
 def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathLike | ModelConfig | None = None,
                 device: str = "auto", dtype: str = "auto", *, revision: str | None = None,
                 offline: bool | None = None, batch_size: int | None = None) -> Scorer:
-    """Load an MPS checkpoint and return a :class:`Scorer`.
+    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` adds ``model=``).
 
     ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
     a known short name, or ``None`` for ``$MPS_WEIGHTS`` or the published default.
@@ -376,16 +386,27 @@ def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathL
     on CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in
     fp32 unless TEXT names another. ``Scorer.dtype_support`` says whether the device runs each natively.
     """
-    from ..weights.checkpoint import load_weights
     from ..weights.sources import open_weights
-    from .model import MPSModel
 
     dev = resolve_device(device)
     precision = resolve_precision(dtype, dev)
-    # Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process).
-    in_use = dict.fromkeys((precision.image, precision.text))
-    support = {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+    support = dtypes_in_use(dev, precision)
     resolved = open_weights(weights, revision=revision, offline=offline, config=config)
+    return build_scorer(resolved, dev, precision, batch_size, support)
+
+
+def dtypes_in_use(dev, precision: Precision) -> dict[str, DtypeSupport]:
+    """Whether each dtype in use runs natively here (on CPU a sub-second probe, once per process)."""
+    in_use = dict.fromkeys((precision.image, precision.text))
+    return {dt: dtype_support(dev, dt, probe=dt != "fp32") for dt in in_use}
+
+
+def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = None,
+                 support: dict[str, DtypeSupport] | None = None) -> Scorer:
+    """The :class:`Scorer` of opened MPS weights (:func:`~mps_cli.weights.sources.open_weights`), loaded now."""
+    from ..weights.checkpoint import load_weights
+    from .model import MPSModel
+
     cfg = resolved.config
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
     return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,

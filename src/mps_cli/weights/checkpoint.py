@@ -115,23 +115,38 @@ def fill(source: TensorSource, key: str, out) -> None:
         out.copy_(source.get(key))
 
 
-def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,
-                 config: ModelConfig, device, dtype):
-    """Build the model on meta for these weights, check it strictly, and load it in ``dtype`` (a Precision).
+def mps_layout(shapes, name: str):
+    """MPS's published layout: (the cross model's geometry, the remap plan, how missing tensors are named)."""
+    prefix = detect_prefix(shapes, name)
+    return cross_config_from_shapes(shapes, prefix, name), plan_remap(shapes, prefix), None
 
-    A CPU load that converts the weights maps the converted copy cached by an earlier load,
-    or writes one for the next (:func:`mps_cli.weights.prepared.obtain`).
+
+def check_weights(model_factory: Callable, source: TensorSource, config: ModelConfig, layout: Callable = mps_layout):
+    """The model built on meta for these weights and the remap plan, checked strictly (no tensor is read).
+
+    ``layout(shapes, name)`` returns (what ``model_factory`` takes, the plan, the published namer or None).
     """
     import torch
 
     shapes = source.shapes()
-    prefix = detect_prefix(shapes, source.name)
-    cross = cross_config_from_shapes(shapes, prefix, source.name)
-    plan = plan_remap(shapes, prefix)
+    arg, plan, published = layout(shapes, source.name)
     with torch.device("meta"):
-        model = model_factory(cross)
+        model = model_factory(arg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_against_model(plan, shapes, expected, source.name, config.source)
+    check_against_model(plan, shapes, expected, source.name, config.source, published)
+    return model, plan, expected
+
+
+def load_weights(model_factory: Callable[[CrossConfig], object], source: TensorSource,
+                 config: ModelConfig, device, dtype, layout: Callable = mps_layout):
+    """Build the model on meta for these weights, check it strictly, and load it in ``dtype`` (a Precision).
+
+    A CPU load that converts the weights maps the converted copy cached by an earlier load,
+    or writes one for the next (:func:`mps_cli.weights.prepared.obtain`). ``layout``: see :func:`check_weights`.
+    """
+    import torch
+
+    model, plan, expected = check_weights(model_factory, source, config, layout)
     # Only reduced precision gains from the transposed layout (oneDNN repacks bf16/fp16
     # weights per call); fp32 runs as fast either way and loads faster without it.
     on_cpu = torch.device(device).type == "cpu"
@@ -161,5 +176,6 @@ def _converts(source: SafetensorsFile, plan: RemapPlan, dtype, transposed: froze
                                    for t, (_, srcs) in plan.targets.items())
 
 
-__all__ = ["SafetensorsFile", "TensorDict", "TensorSource", "convert_each", "fill", "load_into", "load_weights",
+__all__ = ["SafetensorsFile", "TensorDict", "TensorSource", "check_weights", "convert_each", "fill", "load_into",
+           "load_weights", "mps_layout",
            "tensor_dtype"]

@@ -1,5 +1,8 @@
 """Convert an MPS checkpoint (the authors' pickles, or safetensors under a prefix) to the published layout.
 
+A CLIP judge's checkpoint (HPSv2.1's pickle, see :mod:`mps_cli.weights.layouts`) converts the same way,
+to safetensors in its own layout.
+
 The output is the layout of the published safetensors: the same key names with no
 ``mps.``/``module.`` prefix, every tensor kept except the ``position_ids``
 buffers. It is written under a temporary name beside the destination and renamed only
@@ -16,10 +19,12 @@ from pathlib import Path
 
 from ..devices import DTYPES, dtype_name, parse_dtype, torch_dtype
 from ..errors import CheckpointError, DeviceError
+from .layouts import detect_layout, plan_judge_remap
 from .reader import read_safetensors_header
 from .remap import cross_config_from_shapes, detect_prefix, plan_remap
 
-_DROPPED = re.compile(r"(^|\.)position_ids$")
+# Buffers no model reads from a file: transformers' position ids, open_clip's causal mask.
+_DROPPED = re.compile(r"(^|\.)position_ids$|^attn_mask$")
 
 
 @dataclass(frozen=True)
@@ -56,17 +61,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
     source = open_source(src)
     shapes = source.shapes()
-    prefix = detect_prefix(shapes, str(src))
+    layout, prefix = _layout_of(shapes, str(src))
     stray = sorted(k for k in shapes if not k.startswith(prefix))
     if stray:
         raise CheckpointError(f"{src}: tensors outside the '{prefix}' prefix: {', '.join(stray[:5])}")
     kept = {k[len(prefix):]: k for k in shapes if not _DROPPED.search(k)}
-    plan = plan_remap(kept, "")
+    plan = plan_remap(kept, "") if layout is None else plan_judge_remap(kept, layout, "")
     if plan.unexpected:
         more = f", ... ({len(plan.unexpected)} in all)" if len(plan.unexpected) > 6 else ""
         shown = ", ".join(plan.unexpected[:6]) + more
-        raise CheckpointError(f"{src}: tensors that are not part of an MPS checkpoint: {shown}")
-    cross_config_from_shapes({k: shapes[v] for k, v in kept.items()}, "", str(src))
+        what = "an MPS checkpoint" if layout is None else f"a CLIP checkpoint in {layout}'s layout"
+        raise CheckpointError(f"{src}: tensors that are not part of {what}: {shown}")
+    if layout is None:
+        cross_config_from_shapes({k: shapes[v] for k, v in kept.items()}, "", str(src))
 
     tensors = {}
     seen_storage: set[int] = set()
@@ -84,7 +91,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
 
     floating = {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
     label = _short_name(next(iter(floating))) if len(floating) == 1 else "mixed"
-    _write_atomically(tensors, dst, src)
+    _write_atomically(tensors, dst, src, layout)
     return ConvertResult(dst=dst, tensors=len(tensors), bytes=dst.stat().st_size, dtype=label)
 
 
@@ -95,7 +102,18 @@ def _short_name(torch_name: str) -> str:
         return torch_name
 
 
-def _write_atomically(tensors: dict, dst: Path, src: Path) -> None:
+def _layout_of(shapes, name: str) -> tuple[str | None, str]:
+    """(None, prefix) for an MPS checkpoint, else (the judge layout, prefix) of a CLIP judge's."""
+    try:
+        return None, detect_prefix(shapes, name)
+    except CheckpointError as not_mps:
+        try:
+            return detect_layout(shapes, name)
+        except CheckpointError:
+            raise not_mps from None
+
+
+def _write_atomically(tensors: dict, dst: Path, src: Path, layout: str | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
@@ -114,7 +132,7 @@ def _write_atomically(tensors: dict, dst: Path, src: Path) -> None:
         header, _ = read_safetensors_header(tmp)
         if set(header) != set(tensors):
             raise CheckpointError(f"{dst}: the written file does not hold the {len(tensors)} tensors it should")
-        if detect_prefix(header, str(dst)) != "":
+        if _layout_of(header, str(dst)) != (layout, ""):
             raise CheckpointError(f"{dst}: the written file is not in the published layout")
         os.replace(tmp, dst)
     finally:

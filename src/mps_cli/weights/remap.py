@@ -10,7 +10,7 @@ v projections are stored apart and fused here, and the two projections are trans
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import CheckpointError
@@ -43,6 +43,11 @@ _SIMPLE = {
     "model.vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
     "model.vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
     "model.logit_scale": "logit_scale",
+}
+# A CLIP judge's pooled image embedding goes through the post-norm that MPS skips.
+_POST_LAYERNORM = {
+    "model.vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "model.vision_model.post_layernorm.bias": "visual.ln_post.bias",
 }
 # Linear (out, in) weights that open_clip keeps as (in, out) projection matrices.
 _TRANSPOSED = {
@@ -94,8 +99,11 @@ class RemapPlan:
     ignored: list[str]
 
 
-def plan_remap(keys: Iterable[str], prefix: str) -> RemapPlan:
-    """Map published key names (under ``prefix``) onto our module's names."""
+def plan_remap(keys: Iterable[str], prefix: str, pooled: bool = False) -> RemapPlan:
+    """Map published key names (under ``prefix``) onto our module's names.
+
+    ``pooled``: the vision tower's ``post_layernorm`` is read (a CLIP judge's pooled head) rather than ignored.
+    """
     targets: dict[str, tuple[str, list[str]]] = {}
     qkv: dict[str, dict[str, str]] = {}
     unexpected: list[str] = []
@@ -105,7 +113,9 @@ def plan_remap(keys: Iterable[str], prefix: str) -> RemapPlan:
             unexpected.append(full)
             continue
         key = full[len(prefix):]
-        if any(p.match(key) for p in _IGNORED):
+        if pooled and key in _POST_LAYERNORM:
+            targets[_POST_LAYERNORM[key]] = ("copy", [full])
+        elif any(p.match(key) for p in _IGNORED):
             ignored.append(full)
         elif key in _SIMPLE:
             targets[_SIMPLE[key]] = ("copy", [full])
@@ -183,8 +193,12 @@ def target_shape(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def check_against_model(plan: RemapPlan, source_shapes: Mapping[str, tuple[int, ...]],
-                        expected: Mapping[str, tuple[int, ...]], name: str, config_source: str) -> None:
-    """Strict comparison of the remapped checkpoint with the model; one error listing every problem."""
+                        expected: Mapping[str, tuple[int, ...]], name: str, config_source: str,
+                        published: Callable[[str], str] | None = None) -> None:
+    """Strict comparison of the remapped checkpoint with the model; one error listing every problem.
+
+    ``published`` names a model tensor the file lacks as the file's layout would (default: MPS's).
+    """
     problems: list[str] = []
     missing_src = [s for op, srcs in plan.targets.values() for s in srcs if s not in source_shapes]
     missing = sorted(set(expected) - set(plan.targets))
@@ -212,7 +226,7 @@ def check_against_model(plan: RemapPlan, source_shapes: Mapping[str, tuple[int, 
             problems.append(f"{label}: {head}")
 
     # Report our own names only where there is no published name to show.
-    missing_published = sorted(set(missing_src) | {_published_name(m) for m in missing})
+    missing_published = sorted(set(missing_src) | {(published or published_name)(m) for m in missing})
     listing("missing", missing_published)
     listing("unexpected", unexpected)
     listing("wrong shape", mismatched)
@@ -226,8 +240,9 @@ def check_against_model(plan: RemapPlan, source_shapes: Mapping[str, tuple[int, 
         raise CheckpointError(f"{name}: weights do not match the model: " + "; ".join(problems))
 
 
-def _published_name(target: str) -> str:
-    reverse = {v: k for k, v in {**_SIMPLE, **_TRANSPOSED}.items()}
+def published_name(target: str) -> str:
+    """The published (MPS layout) name of our model tensor ``target``."""
+    reverse = {v: k for k, v in {**_SIMPLE, **_TRANSPOSED, **_POST_LAYERNORM}.items()}
     if target in reverse:
         return reverse[target]
     if m := re.match(r"^(text|visual)\.transformer\.resblocks\.(\d+)\.(.+)$", target):
