@@ -136,6 +136,7 @@ def main() -> None:
 
     from mps_cli import load_scorer
     from mps_cli.dataset import DatasetJob, ModelSpec, plan_dataset, score_dataset
+    from mps_cli.engine.options import ModelOptions
 
     dims = tuple(args.dims.split(","))
     work = Path(tempfile.mkdtemp(prefix="mps-bench-dataset-"))
@@ -178,8 +179,8 @@ def main() -> None:
             t0 = time.perf_counter()
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
             ray_start = time.perf_counter() - t0
-            spec = ModelSpec(weights=args.weights, identity=scorer.identity, dtype=ModelSpec.from_scorer(scorer).dtype,
-                             device=args.device, batch_size=args.batch_size,
+            spec = ModelSpec(options=ModelOptions(weights=args.weights, device=args.device, dtype=args.dtype),
+                             identity=scorer.identity, dtype=ModelSpec.from_scorer(scorer).dtype,
                              image_size=scorer.config.vision.image_size)
             runs["ray"] = []
 

@@ -99,7 +99,7 @@ def in_process(args, paths: list[Path]) -> dict:
     """
     from mps_cli import load_scorer
 
-    scorer = load_scorer(args.weights, args.config, args.device, args.dtype)
+    scorer = load_scorer(args.weights, config=args.config, device=args.device, dtype=args.dtype)
     scorer.score(paths[: args.max_batch], PROMPT, batch_size=args.max_batch)  # warm-up
     out: dict = {"cpu_ms_per_image": None}
     for where in ("main thread", "worker thread"):

@@ -122,3 +122,26 @@ def test_nothing_imports_click_directly():
     clicks = {m: sorted(n for n in _imported(m, path, tree) if n.split(".")[0] == "click")
               for m, (path, tree) in MODULES.items()}
     assert not {m: ns for m, ns in clicks.items() if ns}
+
+
+def test_every_line_the_cli_prints_goes_through_output():
+    """cli/output.py is the one door: no other CLI module prints, touches sys.stdout/sys.stderr (but to ask
+    isatty()), makes its own Rich console or spells the ``mps: KIND:`` prefix; the library's log lines carry
+    no prefix of the CLI's."""
+    found = []
+    for module, (_, tree) in MODULES.items():
+        in_cli = module.startswith(f"{PACKAGE}.cli") and module != f"{PACKAGE}.cli.output"
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("mps: "):
+                found.append(f"{module}:{node.lineno}: {node.value[:40]!r}")
+            if not in_cli:
+                continue
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("print", "Console"):
+                found.append(f"{module}:{node.lineno}: {node.func.id}()")
+            if (isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr")
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+                up = parents.get(node)
+                if not (isinstance(up, ast.Attribute) and up.attr == "isatty"):
+                    found.append(f"{module}:{node.lineno}: sys.{node.attr}")
+    assert found == []

@@ -451,24 +451,32 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path):
     assert res.exit_code == 0, res.output and dst.stat().st_size > 1000
 
 
-def test_unexpected_errors_are_one_line_exit_3_and_never_exit_1(capsys, monkeypatch):
+def test_unexpected_errors_are_one_line_exit_5_and_never_exit_1(capsys, monkeypatch):
     import typer as _typer
 
-    from mps_cli.cli.app import handle_errors
+    from mps_cli.cli.app import Exit, handle_errors
     from mps_cli.errors import MPSError
 
-    # A real exception of a kind nothing expects, raised where loading would be.
-    for exc in (RuntimeError("boom"), MemoryError(), MPSError("nothing scored")):
+    # Real exceptions, raised where loading would be: a bug (5) is told apart from a resource failing (3).
+    for exc, code in ((RuntimeError("boom"), Exit.INTERNAL), (MemoryError(), Exit.RESOURCE),
+                      (MPSError("nothing scored"), Exit.RESOURCE)):
         with pytest.raises(_typer.Exit) as info, handle_errors("loading the weights"):
             raise exc
-        assert info.value.exit_code == 3
+        assert info.value.exit_code == code
+    assert (int(Exit.RESOURCE), int(Exit.INTERNAL)) == (3, 5)
     err = capsys.readouterr().err
     assert "unexpected RuntimeError while loading the weights: boom" in err
     assert "MPS_DEBUG=1" in err and "Traceback" not in err
-    monkeypatch.setenv("MPS_DEBUG", "1")
-    with pytest.raises(_typer.Exit), handle_errors("loading the weights"):
-        raise RuntimeError("boom")
-    assert "Traceback" in capsys.readouterr().err
+    for spelling in ("false", "0", "no", "OFF", ""):  # "no" spelled any way keeps the traceback away
+        monkeypatch.setenv("MPS_DEBUG", spelling)
+        with pytest.raises(_typer.Exit), handle_errors("loading the weights"):
+            raise RuntimeError("boom")
+        assert "Traceback" not in capsys.readouterr().err, spelling
+    for spelling in ("1", "true", "yes", "On"):
+        monkeypatch.setenv("MPS_DEBUG", spelling)
+        with pytest.raises(_typer.Exit), handle_errors("loading the weights"):
+            raise RuntimeError("boom")
+        assert "Traceback" in capsys.readouterr().err, spelling
 
 
 def test_large_prepared_weights_are_announced_once(capsys):

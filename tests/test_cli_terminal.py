@@ -259,17 +259,23 @@ def test_closed_pipe_exits_0_for_every_command(tmp_path):
     shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": FOX, "a": "a.png", "b": "a.png", "winner": "a"})
                                           + "\n")
+    for side in ("a", "b"):  # pre-scored sides: versus needs no model
+        (tmp_path / f"{side}.jsonl").write_text("".join(
+            json.dumps({"image": f"{side}/img{i}.png", "prompt": FOX, "scores": {"overall": float(i)}}) + "\n"
+            for i in range(3)))
     mps = mps_executable()[0]
+    # `| true` reads nothing and is gone before mps writes: the write itself meets the closed pipe.
     script = (
         f"'{mps}' --help | head -1 > /dev/null; echo ${{PIPESTATUS[0]}} > rc_help\n"
         f"'{mps}' score --help | head -1 > /dev/null; echo ${{PIPESTATUS[0]}} > rc_score_help\n"
         f"'{mps}' eval pairs pairs.jsonl --no-cache --json -w '{WEIGHTS}' | head -1 > /dev/null;"
         " echo ${PIPESTATUS[0]} > rc_eval\n"
+        f"'{mps}' versus a.jsonl b.jsonl --json | true; echo ${{PIPESTATUS[0]}} > rc_versus\n"
     )
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=_env(),
                           timeout=300)
     assert proc.stderr == "", proc.stderr
-    for name in ("rc_help", "rc_score_help", "rc_eval"):
+    for name in ("rc_help", "rc_score_help", "rc_eval", "rc_versus"):
         assert (tmp_path / name).read_text().strip() == "0", name
 
 

@@ -176,11 +176,12 @@ def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp
     import contextlib
 
     from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
     from mps_cli.ray_engine import _pipeline
 
     root, _ = data
     plan = plan_dataset(DatasetJob((str(root / "wds"),), tmp_path / "out"))
-    spec = resolve_model(str(WEIGHTS), device="cpu", dtype="fp32")
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
     for gpus in (0, 1):  # a CPU actor has the decode tasks' CPU count; a GPU actor does not
         ds = _pipeline(local_ray, plan.shards, plan, spec, batch_size=2, workers=1, gpus_per_worker=gpus,
                        cpus_per_worker=1)
@@ -220,12 +221,14 @@ def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(
     import dataclasses
 
     from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
     from mps_cli.errors import OutputError
     from mps_cli.ray_engine import score_dataset_ray
 
     root, _ = data
     plan = plan_dataset(DatasetJob((str(root / "wds"),), tmp_path / "out"))
-    spec = dataclasses.replace(resolve_model(str(WEIGHTS), device="cpu", dtype="fp32"), identity="sha256:" + "0" * 64)
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
+    spec = dataclasses.replace(spec, identity="sha256:" + "0" * 64)
     capfd.readouterr()
     with pytest.raises(OutputError, match="the weights differ between machines"):
         score_dataset_ray(plan, spec)
@@ -242,11 +245,12 @@ def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
     import torch
 
     from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
     from mps_cli.engine.preprocess import load_pixels
     from mps_cli.ray_engine import _ScoreActor
 
-    spec = resolve_model(str(WEIGHTS), device="cpu", dtype="fp32")
-    actor = _ScoreActor(spec, ("overall",), None, 0.3)
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
+    actor = _ScoreActor(spec, ("overall",), None, 0.3, batch_size=4)
     names = image_names()[:3]
     pixels = np.stack([load_pixels(IMAGES / n, spec.image_size).numpy() for n in names])
     pixels.flags.writeable = False

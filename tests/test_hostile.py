@@ -376,7 +376,7 @@ def test_weights_rewritten_with_same_size_and_mtime_are_never_served_from_a_cach
 
 
 def test_stale_temp_file_of_a_dead_writer_is_removed_at_once(cache):
-    from mps_cli.weights.cachedir import host_tag as _host
+    from mps_cli.files import host_tag as _host
     from mps_cli.weights.prepared import summary
 
     cache.mkdir(parents=True)
@@ -428,16 +428,16 @@ def test_nan_scores_are_input_errors_never_printed(tmp_path):
 # ------------------------------------------------------------------------- the score cache
 
 def test_locked_score_cache_is_one_line(tmp_path, monkeypatch):
-    import mps_cli.evaluate as evaluate
+    import mps_cli.scorecache as scorecache
     from mps_cli.cli.app import describe
 
     db = tmp_path / "scores.sqlite"
-    monkeypatch.setattr(evaluate, "BUSY_TIMEOUT_S", 0.2)
-    store = evaluate.ScoreCache(db)
+    monkeypatch.setattr(scorecache, "BUSY_TIMEOUT_S", 0.2)
+    store = scorecache.ScoreCache(db)
     holder = sqlite3.connect(db)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than we wait
     try:
-        with pytest.raises(evaluate.CacheError) as info:
+        with pytest.raises(scorecache.CacheError) as info:
             store.put(("0" * 64, PROMPT, "light", 0.3, "sha256:x", "fp32"), 1.0)
             store.commit()
     finally:
@@ -449,7 +449,7 @@ def test_locked_score_cache_is_one_line(tmp_path, monkeypatch):
 
 
 def test_mps_cache_dir_moves_the_score_cache_too(tmp_path, monkeypatch):
-    from mps_cli.evaluate import default_cache_path
+    from mps_cli.scorecache import default_cache_path
     from mps_cli.weights.prepared import cache_dir
 
     monkeypatch.setenv("MPS_CACHE_DIR", str(tmp_path / "c"))

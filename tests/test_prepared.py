@@ -188,9 +188,9 @@ def test_unwritable_cache_still_loads_and_says_why(tmp_path, fp16_weights, monke
 
 
 def test_too_little_disk_space_skips_the_copy(cache, fp16_weights, monkeypatch, caplog):
-    import mps_cli.weights.prepared as prepared
+    import mps_cli.weights.sealed as sealed
 
-    monkeypatch.setattr(prepared, "MIN_FREE_AFTER", 1 << 60)  # no real disk has an exbibyte free
+    monkeypatch.setattr(sealed, "MIN_FREE_AFTER", 1 << 60)  # no real disk has an exbibyte free
     with caplog.at_level(logging.WARNING, logger="mps_cli"):
         load_scorer(fp16_weights, device="cpu", dtype="bf16")
     assert any("GiB free" in r.getMessage() for r in caplog.records)

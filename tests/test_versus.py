@@ -108,7 +108,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def versus(sides, scorer, dims=ALL_DIMS, cache=None, samples=1000, seed=0, batch_size=None, store=None, **prompts):
-    from mps_cli.evaluate import ScoreCache
+    from mps_cli.scorecache import ScoreCache
     from mps_cli.versus import compare_sides, line_up, read_side
 
     lineup = line_up([read_side(s) for s in sides], **prompts)
@@ -362,7 +362,7 @@ def test_prescored_sides_are_not_scored_again(two, tmp_path, scorer, golden):
 
 
 def test_cache_is_shared_and_a_new_side_costs_only_its_images(two, tmp_path, scorer):
-    from mps_cli.evaluate import ScoreCache
+    from mps_cli.scorecache import ScoreCache
 
     c = tmp_path / "c"
     place(c, "fox_1.png", "palette.gif")  # new content

@@ -17,8 +17,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .constants import DEFAULT_MASK_THRESHOLD
+from .devices import DEFAULT_BATCH
 from .engine.preprocess import file_error
-from .engine.scorer import Comparison, PairResult, PromptInput, ScoreResult, _prefetch, image_label
+from .engine.scorer import Comparison, PairResult, PromptInput, ScoreResult, _prefetch, batch_of, image_label
 from .errors import ImageError, ServerError
 
 #: How long a client keeps retrying a server that answers 503 (busy) before giving up.
@@ -96,17 +97,11 @@ class Client:
         self._info = doc
         return doc
 
-    def healthy(self) -> bool:
-        """Whether the server answers its health check."""
-        try:
-            return self._call("GET", "/healthz")[0] == 200
-        except ServerError:
-            return False
-
     @property
     def batch_size(self) -> int:
         if self._batch_size is None:
-            self._batch_size = int((self._info or self.info()).get("batch_size") or 4)
+            # A server too old to say gets the smallest default, the CPU's.
+            self._batch_size = int((self._info or self.info()).get("batch_size") or DEFAULT_BATCH["cpu"])
         return self._batch_size
 
     # ----------------------------------------------------------------------- scoring
@@ -132,9 +127,7 @@ class Client:
         if len(prompt_list) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
         dims = [dims] if isinstance(dims, str) else (list(dims) if dims is not None else None)
-        size = int(batch_size or self.batch_size)
-        if size < 1:
-            raise ValueError("batch size must be at least 1")
+        size = batch_of(self, batch_size)
         labels = [image_label(img, i) for i, img in enumerate(images)]
         common = {"condition": condition, "mask_threshold": float(mask_threshold)}
         if dims is not None:

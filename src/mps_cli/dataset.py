@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .constants import DISTRIBUTION
+from .constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
+from .engine.options import ModelOptions
 from .errors import MissingExtraError, OutputError, ShardError
+from .files import remove_stale_temps, replacing, write_whole
 from .inputs.shards import Sample, Shard, find_shards, read_shard
 
 MANIFEST = "_manifest.json"
@@ -29,29 +31,23 @@ _LOCK = ".manifest.lock"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model scores, as plain values: what a Ray actor needs to load it, and the identity
-    (content fingerprint of the weights, dtype) that decides whether earlier results still hold."""
+    """Which model scores, as plain values: the options a Ray actor loads it with (the weights as named
+    here, so every machine loads the same ones), and the identity (content fingerprint of the weights,
+    resolved dtype) that decides whether earlier results still hold."""
 
-    weights: str
+    options: ModelOptions
     identity: str
     dtype: str  # the resolved precision label: fp32, or IMAGE/TEXT such as bf16/fp32
-    config: str | None = None
-    device: str = "auto"
-    revision: str | None = None
-    offline: bool | None = None
-    batch_size: int | None = None
     image_size: int = 224
 
     @classmethod
     def from_scorer(cls, scorer) -> ModelSpec:
-        return cls(weights=scorer.weights, identity=scorer.identity, dtype=scorer.precision.label,
-                   device=str(scorer.device), batch_size=scorer.batch_size,
-                   image_size=scorer.config.vision.image_size)
+        return cls(options=ModelOptions(weights=scorer.weights, device=str(scorer.device),
+                                        dtype=scorer.precision.label),
+                   identity=scorer.identity, dtype=scorer.precision.label, image_size=scorer.config.vision.image_size)
 
 
-def resolve_model(weights: str | None = None, config: str | os.PathLike | None = None, device: str = "auto",
-                  dtype: str = "auto", revision: str | None = None, offline: bool | None = None,
-                  batch_size: int | None = None, device_kind: str | None = None) -> ModelSpec:
+def resolve_model(options: ModelOptions, *, device_kind: str | None = None) -> ModelSpec:
     """Find the weights (fetching them if needed) and resolve the dtype, without building the model.
 
     ``device_kind`` (``cpu`` or ``cuda``) is where the model will run when that is not this
@@ -62,15 +58,14 @@ def resolve_model(weights: str | None = None, config: str | os.PathLike | None =
     from .devices import resolve_device, resolve_precision
     from .weights.sources import open_weights, weights_spec
 
-    opened = open_weights(weights, revision=revision, offline=offline, config=config)
-    if device_kind is not None and device == "auto":
+    opened = open_weights(options.weights, revision=options.revision, offline=options.offline, config=options.config)
+    if device_kind is not None and options.device == "auto":
         dev = torch.device(device_kind)
     else:
-        dev = resolve_device(device) if device_kind is None else torch.device(device)
-    return ModelSpec(weights=weights_spec(weights), identity=opened.identity,
-                     dtype=resolve_precision(dtype, dev).label,
-                     config=None if config is None else os.fspath(config), device=device, revision=revision,
-                     offline=offline, batch_size=batch_size, image_size=opened.config.vision.image_size)
+        dev = resolve_device(options.device) if device_kind is None else torch.device(options.device)
+    return ModelSpec(options=replace(options, weights=weights_spec(options.weights)),
+                     identity=opened.identity, dtype=resolve_precision(options.dtype, dev).label,
+                     image_size=opened.config.vision.image_size)
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ class DatasetJob:
     out: Path
     dims: tuple[str, ...] | None = None
     condition: str | None = None
-    mask_threshold: float = 0.3
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD
     prompt: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
@@ -212,9 +207,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def _describe(settings: dict) -> str:
@@ -327,18 +320,11 @@ class Output:
         }
         table = pa.table(columns).replace_schema_metadata({PARQUET_METADATA_KEY: self._settings_json.encode()})
         final = self.path_for(shard)
-        for stale in self.folder.glob(f".{final.name}.tmp-*"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                pq.write_table(table, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        remove_stale_temps(self.folder, final.name)  # left by a killed run
+        with replacing(final) as tmp, open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         self._record(shard, len(rows), sum(r.error is not None for r in rows))
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .constants import DEFAULT_MASK_THRESHOLD, MPS_MODEL
 from .engine.model import judge_logits
+from .engine.options import ModelOptions
 from .engine.panel import keyed_conditions, load_panel, mps_key
 from .engine.pixel_rules import letterbox_images
 from .errors import InputError
@@ -119,7 +120,8 @@ def load_reward(weights=None, *, model=None, dims: Iterable[str] | str | None = 
     lo, hi = input_range
     if not float(lo) < float(hi):
         raise ValueError(f"input range must be (low, high) with low < high, got {input_range}")
-    panel = load_panel(model, weights, config, device, dtype, revision=revision, offline=offline)
+    panel = load_panel(ModelOptions(model=model, weights=weights, config=config, device=device, dtype=dtype,
+                                    revision=revision, offline=offline))
     has_mps = MPS_MODEL in panel.models
     conditions = [(k.removeprefix(MPS_MODEL + "."), text)
                   for k, text in keyed_conditions(panel.models, dims if has_mps else None,

@@ -28,6 +28,7 @@ from .dataset import (
     Tracker,
     open_output,
 )
+from .devices import DEFAULT_BATCH
 from .errors import EngineError, MissingExtraError, MPSError, OutputError, ShardError
 from .inputs.shards import Shard, read_shard
 
@@ -105,12 +106,12 @@ class _ScoreActor:
     actor returns the error as data instead (:data:`_FAILURE` columns), like a sample's error, and
     the driver raises it as the error it was."""
 
-    def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float):
+    def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float, batch_size: int):
         from .engine.scorer import resolve_conditions
 
         self.failure: MPSError | None = None
         try:
-            self.scorer = self._load(spec)
+            self.scorer = self._load(spec, batch_size)
         except MPSError as exc:
             self.failure = exc
         except Exception as exc:  # torch's own (out of memory, a CUDA error): as deterministic, and as final
@@ -121,11 +122,10 @@ class _ScoreActor:
         self.keys = [k for k, _ in resolve_conditions(dims, condition)]
 
     @staticmethod
-    def _load(spec: ModelSpec):
+    def _load(spec: ModelSpec, batch_size: int):
         from .engine.scorer import load_scorer
 
-        scorer = load_scorer(spec.weights, spec.config, spec.device, spec.dtype, revision=spec.revision,
-                             offline=spec.offline, batch_size=spec.batch_size)
+        scorer = load_scorer(spec.options, batch_size=batch_size)
         got = ModelSpec.from_scorer(scorer)
         if (got.identity, got.dtype) != (spec.identity, spec.dtype):
             raise OutputError(f"a worker loaded weights {got.identity} in {got.dtype}, not {spec.identity} in "
@@ -244,7 +244,8 @@ def _pipeline(ray, todo: list[Shard], plan: DatasetPlan, spec: ModelSpec, batch_
     ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
                         batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(_ScoreActor, fn_constructor_kwargs={
-        "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold},
+        "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold,
+        "batch_size": batch_size},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
 
@@ -265,7 +266,7 @@ def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None 
     if not todo:
         return tracker.summary()
     by_source = {s.source: s for s in todo}
-    batch_size = plan.job.batch_size or spec.batch_size or (32 if gpus_per_worker else 4)
+    batch_size = plan.job.batch_size or DEFAULT_BATCH["accelerator" if gpus_per_worker else "cpu"]
     started = _start(ray, address)
     try:
         with _quiet_ray_loggers():

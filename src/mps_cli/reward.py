@@ -18,7 +18,14 @@ from torch import nn
 from .constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEAN, IMAGE_STD
 from .engine.pixel_rules import rounded_crop_offsets
 from .engine.preprocess import crop_offsets, resized_size
-from .engine.scorer import Scorer, condition_masks, load_scorer, resolve_conditions, score_image_tokens
+from .engine.scorer import (
+    Scorer,
+    check_mask_threshold,
+    condition_masks,
+    load_scorer,
+    resolve_conditions,
+    score_image_tokens,
+)
 from .errors import InputError
 
 
@@ -200,12 +207,11 @@ def load_reward(weights: str | os.PathLike | None = None, *, dims: Iterable[str]
     equal what the scorer gives the image saved as a PNG; off, they differ by PIL's rounding.
     """
     conditions = resolve_conditions(dims, condition)
-    if not 0.0 <= float(mask_threshold) < 1.0:
-        raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
+    mask_threshold = check_mask_threshold(mask_threshold)
     lo, hi = input_range
     if not float(lo) < float(hi):
         raise ValueError(f"input range must be (low, high) with low < high, got {input_range}")
-    scorer = load_scorer(weights, config, device, dtype, revision=revision, offline=offline)
+    scorer = load_scorer(weights, config=config, device=device, dtype=dtype, revision=revision, offline=offline)
     reward = MPSReward(scorer, conditions, mask_threshold, (lo, hi), round_pixels)
     reward.set_grad_checkpointing(grad_checkpointing)
     return reward

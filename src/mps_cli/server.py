@@ -43,7 +43,7 @@ from .constants import (
 )
 from .engine.panel import keyed_conditions, mps_dims, split_key
 from .engine.preprocess import EncodedImage, open_image
-from .engine.scorer import ScoreResult, compare_scores
+from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
 from .errors import ImageError
 
 log = logging.getLogger("mps_cli.server")
@@ -375,9 +375,11 @@ class ScoringService:
                 threshold = float(threshold)
             except ValueError:
                 pass
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
-            raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}")
-        return _Work(sources, prompts, conditions, float(threshold))
+        try:
+            threshold = check_mask_threshold(threshold)
+        except ValueError:
+            raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
+        return _Work(sources, prompts, conditions, threshold)
 
     @staticmethod
     def _prompts(body: dict, n: int, single: bool) -> list[str | None]:

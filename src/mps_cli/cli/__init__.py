@@ -6,9 +6,11 @@ One module per command family, ``*_cmds.py``; every command is registered here, 
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
-from . import dataset_cmds, eval_cmds, report_cmds, scoring_cmds, serve_cmds, versus_cmds, weights_cmds
+from . import dataset_cmds, eval_cmds, output, report_cmds, scoring_cmds, serve_cmds, versus_cmds, weights_cmds
 from .app import app
 
 _EXAMPLES = {
@@ -42,77 +44,72 @@ def _epilog(name: str) -> str:
     return "Examples:\n\n" + "\n\n".join(_EXAMPLES[name])
 
 
-app.command("score", epilog=_epilog("score"), help=scoring_cmds.score.__doc__ + "\n\n" + scoring_cmds.EXIT_CODES)(
-    scoring_cmds.score)
-app.command("compare", epilog=_epilog("compare"))(scoring_cmds.compare)
-app.command("rank", epilog=_epilog("rank"))(scoring_cmds.rank)
+def _help(command, exits: str) -> str:
+    """A command's docstring and, as its last paragraph, what its exit codes mean."""
+    return inspect.cleandoc(command.__doc__) + "\n\n" + exits
+
+
+app.command("score", epilog=_epilog("score"), help=_help(scoring_cmds.score, scoring_cmds.EXITS))(scoring_cmds.score)
+app.command("compare", epilog=_epilog("compare"), help=_help(scoring_cmds.compare, scoring_cmds.EXITS))(
+    scoring_cmds.compare)
+app.command("rank", epilog=_epilog("rank"), help=_help(scoring_cmds.rank, scoring_cmds.EXITS))(scoring_cmds.rank)
 app.command("eval", help=eval_cmds.EVAL_HELP, no_args_is_help=True, epilog=_epilog("eval"))(eval_cmds.eval_command)
-app.command("download", epilog=_epilog("download"))(weights_cmds.download)
+app.command("download", epilog=_epilog("download"), help=_help(weights_cmds.download, weights_cmds.DOWNLOAD_EXITS))(
+    weights_cmds.download)
 app.command("info", epilog=_epilog("info"))(weights_cmds.info)
-app.command("convert", epilog=_epilog("convert"))(weights_cmds.convert)
+app.command("convert", epilog=_epilog("convert"), help=_help(weights_cmds.convert, weights_cmds.CONVERT_EXITS))(
+    weights_cmds.convert)
 app.command("versus", help=versus_cmds.VERSUS_HELP, no_args_is_help=True, epilog=_epilog("versus"))(
     versus_cmds.versus_command)
 app.command("dataset", help=dataset_cmds.DATASET_HELP, no_args_is_help=True, epilog=_epilog("dataset"))(
     dataset_cmds.dataset_command)
-app.command("report", epilog=_epilog("report"))(report_cmds.report)
-app.command("serve", epilog=_epilog("serve"))(serve_cmds.serve)
+app.command("report", epilog=_epilog("report"), help=_help(report_cmds.report, report_cmds.EXITS))(report_cmds.report)
+app.command("serve", epilog=_epilog("serve"), help=_help(serve_cmds.serve, serve_cmds.EXITS))(serve_cmds.serve)
 
 
-def _closed_pipe(exc: SystemExit) -> bool:
-    import sys
-
-    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
-        return True
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "on_broken_pipe":
-            return True
-        tb = tb.tb_next
-    return False
+def _usage_error(exc: Exception) -> int | None:
+    """The exit code of a Typer usage error (vendored click's UsageError), having said it in one line."""
+    if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "mps"
+    message = " ".join(exc.format_message().split())
+    if message:  # a bare `mps` has already printed its help
+        output.error(f"{message} (see '{where} --help')")
+    return exc.exit_code
 
 
 def main() -> None:
     """Console-script entry point: usage errors become one ``mps: error:`` line (exit 2), a closed
-    pipe a quiet exit 0, and anything unforeseen one line (exit 3), never a traceback."""
+    pipe a quiet exit 0 (here, for every command), and anything unforeseen one line (exit 5), never a
+    traceback."""
     import sys
     import warnings
 
-    from .app import unexpected
-    from .output import quiet_broken_pipe
+    from .app import Exit, unexpected
 
     # Images between PIL's warning and refusal sizes are decoded; the warning would only be noise.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    gone = False
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
-        code = 130
+        code = int(Exit.INTERRUPTED)
     except typer.Exit as exc:
         code = exc.exit_code
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        code = 0
-    except SystemExit as exc:
-        # Rich and Click answer a closed pipe (`mps --help | head -1`) with exit 1; for us it is a quiet 0.
-        code = 0 if _closed_pipe(exc) else exc.code
+    except (BrokenPipeError, SystemExit) as exc:
+        gone = output.reader_gone(exc)
+        code = getattr(exc, "code", 0)
     except KeyboardInterrupt:
-        print("mps: interrupted", file=sys.stderr)
-        code = 130
+        output.say("interrupted")
+        code = int(Exit.INTERRUPTED)
     except Exception as exc:
-        # Typer's usage errors (vendored click's UsageError) carry these two attributes.
-        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            ctx = getattr(exc, "ctx", None)
-            where = ctx.command_path if ctx is not None else "mps"
-            message = " ".join(exc.format_message().split())
-            if message:  # a bare `mps` has already printed its help
-                print(f"mps: error: {message} (see '{where} --help')", file=sys.stderr)
-            code = exc.exit_code
-        else:
+        code = _usage_error(exc)
+        if code is None:
             code = unexpected(exc, "running").exit_code
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        code = 0
+    if gone or not output.flush_results():
+        output.quiet_broken_pipe()
+        code = int(Exit.OK)
     # Everything alive now lives until exit. Frozen, it is left out of the collections that interpreter
     # shutdown runs, which otherwise walk torch's objects one by one: 0.35 s of every scoring command
     # (2-vCPU AMD EPYC). atexit handlers and finalizers still run.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,26 +12,11 @@ from typing import Annotated
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
+from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
-from .app import (
-    BatchSize,
-    Condition,
-    Config,
-    Device,
-    Dims,
-    Dtype,
-    Exit,
-    MaskThreshold,
-    ModelOptions,
-    Models,
-    Offline,
-    Revision,
-    Weights,
-    fail,
-    handle_errors,
-    load_model,
-    say,
-)
+from . import output
+from .app import Exit, exit_help, fail, handle_errors, load_model
+from .options import MODEL, RUN, Condition, Dims, MaskThreshold, OptionGroup, RunOptions, takes
 
 
 class Engine(str, Enum):
@@ -46,10 +32,10 @@ DATASET_HELP = "\n\n".join([
     "Writes one parquet file per shard into --out (columns key, shard, prompt, one per dimension, error) "
     "and _manifest.json. A rerun into the same --out skips the shards already written and refuses "
     "different settings. Split a job with --shard-index/--num-shards, or run it on Ray with --engine ray.",
-    "Exit status: 0 every shard written (rows that failed carry their error); 1 some shards could not "
-    "be read (named on stderr) and were skipped; 2 bad usage, an unwritable --out, or --out holds "
-    "results of other settings; 3 weights or config problem; 4 fetch problem; 130 interrupted "
-    "(shards already written stay).",
+    exit_help({Exit.OK: "every shard written (rows that failed carry their error)",
+               Exit.PARTIAL: "some shards could not be read (named on stderr) and were skipped",
+               Exit.USAGE: "bad usage, an unwritable --out, or --out holds results of other settings",
+               Exit.INTERRUPTED: "interrupted (shards already written stay)"}),
 ])
 
 
@@ -63,14 +49,14 @@ class _ProgressLines:
 
     def __call__(self, p) -> None:
         if p.failure is not None:
-            say(f"mps: error: {p.failure.message}; shard skipped")
+            output.error(f"{p.failure.message}; shard skipped")
         now = time.monotonic()
         if p.shards_done == self.shards and now - self.last < self.every:
             return
         self.shards, self.last = p.shards_done, now
         eta = "" if p.eta is None else f", ETA {_duration(p.eta)}"
-        say(f"mps: dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
-            f"{p.rate:.1f} images/s{eta}")
+        output.say(f"dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
+                   f"{p.rate:.1f} images/s{eta}")
 
 
 def _duration(seconds: float) -> str:
@@ -80,6 +66,31 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide ``--engine ray`` runs."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+
+
+RAY = OptionGroup("ray", {
+    "ray_address": (Annotated[str | None, typer.Option(
+        "--ray-address", rich_help_panel="Engine", help="Ray cluster to join (default: start Ray on this machine).")],
+        None),
+    "workers": (Annotated[int, typer.Option(
+        "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")], 1),
+    "gpus_per_worker": (Annotated[float, typer.Option(
+        "--gpus-per-worker", min=0, rich_help_panel="Engine", help="Ray: GPUs per scoring actor.")], 0),
+    "cpus_per_worker": (Annotated[float, typer.Option(
+        "--cpus-per-worker", min=0.01, rich_help_panel="Engine",
+        help="Ray: CPUs per scoring actor (its torch threads on CPU).")], 1),
+}, lambda ray_address, **rest: RayOptions(address=ray_address, **rest))
+
+
+@takes(MODEL, RUN, RAY)
 def dataset_command(
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
@@ -103,76 +114,67 @@ def dataset_command(
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
         f"(pip install \"{DISTRIBUTION}\\[ray]\").")] = Engine.local,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", rich_help_panel="Engine",
-        help="Ray cluster to join (default: start Ray on this machine).")] = None,
-    workers: Annotated[int, typer.Option(
-        "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")] = 1,
-    gpus_per_worker: Annotated[float, typer.Option(
-        "--gpus-per-worker", min=0, rich_help_panel="Engine", help="Ray: GPUs per scoring actor.")] = 0,
-    cpus_per_worker: Annotated[float, typer.Option(
-        "--cpus-per-worker", min=0.01, rich_help_panel="Engine",
-        help="Ray: CPUs per scoring actor (its torch threads on CPU).")] = 1,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    weights: Weights = None,
-    config: Config = None,
-    revision: Revision = None,
-    offline: Offline = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_size: BatchSize = None,
-    models: Models = None,
+    *, model: ModelOptions, run: RunOptions, ray: RayOptions,
 ) -> None:
-    from ..dataset import DatasetJob, ModelSpec, open_output, plan_dataset, resolve_model, score_dataset
+    from ..dataset import DatasetJob
 
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     if model.model and engine is Engine.ray:
         raise fail("--model runs on the local engine only for now: drop --engine ray or --model", Exit.USAGE)
     with handle_errors():
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
-                         batch_size=batch_size, models=model.model)
-        try:
-            plan = plan_dataset(job)
-            if engine is Engine.ray:
-                from ..ray_engine import require_ray
-
-                require_ray()
-        except (OutputError, MissingExtraError) as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        except ValueError as exc:
-            raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
-        for problem in plan.problems:
-            say(f"mps: error: {problem.source}: {problem.message}; skipped")
-        kind = None if engine is Engine.local else ("cuda" if gpus_per_worker else "cpu")
-        if model.model:
-            # A panel opens every model's weights and fills each at its first batch: its identity is all of them.
-            scorer = load_model(model)
-            spec = ModelSpec.from_scorer(scorer)
-        else:
-            spec = resolve_model(weights, config, device, dtype, revision, offline or None, batch_size,
-                                 device_kind=kind)
-        try:
-            output = open_output(plan, spec)
-        except OutputError as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        progress = _ProgressLines()
-        if engine is Engine.ray:
-            from ..ray_engine import score_dataset_ray
-
-            summary = score_dataset_ray(plan, spec, output, workers=workers, gpus_per_worker=gpus_per_worker,
-                                        cpus_per_worker=cpus_per_worker, address=ray_address, progress=progress)
-        else:
-            scorer = load_model(model)
-            summary = score_dataset(plan, scorer, progress=progress, output=output)
-
+                         batch_size=run.batch_size, models=model.model)
+        plan = _plan(job, engine)
+        summary = _score(plan, model, ray if engine is Engine.ray else None)
     done = f"{summary.already_done} already done, " if summary.already_done else ""
     rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
-          f"{summary.images} images scored, {summary.errors} errors, {summary.seconds:.1f} s "
-          f"({rate:.1f} images/s) -> {summary.out}", flush=True)
+    output.emit_lines([f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
+                       f"{summary.images} images scored, {summary.errors} errors, {summary.seconds:.1f} s "
+                       f"({rate:.1f} images/s) -> {summary.out}"])
     if summary.failed:
         raise typer.Exit(int(Exit.PARTIAL))
+
+
+def _plan(job, engine: Engine):
+    """The job's plan, checked before any model loads; the sources that named nothing readable are said."""
+    from ..dataset import plan_dataset
+
+    try:
+        plan = plan_dataset(job)
+        if engine is Engine.ray:
+            from ..ray_engine import require_ray
+
+            require_ray()
+    except (OutputError, MissingExtraError) as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    except ValueError as exc:
+        raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
+    for problem in plan.problems:
+        output.error(f"{problem.source}: {problem.message}; skipped")
+    return plan
+
+
+def _score(plan, model: ModelOptions, ray: RayOptions | None):
+    """Score the plan here (the model loaded once) or on Ray (``ray``: the workers load it)."""
+    from ..dataset import ModelSpec, open_output, resolve_model, score_dataset
+
+    if ray is not None:
+        # Here the weights are only found and fingerprinted.
+        scorer, spec = None, resolve_model(model, device_kind="cuda" if ray.gpus_per_worker else "cpu")
+    else:
+        scorer = load_model(model)  # the weights are opened once, by the load
+        spec = ModelSpec.from_scorer(scorer)
+    try:
+        folder = open_output(plan, spec)
+    except OutputError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    if ray is None:
+        return score_dataset(plan, scorer, progress=_ProgressLines(), output=folder)
+    from ..ray_engine import score_dataset_ray
+
+    return score_dataset_ray(plan, spec, folder, workers=ray.workers, gpus_per_worker=ray.gpus_per_worker,
+                             cpus_per_worker=ray.cpus_per_worker, address=ray.address, progress=_ProgressLines())

@@ -9,29 +9,12 @@ from typing import Annotated
 import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD
-from .app import (
-    DIMENSION_NOTE,
-    AsJson,
-    BatchSize,
-    Condition,
-    Config,
-    Device,
-    Dims,
-    Dtype,
-    Exit,
-    MaskThreshold,
-    ModelOptions,
-    Models,
-    Offline,
-    Revision,
-    Weights,
-    describe,
-    fail,
-    handle_errors,
-    load_model,
-    say,
-)
-from .output import Progress, quiet_broken_pipe, render_eval_report
+from ..engine.options import ModelOptions
+from . import output
+from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
+from .options import MODEL, RUN, SCORE_CACHE, AsJson, CacheChoice, Condition, Dims, MaskThreshold, RunOptions, takes
+from .output import Progress
+from .render import render_eval_report
 
 MAX_PROBLEM_LINES = 20
 
@@ -58,12 +41,15 @@ EVAL_HELP = "\n\n".join([
     "prompt, condition, threshold, weights and dtype, so an interrupted run resumes where it stopped "
     "and a repeated run costs no model time.",
     f"{DIMENSION_NOTE} The paper's figures are for the overall dimension.",
-    "Exit status: 0 every item evaluated; 1 some items skipped (a missing or unreadable image, named "
-    "on stderr and counted in the report); 2 bad usage or a malformed benchmark file; 3 weights or "
-    "config problem; 4 fetch problem; 130 interrupted (scores so far stay cached).",
+    exit_help({Exit.OK: "every item evaluated",
+               Exit.PARTIAL: "some items skipped (a missing or unreadable image, named on stderr and counted in the "
+                             "report)",
+               Exit.USAGE: "bad usage or a malformed benchmark file",
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
 ])
 
 
+@takes(MODEL, RUN, SCORE_CACHE)
 def eval_command(
     benchmark: Annotated[BenchmarkKind, typer.Argument(help="Benchmark format: imagereward, hpdv2 or pairs.",
                                                         case_sensitive=False, show_default=False)],
@@ -76,24 +62,12 @@ def eval_command(
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: AsJson = False,
-    cache: Annotated[Path | None, typer.Option(
-        "--cache", help="Score cache (SQLite). Default: scores.sqlite in $MPS_CACHE_DIR, else in "
-        "$XDG_CACHE_HOME/mps-cli (~/.cache when unset).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")] = False,
-    weights: Weights = None,
-    config: Config = None,
-    revision: Revision = None,
-    offline: Offline = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    batch_size: BatchSize = None,
-    models: Models = None,
+    *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.panel import keyed_conditions
-    from ..evaluate import BenchmarkError, CacheError, ScoreCache, default_cache_path, evaluate, load_benchmark
+    from ..evaluate import BenchmarkError, evaluate, load_benchmark
 
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
     with handle_errors("reading the benchmark"):
         try:
             keyed_conditions(model.model, dims, condition)
@@ -101,31 +75,22 @@ def eval_command(
             raise fail(str(exc), Exit.USAGE) from None
         if images_root is not None and not images_root.is_dir():
             raise fail(f"--images-root {images_root}: not a folder", Exit.USAGE)
-        if cache is not None and no_cache:
-            raise fail("--cache and --no-cache contradict each other; pass one", Exit.USAGE)
         try:
             bench = load_benchmark(benchmark.value, file, images_root)
         except BenchmarkError as exc:
             raise fail(str(exc), Exit.USAGE) from None
-        try:
-            store = ScoreCache(None if no_cache else (cache or default_cache_path()))
-        except CacheError as exc:
-            raise fail(describe(exc), Exit.USAGE) from None
+        store = scores.open()
     with store:
         scorer = load_model(model)
         with handle_errors("evaluating"), Progress(force=True) as progress:
             report = evaluate(bench, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                              cache=store, batch_size=batch_size, progress=progress.stage_callback,
+                              cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback,
                               models=model.model)
 
     for problem in report.problems[:MAX_PROBLEM_LINES]:
-        say(f"mps: warning: {problem.item}: {problem.message}; item skipped")
+        output.warning(f"{problem.item}: {problem.message}; item skipped")
     if len(report.problems) > MAX_PROBLEM_LINES:
-        say(f"mps: warning: … and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
-    try:
-        render_eval_report(report, as_json, DIMENSION_NOTE)
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+        output.warning(f"… and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
+    render_eval_report(report, as_json, DIMENSION_NOTE)
     if report.skipped:
         raise typer.Exit(int(Exit.PARTIAL))

@@ -8,7 +8,12 @@ from typing import Annotated
 
 import typer
 
-from .app import Exit, fail, handle_errors, say
+from .app import Exit, exit_help, fail, handle_errors
+from .output import error, say, warning
+
+EXITS = exit_help({Exit.OK: "written", Exit.PARTIAL: "some inputs unreadable (the rest are in the page)",
+                   Exit.USAGE: "no readable input or a bad option", Exit.RESOURCE: "the page cannot be written"},
+                  codes=(Exit.INTERNAL, Exit.INTERRUPTED))
 
 
 class ThumbFormat(str, Enum):
@@ -50,7 +55,7 @@ def write_html(path: Path | None, records: list, scorer=None, threshold: float |
     with handle_errors():
         results = results_from_records(records, Path.cwd(), "this run", meta)
         if results.empty:
-            say(f"mps: no results to report; {path} not written")
+            say(f"no results to report; {path} not written")
             return
         summary = write_report(path, results)
         _said(summary)
@@ -59,9 +64,9 @@ def write_html(path: Path | None, records: list, scorer=None, threshold: float |
 def _said(summary) -> None:
     size = summary.bytes / 1e6
     more = " (sampled: see --max-images)" if summary.sampled else ""
-    say(f"mps: wrote {summary.path} ({summary.cards:,} image cards{more}, {size:.1f} MB)")
+    say(f"wrote {summary.path} ({summary.cards:,} image cards{more}, {size:.1f} MB)")
     if summary.unreadable:
-        say(f"mps: warning: {len(summary.unreadable):,} image(s) could not be shown, e.g. {summary.unreadable[0]}")
+        warning(f"{len(summary.unreadable):,} image(s) could not be shown, e.g. {summary.unreadable[0]}")
 
 
 def report(
@@ -85,8 +90,6 @@ def report(
     """One self-contained HTML page of results: images best first per prompt, comparisons, win rates, histograms.
 
     It works offline: thumbnails are embedded and nothing is fetched.
-
-    Exit codes: 0 written, 1 some inputs unreadable (the rest are in the page), 2 no readable input or bad option.
     """
     from ..errors import ResultsError
     from ..report import read_results, write_report
@@ -96,7 +99,7 @@ def report(
     except ResultsError as exc:
         raise fail(str(exc), Exit.USAGE) from None
     for p in problems:
-        say(f"mps: error: {p}")
+        error(p)
     with handle_errors():
         summary = write_report(output, data, thumb=thumb, thumb_format=thumb_format.value, link_images=link_images,
                                max_images=max_images, title=title)

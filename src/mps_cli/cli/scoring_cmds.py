@@ -13,44 +13,28 @@ from typing import Annotated
 
 import typer
 
-from ..constants import CUSTOM_KEY, DIMENSIONS
+from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
+from ..engine.options import ModelOptions
 from ..errors import ImageError, PromptError
 from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
-from .app import (
-    DEFAULT_THRESHOLD,
-    INPUT_HINTS,
+from .app import INPUT_HINTS, Exit, exit_help, fail, handle_errors
+from .options import (
+    MODEL,
+    REMOTE,
+    RUN,
     AsCsv,
     AsJson,
     AsJsonl,
-    BatchSize,
     Condition,
-    Config,
-    Device,
     Dims,
-    Dtype,
-    Exit,
     MaskThreshold,
-    ModelOptions,
-    Models,
-    Offline,
-    Revision,
-    ServerToken,
-    ServerUrl,
-    Weights,
-    fail,
-    handle_errors,
+    Remote,
+    RunOptions,
     open_scorer,
+    takes,
 )
-from .output import (
-    Progress,
-    Report,
-    ResultWriter,
-    Row,
-    comparison_record,
-    finite_or_error,
-    quiet_broken_pipe,
-    render_comparison,
-)
+from .output import Progress
+from .render import Report, ResultWriter, Row, comparison_record, finite_or_error, render_comparison
 from .report_cmds import Html, write_html
 
 Prompt = Annotated[str | None, typer.Option(
@@ -70,8 +54,7 @@ Null = Annotated[bool, typer.Option(
 Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="Inputs",
                                          help="Descend into sub-folders of folder arguments.")]
 
-EXIT_CODES = ("Exit codes: 0 all scored, 1 some inputs failed (the rest are still printed), 2 usage error, "
-              "3 weights/config problem, 4 network or cache problem, 130 interrupted.")
+EXITS = exit_help({Exit.OK: "all scored", Exit.PARTIAL: "some inputs failed (the rest are still printed)"})
 
 
 @dataclass(frozen=True)
@@ -85,7 +68,7 @@ class Scoring:
 
 
 def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float,
-            models: list[str] | None = None) -> Scoring:
+            models: str | None = None) -> Scoring:
     """What to score; with ``models`` (``--model``) the keys are the panel's (``mps.overall``, ``hpsv2.1``, ...)."""
     from ..engine.panel import parse_models, result_keys
     from ..engine.scorer import resolve_conditions
@@ -140,7 +123,8 @@ def collect(images: list[str], prompt: str | None, prompts_file: Path | None,
     return items
 
 
-def _rows(scorer, items: list[Item], how: Scoring, batch_size, progress, report: Report) -> Iterator[Row]:
+def _rows(scorer, items: list[Item], how: Scoring, batch_size: int | None, progress, report: Report
+          ) -> Iterator[Row]:
     """Rows in input order; items that failed before scoring come back as errors."""
     good = [it for it in items if it.ok]
     stream = iter(())
@@ -176,78 +160,64 @@ def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Ro
     return out + [r for r in rows if r.error is not None]
 
 
-def _model_by(by: str, models: list[str]) -> tuple[str | None, str | None]:
+def _model_by(by: str, models: str) -> tuple[str | None, str | None]:
     """``--by`` with ``--model``: (the MPS dimension to make sure is scored, or None; the result key to rank by)."""
     from ..constants import JUDGES, MPS_MODEL
+    from ..engine.panel import parse_models
 
     if by in JUDGES:
-        if by not in (m.partition("=")[0] for m in models):
-            raise typer.BadParameter(f"{by!r} is not one of the --model models ({', '.join(models)})",
+        names = [m.name for m in parse_models(models)]
+        if by not in names:
+            raise typer.BadParameter(f"{by!r} is not one of the --model models ({', '.join(names)})",
                                      param_hint="--by")
         return None, by
     dim = by.removeprefix(MPS_MODEL + ".")
     return dim, None
 
 
-@dataclass(frozen=True)
-class Remote:
-    """Where the scoring happens when not here: a running ``mps serve`` (``--server``) and its token."""
-
-    server: str | None = None
-    token: str | None = None
-
-
-def run(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter,
-        rank_by: str | None = None, top: int | None = None, remote: Remote = Remote(),
-        html: Path | None = None) -> int:
+def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: ResultWriter, *, run: RunOptions,
+        remote: Remote, rank_by: str | None = None, top: int | None = None, html: Path | None = None) -> int:
     """Score items and write them (and the ``html`` report); returns how many failed.
 
     The model loads (or the server is reached) only if an input is usable.
     """
     report = Report(INPUT_HINTS)
     written: list[Row] = []
-    scorer = None
-    try:
-        if any(it.ok for it in items):
-            scorer = open_scorer(model, remote.server, remote.token)
-        with handle_errors("scoring"):
-            batch = model.batch_size or (scorer.batch_size if scorer is not None else len(items))
-            with Progress(len(items), batch) as progress:
-                rows = _rows(scorer, items, how, model.batch_size, progress.callback, report)
-                if rank_by is not None:
-                    rows = _ranked(list(rows), rank_by, top, writer.grouped)
-                for row in rows:
-                    writer.add(row)
-                    written.append(row)
-            writer.close()
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+    scorer = open_scorer(model, remote, run) if any(it.ok for it in items) else None
+    with handle_errors("scoring"):
+        batch = run.batch_for(scorer)
+        with Progress(len(items), batch or len(items)) as progress:
+            rows = _rows(scorer, items, how, batch, progress.callback, report)
+            if rank_by is not None:
+                rows = _ranked(list(rows), rank_by, top, writer.grouped)
+            for row in rows:
+                writer.add(row)
+                written.append(row)
+        writer.close()
     report.close(always=True)
     write_html(html, [r.record() for r in written], scorer, how.mask_threshold, how.keys)
     return report.failed
 
 
+@takes(MODEL, RUN, REMOTE)
 def score(
     images: Annotated[list[str] | None, typer.Argument(
         help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold, models)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
+    how = scoring(dim, condition, mask_threshold, model.model)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
-    failed = run(items, how, model, ResultWriter(mode, how.keys), remote=Remote(server, token), html=html)
+    failed = score_items(items, how, model, ResultWriter(mode, how.keys), run=run, remote=remote, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
+@takes(MODEL, RUN, REMOTE)
 def rank(
     images: Annotated[list[str] | None, typer.Argument(
         help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
@@ -256,12 +226,10 @@ def rank(
         "--by", rich_help_panel="Scoring", help="Dimension to order by (default: the first requested).")] = None,
     top: Annotated[int | None, typer.Option(
         "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K (of each prompt group).")] = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Rank images best first by one dimension; failed inputs are listed after the ranking.
 
@@ -271,8 +239,8 @@ def rank(
     """
     mode = output_mode(as_json, as_jsonl, as_csv)
     by_key = None
-    if by is not None and models:
-        by, by_key = _model_by(by, models)
+    if by is not None and model.model:
+        by, by_key = _model_by(by, model.model)
     if by is not None:
         if by not in (*DIMENSIONS, CUSTOM_KEY):
             raise typer.BadParameter(f"{by!r} is not one of {', '.join(DIMENSIONS)}, custom", param_hint="--by")
@@ -280,16 +248,16 @@ def rank(
             raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
-    how = scoring(dim, condition, mask_threshold, models)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
+    how = scoring(dim, condition, mask_threshold, model.model)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
-    rank_by = by_key or (f"mps.{by}" if models and by else by) or how.keys[0]
-    failed = run(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped),
-                 rank_by=rank_by, top=top, remote=Remote(server, token), html=html)
+    rank_by = by_key or (f"mps.{by}" if model.model and by else by) or how.keys[0]
+    failed = score_items(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped), run=run,
+                         remote=remote, rank_by=rank_by, top=top, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
+@takes(MODEL, RUN, REMOTE)
 def compare(
     a: Annotated[str, typer.Argument(help="Image A.", show_default=False)],
     b: Annotated[str, typer.Argument(help="Image B.", show_default=False)],
@@ -298,16 +266,13 @@ def compare(
     prompt_from: Annotated[PromptSource | None, typer.Option(
         "--prompt-from", rich_help_panel="Prompts",
         help="Read the prompt beside (sidecar) or inside (metadata) the images; both must hold the same.")] = None,
-    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_THRESHOLD,
+    dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
-    server: ServerUrl = None, token: ServerToken = None,
+    *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Which of two images people would prefer for a prompt: per dimension, both scores, p_a (the softmax of the pair: P(A preferred)) and the winner."""  # noqa: E501 (Typer shows the docstring as one help line)
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold, models)
-    model = ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models)
+    how = scoring(dim, condition, mask_threshold, model.model)
     if prompt is None and prompt_from is None:
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:
@@ -325,31 +290,33 @@ def compare(
         report.result(Row(image=a, prompt=None, error=error))
     the_prompt = prompt if prompt is not None else (items[0].prompt if items[0].ok else None)
     results = scorer = None
-    try:
-        if error is None:
-            scorer = open_scorer(model, server, token)
-            with handle_errors("scoring"):
-                try:
-                    cmp = scorer.compare(items[0].path, items[1].path, the_prompt, dims=how.dims,
-                                         condition=how.condition, mask_threshold=how.mask_threshold)
-                except ImageError as exc:
-                    error = str(exc)
-                    report.result(Row(image=a, prompt=None, error=error))
-                else:
-                    results = cmp.results
-                    rows = [finite_or_error(Row(a, the_prompt, {k: v.a for k, v in results.items()})),
-                            finite_or_error(Row(b, the_prompt, {k: v.b for k, v in results.items()}))]
-                    bad = [r.error for r in rows if r.error]
-                    if bad:
-                        error, results = "; ".join(bad), None
-                        report.result(Row(image=a, prompt=None, error=error))
-                    elif scorer.prompt_truncated(the_prompt):
-                        report.result(rows[0], truncated=True)
-        render_comparison(mode, the_prompt, a, b, results, error)
-    except BrokenPipeError:
-        quiet_broken_pipe()
-        raise typer.Exit(int(Exit.OK)) from None
+    if error is None:
+        scorer = open_scorer(model, remote, run)
+        results, error = _compare_pair(scorer, items, the_prompt, how, report)
+    render_comparison(mode, the_prompt, a, b, results, error)
     report.close()
     if results is not None:
         write_html(html, [comparison_record(the_prompt, a, b, results)], scorer, how.mask_threshold, how.keys)
     raise typer.Exit(int(Exit.PARTIAL if error else Exit.OK))
+
+
+def _compare_pair(scorer, items: list[Item], prompt: str, how: Scoring, report: Report
+                  ) -> tuple[dict | None, str | None]:
+    """The comparison's results, or the error that stopped it (said once through ``report``)."""
+    a, b = items[0].label, items[1].label
+    with handle_errors("scoring"):
+        try:
+            cmp = scorer.compare(items[0].path, items[1].path, prompt, dims=how.dims, condition=how.condition,
+                                 mask_threshold=how.mask_threshold)
+        except ImageError as exc:
+            report.result(Row(image=a, prompt=None, error=str(exc)))
+            return None, str(exc)
+    rows = [finite_or_error(Row(a, prompt, {k: v.a for k, v in cmp.results.items()})),
+            finite_or_error(Row(b, prompt, {k: v.b for k, v in cmp.results.items()}))]
+    bad = [r.error for r in rows if r.error]
+    if bad:
+        report.result(Row(image=a, prompt=None, error="; ".join(bad)))
+        return None, "; ".join(bad)
+    if scorer.prompt_truncated(prompt):
+        report.result(rows[0], truncated=True)
+    return cmp.results, None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,22 +20,15 @@ from ..constants import (
     SERVE_MAX_WAIT_MS,
     SERVE_TOKEN_ENV,
 )
-from .app import (
-    BatchSize,
-    Config,
-    Device,
-    Dtype,
-    Exit,
-    ModelOptions,
-    Models,
-    Offline,
-    Revision,
-    Weights,
-    fail,
-    load_model,
-    say,
-)
+from ..engine.options import ModelOptions
+from . import output
+from .app import Exit, exit_help, fail, load_model
+from .options import MODEL, RUN, RunOptions, takes
 
+EXITS = exit_help({Exit.OK: "stopped by SIGTERM or Ctrl-C, the requests in flight answered",
+                   Exit.USAGE: "bad usage, the serve extra missing, or the port taken"}, codes=(Exit.RESOURCE,
+                                                                                                Exit.FETCH,
+                                                                                                Exit.INTERNAL))
 INSTALL_HINT = f"`mps serve` needs the serve extra: pip install '{DISTRIBUTION}[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
 
@@ -44,6 +36,8 @@ _NEEDS = ("starlette", "uvicorn", "python_multipart")
 def _missing() -> list[str]:
     return [m for m in _NEEDS if importlib.util.find_spec(m) is None]
 
+
+@takes(MODEL, RUN)
 def serve(
     host: Annotated[str, typer.Option("--host", rich_help_panel="Server",
                                       help="Address to bind. Anything but loopback needs --token.")] = "127.0.0.1",
@@ -69,8 +63,7 @@ def serve(
     allow_dir: Annotated[Path | None, typer.Option(
         "--allow-dir", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
-    weights: Weights = None, config: Config = None, revision: Revision = None, offline: Offline = False,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = None, models: Models = None,
+    *, model: ModelOptions, run: RunOptions,
 ) -> None:
     """Serve the scorer over HTTP: POST /v1/score, POST /v1/compare, GET /v1/info, GET /healthz.
 
@@ -81,8 +74,30 @@ def serve(
     missing = _missing()
     if missing:
         raise fail(f"{INSTALL_HINT} (missing: {', '.join(missing)})", Exit.USAGE)
-    from ..server import ServeOptions, is_loopback
+    from ..server import ServeOptions
     from ..server import serve as run_server
+
+    _check_access(host, port, token, allow_dir)
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                           max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
+                           token=token, allow_dir=allow_dir)
+    _log_requests()
+    scorer = load_model(model)
+    scorer.batch_size = run.batch_for(scorer)  # this process serves one model: its batch size is the server's
+    output.say(f"{scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
+               + (" (token required)" if token else ""), who="mps serve")
+    # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with
+    # the default dispositions that would kill (or interrupt) the process after a clean shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    run_server(scorer, host, port, options, log_level="warning")
+    output.say("stopped", who="mps serve")
+    raise typer.Exit(int(Exit.OK))
+
+
+def _check_access(host: str, port: int, token: str | None, allow_dir: Path | None) -> None:
+    """Refuse, before the slow model load, what would expose the scorer or cannot work."""
+    from ..server import is_loopback
 
     if token is not None and not token.strip():
         raise typer.BadParameter("the token is empty", param_hint="--token")
@@ -92,27 +107,14 @@ def serve(
     if allow_dir is not None and not allow_dir.is_dir():
         raise typer.BadParameter(f"{allow_dir} is not a folder", param_hint="--allow-dir")
     _check_port_free(host, port)
-    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                           max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
-                           token=token, allow_dir=allow_dir)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mps serve: %(message)s"))
+
+
+def _log_requests() -> None:
+    """The server's request log on stderr, one ``mps serve: ...`` line per request."""
     logger = logging.getLogger("mps_cli.server")
-    logger.addHandler(handler)
+    logger.addHandler(output.LogLines(who="mps serve"))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # its lines are the request log, not library notices
-    scorer = load_model(ModelOptions(weights, config, revision, offline, device, dtype, batch_size, model=models))
-    if batch_size:
-        scorer.batch_size = batch_size  # this process serves one model: its batch size is the server's
-    say(f"mps serve: {scorer.weights} on {scorer.device}; listening on http://{_url_host(host)}:{port}"
-        + (" (token required)" if token else ""))
-    # uvicorn finishes in-flight requests on SIGTERM/SIGINT, then re-raises the signal it caught; with
-    # the default dispositions that would kill (or interrupt) the process after a clean shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    run_server(scorer, host, port, options, log_level="warning")
-    say("mps serve: stopped")
-    raise typer.Exit(int(Exit.OK))
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..constants import DISTRIBUTION, KNOWN_SOURCES, WEIGHTS_ENV
+from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
-from .app import AsJson, Exit, Revision, check_revision, fail, handle_errors, say
+from . import output
+from .app import Exit, exit_help, fail, handle_errors
+from .options import AsJson, Revision, check_revision
 from .output import emit_json
+
+DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
+                            Exit.USAGE: "usage error: not a Hub source, or --revision disagrees with it",
+                            Exit.RESOURCE: "a malformed source or a corrupt file",
+                            Exit.FETCH: "network or Hub problem"})
+CONVERT_EXITS = exit_help({Exit.OK: "written", Exit.USAGE: "usage error (DST exists without --force)",
+                           Exit.RESOURCE: "unreadable or unsafe checkpoint, or DST cannot be written"},
+                          codes=(Exit.INTERNAL, Exit.INTERRUPTED))
 
 
 def _human(n: int) -> str:
@@ -33,7 +42,6 @@ def download(
     """Fetch weights (and their config.json) into the Hugging Face cache; print the local path, size and sha256.
 
     Run it on a connected machine; later runs, even with --offline or HF_HUB_OFFLINE=1, use the cache.
-    Exit codes: 0 fetched, 2 usage error, 3 corrupt file, 4 network or Hub problem.
     """
     from ..weights.sources import hub_file_for, weights_spec
 
@@ -67,29 +75,10 @@ def download(
     if as_json:
         emit_json(doc)
         return
-    say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
-    print(f"path: {fetched.path}")
-    print(f"size: {size} bytes ({_human(size)})")
-    print(f"sha256: {sha}")
-    print(f"commit: {fetched.commit or 'unknown'}")
-    print(f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}")
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def _prepared_summary() -> dict:
-    from ..weights.prepared import SWITCH_ENV, enabled, summary
-
-    found = summary()
-    return {"dir": str(found.folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0",
-            "files": found.files, "bytes": found.bytes}
+    output.say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
+    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({_human(size)})", f"sha256: {sha}",
+                       f"commit: {fetched.commit or 'unknown'}",
+                       f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}"])
 
 
 def info(
@@ -107,48 +96,17 @@ def info(
     A dtype is native when the device's own arithmetic runs it; on CPUs without AVX-512 BF16 or AMX,
     bf16 and fp16 run through a fallback tens to hundreds of times slower than fp32. Never touches the network.
     """
-    from .. import __version__
-    from ..devices import list_devices, resolve_device, resolve_precision
-    from ..weights.hub import cache_dir, cached_weights, config_filename, endpoint, is_offline
-    from ..weights.sources import HubFile, hub_file_for, weights_spec
+    from ..environment import environment_info
 
     with handle_errors():
-        spec = weights_spec(None)
-        hub_file = hub_file_for(spec)
-        if hub_file is None:
-            local = Path(spec)
-            weights = {"source": spec, "hub": False, "cached": local.is_file(),
-                       "path": str(local) if local.is_file() else None}
-        else:
-            path = cached_weights(hub_file)
-            config = cached_weights(HubFile(hub_file.repo, config_filename(hub_file), hub_file.revision))
-            weights = {"source": spec, "hub": True, "uri": hub_file.uri, "cached": path is not None,
-                       "path": str(path) if path else None, "config": str(config) if config else None}
-        device = resolve_device("auto")
-        precision = resolve_precision("auto", device)
-        doc = {
-            "distribution": DISTRIBUTION,
-            "version": __version__,
-            "python": platform.python_version(),
-            "cache_dir": str(cache_dir()),
-            "endpoint": endpoint(),
-            "offline": is_offline(None),
-            "weights": weights,
-            "devices": list_devices(probe=probe),
-            "default_device": str(device),
-            "default_dtype": precision.image,
-            "default_text_dtype": precision.text,
-            "versions": {d: _version(d) for d in ("torch", "pillow", "huggingface_hub", "safetensors")},
-            "prepared": _prepared_summary(),
-        }
-        if verify:
-            from ..weights.prepared import verify_all
-
-            checked = verify_all()
-            doc["prepared"]["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
+        doc = environment_info(probe=probe, verify=verify).to_dict()
     if as_json:
         emit_json(doc)
         return
+    output.emit_lines(_info_lines(doc))
+
+
+def _info_lines(doc: dict) -> list[str]:
     w = doc["weights"]
     lines = [
         f"{doc['distribution']} {doc['version']} (python {doc['python']})",
@@ -175,7 +133,7 @@ def info(
     lines.append(f"default: --device auto -> {doc['default_device']}, --dtype auto -> {doc['default_dtype']} "
                  f"(text side {doc['default_text_dtype']})")
     lines.append("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in doc["versions"].items()))
-    print("\n".join(lines))
+    return lines
 
 
 def _device_lines(d: dict) -> list[str]:
@@ -209,8 +167,7 @@ def convert(
     """Convert a checkpoint to the published safetensors layout, reading pickles without running their code.
 
     The output loads with --weights and scores as the source does. A failed conversion leaves
-    no output file, and an existing DST is kept unless --force is given. Exit codes: 0 written,
-    2 usage error (DST exists without --force), 3 unreadable or unsafe checkpoint.
+    no output file, and an existing DST is kept unless --force is given.
     """
     if dst.suffix.lower() != ".safetensors":
         raise typer.BadParameter(f"{dst}: must end in .safetensors", param_hint="DST")
@@ -230,11 +187,9 @@ def convert(
     if as_json:
         emit_json(doc)
         return
-    say(f"converted {src} -> {result.dst}")
-    print(f"path: {result.dst}")
-    print(f"tensors: {result.tensors}")
-    print(f"size: {result.bytes} bytes ({_human(result.bytes)})")
-    print(f"dtype: {result.dtype}")
+    output.say(f"converted {src} -> {result.dst}")
+    output.emit_lines([f"path: {result.dst}", f"tensors: {result.tensors}",
+                       f"size: {result.bytes} bytes ({_human(result.bytes)})", f"dtype: {result.dtype}"])
 
 
 def _storage_dtype(spec: str) -> str | None:

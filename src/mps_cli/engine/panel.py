@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..constants import JUDGES, MODEL_NAMES, MPS_MODEL
+from .options import ModelOptions, model_options
 from .preprocess import ImageInput
 from .scorer import Scorer
 from .scorer import load_scorer as load_mps
@@ -112,28 +113,24 @@ def split_key(key: str) -> tuple[str, str | None]:
     return MPS_MODEL, key
 
 
-def load_scorer(weights=None, config=None, device: str = "auto", dtype: str = "auto", *, model=None,
-                revision: str | None = None, offline: bool | None = None, batch_size: int | None = None):
+def load_scorer(weights=None, *, batch_size: int | None = None, **options):
     """Load MPS (a :class:`~mps_cli.engine.scorer.Scorer`) or, with ``model``, a :class:`Panel` of several models.
 
-    ``model``: names from ``mps``, ``hpsv2.1``, ``pickscore``, ``clipscore`` (a list or comma-separated,
-    each optionally ``NAME=WEIGHTS``); the panel's results are keyed ``mps.overall``, ``hpsv2.1``, ...
-    Without ``model`` this is :func:`mps_cli.engine.scorer.load_scorer` exactly, results keyed by dimension.
-    The other arguments are :func:`mps_cli.engine.scorer.load_scorer`'s (``weights``, ``config``,
-    ``revision``: MPS's).
+    ``weights`` and the keyword ``options`` are the fields of :class:`~mps_cli.engine.options.ModelOptions`
+    (or ``weights`` is one ModelOptions). ``model``: names from ``mps``, ``hpsv2.1``, ``pickscore``,
+    ``clipscore`` (a list or comma-separated, each optionally ``NAME=WEIGHTS``); the panel's results are
+    keyed ``mps.overall``, ``hpsv2.1``, ... Without ``model`` this is
+    :func:`mps_cli.engine.scorer.load_scorer` exactly, results keyed by dimension.
     """
-    if model is None:
-        return load_mps(weights, config, device, dtype, revision=revision, offline=offline, batch_size=batch_size)
-    return load_panel(model, weights, config, device, dtype, revision=revision, offline=offline,
-                      batch_size=batch_size)
+    opts = model_options(weights, **options)
+    return load_mps(opts, batch_size=batch_size) if opts.model is None else load_panel(opts, batch_size=batch_size)
 
 
-def load_panel(model: str | Sequence[str], weights=None, config=None, device: str = "auto", dtype: str = "auto", *,
-               revision: str | None = None, offline: bool | None = None, batch_size: int | None = None):
-    """Open (fetching if needed) and check every requested model's weights; see :class:`Panel`.
+def load_panel(options: ModelOptions, *, batch_size: int | None = None):
+    """Open (fetching if needed) and check every model's weights of ``options.model``; see :class:`Panel`.
 
-    ``weights``, ``config`` and ``revision`` are MPS's (``NAME=WEIGHTS`` in ``model`` overrides MPS's
-    ``weights`` too); a judge's default weights come from :data:`~mps_cli.constants.JUDGES`, its
+    ``options.weights``, ``config`` and ``revision`` are MPS's (``NAME=WEIGHTS`` in ``model`` overrides MPS's
+    weights too); a judge's default weights come from :data:`~mps_cli.constants.JUDGES`, its
     architecture from the config.json beside its weights, else the built-in ViT-H-14.
     """
     from ..devices import resolve_device, resolve_precision
@@ -141,14 +138,16 @@ def load_panel(model: str | Sequence[str], weights=None, config=None, device: st
     from .judges import Judge
     from .scorer import dtypes_in_use
 
-    requests = parse_models(model)
-    dev = resolve_device(device)
-    precision = resolve_precision(dtype, dev)
+    requests = parse_models(options.model)
+    dev = resolve_device(options.device)
+    precision = resolve_precision(options.dtype, dev)
     support = dtypes_in_use(dev, precision)
+    offline = options.offline
     members: list = []
     for req in requests:
         if req.name == MPS_MODEL:
-            opened = open_weights(req.weights or weights, revision=revision, offline=offline, config=config)
+            opened = open_weights(req.weights or options.weights, revision=options.revision, offline=offline,
+                                  config=options.config)
             members.append(_LazyMPS(opened, dev, precision, batch_size, support))
         else:
             spec = JUDGES[req.name]

@@ -13,6 +13,7 @@ from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIO
 from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
 from ..errors import ImageError
 from ..weights.config import ModelConfig
+from .options import ModelOptions, model_options
 from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
 
 PromptInput = str | Sequence[str | None]
@@ -98,6 +99,25 @@ def resolve_conditions(dims: Iterable[str] | None, condition: str | None) -> lis
     if not seen:
         raise ValueError("no dimension to score")
     return list(seen.items())
+
+
+def check_mask_threshold(value) -> float:
+    """The condition-mask threshold as a float, checked to lie in [0, 1); ValueError otherwise (text and bools too)."""
+    try:
+        number = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0.0 <= number < 1.0:
+        raise ValueError(f"mask threshold must be in [0, 1), got {value!r}")
+    return number
+
+
+def batch_of(scorer, batch_size: int | None) -> int:
+    """A call's batch size: the one given, else the scorer's own (its device's default, or what it was loaded with)."""
+    size = int(scorer.batch_size if batch_size is None else batch_size)
+    if size < 1:
+        raise ValueError("batch size must be at least 1")
+    return size
 
 
 def image_label(image: ImageInput, index: int) -> str:
@@ -260,12 +280,13 @@ class Scorer:
         ``batch_size`` (default ``self.batch_size``).
         """
         conditions = resolve_conditions(dims, condition)
-        step = int(batch_size or self.batch_size)
+        threshold = check_mask_threshold(mask_threshold)
+        step = batch_of(self, batch_size)
         out: list[ScoreResult] = []
         for start in range(0, len(pixels), step):
             end = start + step
             out.extend(self._results(list(pixels[start:end]), list(prompts[start:end]), list(labels[start:end]),
-                                     conditions, float(mask_threshold)))
+                                     conditions, threshold))
         return out
 
     def iter_score(
@@ -287,11 +308,8 @@ class Scorer:
             if len(prompt_list) != len(images):
                 raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
         conditions = resolve_conditions(dims, condition)
-        if not 0.0 <= float(mask_threshold) < 1.0:
-            raise ValueError(f"mask threshold must be in [0, 1), got {mask_threshold}")
-        batch_size = int(batch_size or self.batch_size)
-        if batch_size < 1:
-            raise ValueError("batch size must be at least 1")
+        threshold = check_mask_threshold(mask_threshold)
+        batch_size = batch_of(self, batch_size)
         labels = [image_label(img, i) for i, img in enumerate(images)]
 
         def prepare(i: int):
@@ -311,7 +329,7 @@ class Scorer:
         def flush():
             idx = [i for i, _ in batch]
             results = self._results([px for _, px in batch], [prompt_list[i] for i in idx], [labels[i] for i in idx],
-                                    conditions, float(mask_threshold))
+                                    conditions, threshold)
             ready.update(zip(idx, results, strict=True))
             batch.clear()
 
@@ -374,24 +392,25 @@ def _prefetch(items: Iterable, fn: Callable, workers: int | None, depth: int) ->
                 f.cancel()
 
 
-def load_scorer(weights: str | os.PathLike | None = None, config: str | os.PathLike | ModelConfig | None = None,
-                device: str = "auto", dtype: str = "auto", *, revision: str | None = None,
-                offline: bool | None = None, batch_size: int | None = None) -> Scorer:
-    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` adds ``model=``).
+def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batch_size: int | None = None,
+                **options) -> Scorer:
+    """Load an MPS checkpoint and return a :class:`Scorer` (``mps_cli.load_scorer`` also loads several models).
 
-    ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
-    a known short name, or ``None`` for ``$MPS_WEIGHTS`` or the published default.
-    ``config``: a ``config.json`` path; by default the one beside the weights, else ViT-H-14.
-    ``dtype``: ``IMAGE[/TEXT]``: the image side (vision tower, cross model) in IMAGE (``auto``: fp32
-    on CPU, fp16 on GPUs), the text side (prompt and condition features, the condition mask) in
-    fp32 unless TEXT names another. ``Scorer.dtype_support`` says whether the device runs each natively.
+    ``weights`` and the keyword ``options`` are the fields of
+    :class:`~mps_cli.engine.options.ModelOptions` (``config``, ``revision``, ``offline``, ``device``,
+    ``dtype``; see there), or ``weights`` is one ModelOptions. ``batch_size`` is the scorer's images
+    per forward pass when a call does not say (default: its device's, see :mod:`mps_cli.devices`).
+    ``Scorer.dtype_support`` says whether the device runs each dtype in use natively.
     """
     from ..weights.sources import open_weights
 
-    dev = resolve_device(device)
-    precision = resolve_precision(dtype, dev)
+    opts = model_options(weights, **options)
+    if opts.model is not None:
+        raise ValueError("this loads MPS alone; mps_cli.load_scorer (mps_cli.engine.panel) loads several models")
+    dev = resolve_device(opts.device)
+    precision = resolve_precision(opts.dtype, dev)
     support = dtypes_in_use(dev, precision)
-    resolved = open_weights(weights, revision=revision, offline=offline, config=config)
+    resolved = open_weights(opts.weights, revision=opts.revision, offline=opts.offline, config=opts.config)
     return build_scorer(resolved, dev, precision, batch_size, support)
 
 
@@ -414,6 +433,6 @@ def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = N
 
 
 __all__ = [
-    "Comparison", "PairResult", "ScoreResult", "Scorer", "compare_scores", "load_scorer",
-    "preference_probability", "resolve_conditions",
+    "Comparison", "ModelOptions", "PairResult", "ScoreResult", "Scorer", "batch_of", "check_mask_threshold",
+    "compare_scores", "load_scorer", "preference_probability", "resolve_conditions",
 ]

@@ -332,59 +332,66 @@ def comfy_prompt(raw: str) -> str | None:
         return None
     if not isinstance(graph, dict):
         return None
+    comfy = _ComfyGraph(graph)
+    for key in sorted(graph, key=lambda k: (0, int(k)) if k.isdecimal() else (1, k)):
+        n = graph[key]
+        if not isinstance(n, dict) or n.get("class_type") not in _SAMPLERS:
+            continue
+        inputs = comfy.inputs_of(n)
+        for k in ("positive", "guider"):
+            if k in inputs:
+                found = comfy.text_of(inputs[k])
+                if found:
+                    return found
+    return None
 
-    def node(ref):
+
+class _ComfyGraph:
+    """A ComfyUI API graph: nodes by id, each input a value or a ``[node id, output]`` reference."""
+
+    def __init__(self, graph: dict):
+        self.graph = graph
+
+    def node(self, ref) -> dict | None:
         if isinstance(ref, list) and ref and isinstance(ref[0], (str, int)):
-            n = graph.get(str(ref[0]))
+            n = self.graph.get(str(ref[0]))
             return n if isinstance(n, dict) else None
         return None
 
-    def inputs_of(n) -> dict:
+    @staticmethod
+    def inputs_of(n: dict) -> dict:
         inputs = n.get("inputs")
         return inputs if isinstance(inputs, dict) else {}
 
-    def string_of(value, depth=0):
+    def string_of(self, value, depth: int = 0) -> str | None:
+        """A string input, followed through the nodes that pass text along (at most 20 deep)."""
         if isinstance(value, str):
             return value
-        n = node(value)
+        n = self.node(value)
         if n is None or depth > 20:
             return None
-        inputs = inputs_of(n)
+        inputs = self.inputs_of(n)
         for key in _STRING_INPUTS:
             if key in inputs:
-                s = string_of(inputs[key], depth + 1)
+                s = self.string_of(inputs[key], depth + 1)
                 if s:
                     return s
         return None
 
-    def text_of(ref, depth=0):
-        n = node(ref)
+    def text_of(self, ref, depth: int = 0) -> str | None:
+        """The text of a conditioning input: its encoder's text, or a combined conditioning's first text."""
+        n = self.node(ref)
         if n is None or depth > 20:
             return None
-        inputs = inputs_of(n)
+        inputs = self.inputs_of(n)
         for key in ("text", "text_g", "text_l", "prompt"):
             if key in inputs:
-                s = string_of(inputs[key])
+                s = self.string_of(inputs[key])
                 if s:
                     return s
         for key in _CONDITIONING_INPUTS:
             if key in inputs:
-                s = text_of(inputs[key], depth + 1)
+                s = self.text_of(inputs[key], depth + 1)
                 if s:
                     return s
         return None
-
-    def order(k: str):
-        return (0, int(k)) if k.isdecimal() else (1, k)
-
-    for key in sorted(graph, key=order):
-        n = graph[key]
-        if not isinstance(n, dict) or n.get("class_type") not in _SAMPLERS:
-            continue
-        inputs = inputs_of(n)
-        for k in ("positive", "guider"):
-            if k in inputs:
-                found = text_of(inputs[k])
-                if found:
-                    return found
-    return None

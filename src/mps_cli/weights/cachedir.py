@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 from ..constants import CACHE_ENV, CACHE_FOLDER
+from ..files import write_whole
 from .reader import check_regular_file, file_sha256
 
 
@@ -84,23 +84,13 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
-def host_tag() -> str:
-    """This machine's name as it goes into temporary file names (so a stale one's writer can be told)."""
-    return "".join(c for c in socket.gethostname() if c.isalnum() or c == "-")[:40] or "host"
-
-
 def write_small(path: Path, text: str) -> None:
-    """Replace a small file whole (a temporary file, then a rename); on an OSError the old one stays."""
-    tmp = path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.tmp")
+    """Replace a small record whole; where that cannot be done (an OSError) the old one stays."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_whole(path, text)
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass
 
 
-__all__ = ["cache_root", "host_tag", "prepared_dir", "scores_path", "version_of", "weights_sha256", "write_small"]
+__all__ = ["cache_root", "prepared_dir", "scores_path", "version_of", "weights_sha256", "write_small"]

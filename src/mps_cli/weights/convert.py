@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..devices import DTYPES, dtype_name, parse_dtype, torch_dtype
 from ..errors import CheckpointError, DeviceError
+from ..files import replacing
 from .layouts import detect_layout, plan_judge_remap
 from .reader import read_safetensors_header
 from .remap import cross_config_from_shapes, detect_prefix, plan_remap
@@ -116,24 +116,23 @@ def _layout_of(shapes, name: str) -> tuple[str | None, str]:
 def _write_atomically(tensors: dict, dst: Path, src: Path, layout: str | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        # Created like any new file (umask applies), and never over an existing one.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
-    try:
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": src.name})
-        except OSError as exc:
-            raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc})") from None
-        except Exception as exc:  # safetensors raises untyped errors
-            raise CheckpointError(f"{dst}: cannot write ({exc})") from None
-        header, _ = read_safetensors_header(tmp)
-        if set(header) != set(tensors):
-            raise CheckpointError(f"{dst}: the written file does not hold the {len(tensors)} tensors it should")
-        if _layout_of(header, str(dst)) != (layout, ""):
-            raise CheckpointError(f"{dst}: the written file is not in the published layout")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with replacing(dst) as tmp:
+            try:
+                # Created like any new file (umask applies), and never over an existing one.
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except OSError as exc:
+                raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
+            try:
+                save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": src.name})
+            except OSError as exc:
+                raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+            except Exception as exc:  # safetensors raises untyped errors
+                raise CheckpointError(f"{dst}: cannot write ({exc})") from None
+            header, _ = read_safetensors_header(tmp)
+            if set(header) != set(tensors):
+                raise CheckpointError(f"{dst}: the written file does not hold the {len(tensors)} tensors it should")
+            if _layout_of(header, str(dst)) != (layout, ""):
+                raise CheckpointError(f"{dst}: the written file is not in the published layout")
+    except OSError as exc:  # the rename into place
+        raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc})") from None

@@ -1,0 +1,346 @@
+"""Comparing sides: per dimension, A's win rate over all pairs (a pair's outcome is 1 when A scores higher,
+0.5 for a tie, 0 when B does), the mean score difference A - B, and a 95% bootstrap interval that resamples
+prompts (pairs of one prompt are not independent), or pairs when there is a single prompt. With more
+than two sides: every pairwise comparison, and a Bradley-Terry ranking.
+
+Folder images are scored through :func:`mps_cli.scorecache.score_cached`, the cache ``mps eval``
+uses. Nothing here prints; problems (unpaired images, failed images) go into the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from ..constants import DEFAULT_MASK_THRESHOLD
+from .sides import Entry, Failure, Lineup, Side, SideError
+from .stats import DEFAULT_SAMPLES, DEFAULT_SEED, bootstrap_intervals, bradley_terry
+
+
+def _num(x: float) -> float | None:
+    """JSON has no NaN: a statistic over no pairs is null."""
+    return None if math.isnan(x) else x
+
+
+@dataclass(frozen=True)
+class DimResult:
+    """One dimension of A against B. ``win_rate`` is in [0, 1]; ties count half."""
+
+    win_rate: float
+    ci95: tuple[float, float]
+    mean_diff: float
+    wins: int
+    ties: int
+    losses: int
+
+    def mirrored(self) -> DimResult:
+        """The same comparison seen from B."""
+        lo, hi = self.ci95
+        return DimResult(1.0 - self.win_rate, (1.0 - hi, 1.0 - lo), -self.mean_diff, self.losses, self.ties, self.wins)
+
+    def to_dict(self) -> dict:
+        return {"win_rate": _num(self.win_rate), "ci95": [_num(x) for x in self.ci95],
+                "mean_diff": _num(self.mean_diff), "wins": self.wins, "ties": self.ties, "losses": self.losses}
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One prompt of a matchup: its pairs, and per dimension A's win rate and mean difference on them."""
+
+    prompt: str
+    pairs: int
+    a_images: tuple[str, ...]
+    b_images: tuple[str, ...]
+    win_rate: dict[str, float]
+    mean_diff: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "pairs": self.pairs, "a_images": list(self.a_images),
+                "b_images": list(self.b_images),
+                "results": {k: {"win_rate": self.win_rate[k], "mean_diff": self.mean_diff[k]} for k in self.win_rate}}
+
+
+@dataclass(frozen=True)
+class Matchup:
+    """Side ``a`` against side ``b``. ``unit`` says what the bootstrap resampled: prompt, or pair
+    when all pairs share one prompt. ``per_prompt`` is ordered best prompt for A first (by the
+    first dimension's mean difference)."""
+
+    a: str
+    b: str
+    prompts: int
+    pairs: int
+    unpaired: dict[str, list[str]]
+    results: dict[str, DimResult]
+    per_prompt: tuple[PromptResult, ...]
+    unit: str
+
+
+@dataclass(frozen=True)
+class Strength:
+    """A side's Bradley-Terry strength (strengths sum to 1; P(i beats j) = s_i / (s_i + s_j))."""
+
+    side: str
+    strength: float
+
+
+@dataclass(frozen=True)
+class VersusReport:
+    """Everything ``mps versus`` prints. ``matchups``: one per pair of sides, in argument order."""
+
+    sides: tuple[str, ...]
+    keys: tuple[str, ...]
+    matchups: tuple[Matchup, ...]
+    unpaired: dict[str, list[str]]
+    missing: dict[str, list[str]]
+    failed: tuple[Failure, ...]
+    ranking: dict[str, list[Strength]]
+    samples: int
+    seed: int
+    scored: int
+    cached: int
+    weights: str | None  # None when nothing was scored (every side pre-scored)
+    weights_identity: str | None
+    dtype: str | None
+    mask_threshold: float
+
+    @property
+    def ok(self) -> bool:
+        """True when every image took part: nothing unpaired, missing or failed."""
+        return not (any(self.unpaired.values()) or any(self.missing.values()) or self.failed)
+
+    def matchup(self, a: str, b: str) -> Matchup:
+        """``a`` against ``b`` (either order)."""
+        for m in self.matchups:
+            if (m.a, m.b) == (a, b):
+                return m
+            if (m.a, m.b) == (b, a):
+                return _mirror(m)
+        raise KeyError(f"no matchup {a!r} against {b!r}")
+
+    def to_dict(self, details: bool = False) -> dict:
+        """The ``mps versus --json`` document (see README); ``details`` adds the per-prompt results."""
+        common = {
+            "unpaired": {s: list(v) for s, v in self.unpaired.items()},
+            "missing": {s: list(v) for s, v in self.missing.items()},
+            "failed": [{"side": f.side, "image": f.image, "error": f.error} for f in self.failed],
+            "bootstrap": {"samples": self.samples, "seed": self.seed},
+            "scored": self.scored, "cached": self.cached,
+            "weights": self.weights, "weights_identity": self.weights_identity, "dtype": self.dtype,
+            "mask_threshold": self.mask_threshold,
+        }
+        if len(self.sides) == 2:
+            m = self.matchups[0]
+            doc = {"a": m.a, "b": m.b, "prompts": m.prompts, "pairs": m.pairs, **common,
+                   "results": {k: r.to_dict() for k, r in m.results.items()}}
+            doc["bootstrap"]["unit"] = m.unit
+            if details:
+                doc["per_prompt"] = [p.to_dict() for p in m.per_prompt]
+            return doc
+        matrix: dict[str, dict] = {k: {s: {} for s in self.sides} for k in self.keys}
+        for m in self.matchups:
+            for k in self.keys:
+                for x, y, r in ((m.a, m.b, m.results[k]), (m.b, m.a, m.results[k].mirrored())):
+                    matrix[k][x][y] = {**r.to_dict(), "prompts": m.prompts, "pairs": m.pairs, "unit": m.unit}
+        doc = {"sides": list(self.sides), "prompts": len({p.prompt for m in self.matchups for p in m.per_prompt}),
+               "pairs": sum(m.pairs for m in self.matchups), **common, "matrix": matrix,
+               "ranking": {k: [{"side": s.side, "strength": s.strength} for s in v] for k, v in self.ranking.items()}}
+        if details:
+            doc["per_prompt"] = [{"a": m.a, "b": m.b, "prompts": [p.to_dict() for p in m.per_prompt]}
+                                 for m in self.matchups]
+        return doc
+
+
+def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
+             samples: int, seed: int) -> Matchup:
+    def usable(side: Side) -> dict[str, dict[str, list[Entry]]]:
+        out: dict[str, dict[str, list[Entry]]] = {}
+        for e in side.entries:
+            if e.error is None and e.scores is not None:
+                out.setdefault(e.prompt, {}).setdefault("" if by_prompt else e.key, []).append(e)
+        return out
+
+    ua, ub = usable(a), usable(b)
+    unpaired: dict[str, list[str]] = {a.name: [], b.name: []}
+    groups: list[tuple[str, list[tuple[Entry, Entry]]]] = []
+    for prompt in dict.fromkeys([*ua, *ub]):
+        ga, gb = ua.get(prompt, {}), ub.get(prompt, {})
+        pairs = []
+        for key in dict.fromkeys([*ga, *gb]):
+            ea, eb = ga.get(key, []), gb.get(key, [])
+            if ea and eb:
+                pairs.extend((x, y) for x in ea for y in eb)
+            else:
+                unpaired[a.name].extend(e.label for e in ea)
+                unpaired[b.name].extend(e.label for e in eb)
+        if pairs:
+            groups.append((prompt, pairs))
+
+    def outcome(x: float, y: float) -> float:
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    # One prompt gives no prompt-to-prompt variation to resample: then pairs are the units.
+    unit = "prompt" if len(groups) > 1 else "pair"
+    units = [pairs for _, pairs in groups] if unit == "prompt" else [[p] for _, pairs in groups for p in pairs]
+    outcomes = {k: [[outcome(x.scores[k], y.scores[k]) for x, y in u] for u in units] for k in keys}
+    intervals = dict(zip(keys, bootstrap_intervals([outcomes[k] for k in keys], samples, seed, 0.95), strict=True))
+    results = {}
+    all_pairs = [p for _, pairs in groups for p in pairs]
+    for k in keys:
+        flat = [o for u in outcomes[k] for o in u]
+        n = len(flat)
+        results[k] = DimResult(
+            win_rate=math.fsum(flat) / n if n else math.nan, ci95=intervals[k],
+            mean_diff=math.fsum(x.scores[k] - y.scores[k] for x, y in all_pairs) / n if n else math.nan,
+            wins=sum(o == 1.0 for o in flat), ties=sum(o == 0.5 for o in flat), losses=sum(o == 0.0 for o in flat))
+    per_prompt = []
+    for prompt, pairs in groups:
+        per_prompt.append(PromptResult(
+            prompt=prompt, pairs=len(pairs),
+            a_images=tuple(dict.fromkeys(x.label for x, _ in pairs)),
+            b_images=tuple(dict.fromkeys(y.label for _, y in pairs)),
+            win_rate={k: math.fsum(outcome(x.scores[k], y.scores[k]) for x, y in pairs) / len(pairs) for k in keys},
+            mean_diff={k: math.fsum(x.scores[k] - y.scores[k] for x, y in pairs) / len(pairs) for k in keys}))
+    per_prompt.sort(key=lambda p: -p.mean_diff[first])
+    return Matchup(a.name, b.name, len(groups), len(all_pairs), unpaired, results, tuple(per_prompt), unit)
+
+
+def _mirror(m: Matchup) -> Matchup:
+    per_prompt = tuple(PromptResult(p.prompt, p.pairs, p.b_images, p.a_images,
+                                    {k: 1.0 - v for k, v in p.win_rate.items()},
+                                    {k: -v for k, v in p.mean_diff.items()}) for p in reversed(m.per_prompt))
+    return Matchup(m.b, m.a, m.prompts, m.pairs, m.unpaired, {k: r.mirrored() for k, r in m.results.items()},
+                   per_prompt, m.unit)
+
+
+def _check_prescored(side: Side, keys: Sequence[str]) -> None:
+    for e in side.entries:
+        if e.error is None and e.scores is not None:
+            lacking = [k for k in keys if k not in e.scores]
+            if lacking:
+                have = ", ".join(e.scores) or "none"
+                raise SideError(f"{side.name}: no {', '.join(repr(k) for k in lacking)} scores in it (it has {have}); "
+                                "score it again with those dimensions or ask for the ones it has")
+
+
+def _check_settings(sides: Sequence[Side], texts: dict[str, str], threshold: float, weights: str | None,
+                    dtype: str | None) -> None:
+    # Scores made under other settings are not comparable; a dataset manifest says what they were made with.
+    for side in sides:
+        st = side.settings or {}
+        conditions = st.get("conditions") if isinstance(st.get("conditions"), dict) else {}
+        wrong = [f"condition {k!r} {conditions[k]!r}" for k in texts if k in conditions and conditions[k] != texts[k]]
+        if st.get("mask_threshold") is not None and float(st["mask_threshold"]) != threshold:
+            wrong.append(f"mask threshold {st['mask_threshold']} (this run: {threshold})")
+        if weights is not None and st.get("weights") not in (None, weights):
+            wrong.append(f"weights {st['weights']} (this run: {weights})")
+        if dtype is not None and st.get("dtype") not in (None, dtype):
+            wrong.append(f"dtype {st['dtype']} (this run: {dtype})")
+        if wrong:
+            raise SideError(f"{side.name}: scored with {'; '.join(wrong)}; its scores do not compare with these")
+        weights = weights if weights is not None else st.get("weights")
+        dtype = dtype if dtype is not None else st.get("dtype")
+
+
+def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None, *, condition: str | None = None,
+                  mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache=None, batch_size: int | None = None,
+                  samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
+                  progress: Callable[[str, int, int], None] | None = None, models=None) -> VersusReport:
+    """Score what needs scoring (through ``cache``, a :class:`~mps_cli.scorecache.ScoreCache`) and compare every
+    two sides. ``scorer`` may be None when every side is pre-scored. ``models``: compare by the keys of
+    several models (:func:`~mps_cli.engine.panel.keyed_conditions`)."""
+    from ..engine.panel import keyed_conditions
+    from ..engine.scorer import check_mask_threshold
+    from ..scorecache import cache_identity
+
+    conditions = keyed_conditions(models, dims, condition)
+    keys = [k for k, _ in conditions]
+    texts = dict(conditions)
+    threshold = check_mask_threshold(mask_threshold)
+    if len(lineup.sides) < 2:
+        raise ValueError("versus needs at least two sides")
+    if samples < 1:
+        raise ValueError("the bootstrap needs at least one sample")
+    for side in lineup.sides:
+        if side.prescored:
+            _check_prescored(side, keys)
+    sides = list(lineup.sides)
+    scored = cached = 0
+    weights = identity = dtype = None
+    if lineup.needs_scoring:
+        if scorer is None:
+            raise ValueError("folder sides need a scorer")
+        weights = scorer.weights
+        identity, dtype = cache_identity(scorer)
+    _check_settings(sides, texts, threshold, identity, dtype)
+    if lineup.needs_scoring:
+        sides, scored, cached = _score_folders(sides, scorer, keys, texts, condition, threshold, cache, batch_size,
+                                               progress)
+    failed = list(lineup.failed)
+    for side in sides:
+        failed.extend(Failure(side.name, e.label, e.error) for e in side.entries if e.error is not None)
+    matchups = [_pair_up(sides[i], sides[j], lineup.by_prompt, keys, keys[0], samples, seed)
+                for i in range(len(sides)) for j in range(i + 1, len(sides))]
+    unpaired: dict[str, list[str]] = {}
+    for side in sides:
+        seen = list(lineup.unlisted.get(side.name, []))
+        for m in matchups:
+            seen.extend(m.unpaired.get(side.name, []))
+        unpaired[side.name] = list(dict.fromkeys(seen))
+    return VersusReport(
+        sides=tuple(s.name for s in sides), keys=tuple(keys), matchups=tuple(matchups), unpaired=unpaired,
+        missing={s: list(v) for s, v in lineup.missing.items()}, failed=tuple(failed),
+        ranking=_ranking(sides, matchups, keys) if len(sides) > 2 else {}, samples=samples, seed=seed,
+        scored=scored, cached=cached, weights=weights, weights_identity=identity, dtype=dtype,
+        mask_threshold=threshold)
+
+
+def _score_folders(sides: list[Side], scorer, keys, texts, condition, threshold, cache, batch_size, progress
+                   ) -> tuple[list[Side], int, int]:
+    """The sides with every folder image scored (or failed), and how many the model scored and the cache served."""
+    from ..scorecache import ScoreCache, hash_images, score_cached
+
+    own = cache is None
+    store = ScoreCache(None) if own else cache
+    try:
+        todo = [e for s in sides if not s.prescored for e in s.entries if e.error is None]
+        digests, unreadable = hash_images(store, list(dict.fromkeys(e.path for e in todo)), progress)
+        work: dict[tuple[str, str], str] = {}
+        for e in todo:
+            if e.path in digests:
+                work.setdefault((digests[e.path], e.prompt), e.path)
+        run = score_cached(scorer, work, keys, texts, condition, threshold, store, batch_size, progress)
+    finally:
+        if own:
+            store.close()
+
+    def scored(e: Entry) -> Entry:
+        if e.error is not None:
+            return e
+        if e.path in unreadable:
+            return replace(e, error=unreadable[e.path])
+        wk = (digests.get(e.path), e.prompt)
+        return replace(e, error=run.errors[wk]) if wk in run.errors else replace(e, scores=run.scores[wk])
+
+    out = [side if side.prescored else replace(side, entries=tuple(scored(e) for e in side.entries)) for side in sides]
+    return out, run.scored, run.cached
+
+
+def _ranking(sides: Sequence[Side], matchups: Sequence[Matchup], keys: Sequence[str]) -> dict[str, list[Strength]]:
+    """Per dimension, the sides by Bradley-Terry strength, strongest first (ties count half a win)."""
+    index = {s.name: i for i, s in enumerate(sides)}
+    ranking: dict[str, list[Strength]] = {}
+    for k in keys:
+        wins = [[0.0] * len(sides) for _ in sides]
+        for m in matchups:
+            r = m.results[k]
+            wins[index[m.a]][index[m.b]] = r.wins + 0.5 * r.ties
+            wins[index[m.b]][index[m.a]] = r.losses + 0.5 * r.ties
+        strength = bradley_terry(wins)
+        order = sorted(range(len(sides)), key=lambda i: -strength[i])
+        ranking[k] = [Strength(sides[i].name, float(strength[i])) for i in order]
+    return ranking
+
+
+__all__ = ["DimResult", "Matchup", "PromptResult", "Strength", "VersusReport", "compare_sides"]
