@@ -17,7 +17,10 @@ published layout with random weights (speed does not depend on the values) and a
   cache warm, the time to read the weights file, ``mps --help`` wall time, and peak RSS of a
   process that loads and scores, against the weights' size at that dtype;
 * each reduced dtype against fp32 on the golden tiny fixture (score differences, condition
-  mask flips, image pairs in order), with the text side in fp32 and all in that dtype.
+  mask flips, image pairs in order), with the text side in fp32 and all in that dtype;
+* ``--variants``: the first dtype's 4-dimension configuration again with one thing changed at a
+  time (decode path, batch size, attention kernels, torch.compile), from the JPEG files and
+  pre-decoded, each with its share of the floor, so that what each change gives is read off one run.
 
 The table goes to stdout, progress to stderr, everything (a ``bench_report.Report``) to a JSON
 file. Ratios (share of floor, speed-ups) are comparable only within one run: the machine may be
@@ -27,6 +30,7 @@ shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -73,7 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated: fp32, bf16, fp16 (default fp32,bf16); the text side stays fp32")
     p.add_argument("--slow-dtypes", action="store_true",
                    help="run dtypes the device does not run natively too (default: skip them, saying so)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for Scorer.score (default 8)")
+    p.add_argument("--batch-size", default="8",
+                   help="batch size for Scorer.score (default 8); auto: the library's rule (on CUDA, free memory)")
+    p.add_argument("--decode", default="auto",
+                   help="decode path for the main rows (auto: the library's default on the device; exact, fast, "
+                        "draft, tensor)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variants of the first dtype's 4-dim row, each KEY=VALUE joined by '+': "
+                        "decode=exact|draft|tensor, batch=N, attention=math (SDPA's math kernels, the 'before' of "
+                        "fused attention), compile=on|graphs; e.g. decode=exact,batch=128,attention=math")
     p.add_argument("--naive-images", type=int, default=2, help="images for the naive baseline (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration, best kept (default 1)")
@@ -86,7 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the checkpoint and images live (default $MPS_BENCH_CACHE or ~/.cache/mps-cli-bench)")
     p.add_argument("--fixture", type=Path, default=DEFAULT_FIXTURE, help="the mps-tiny golden fixture folder")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached checkpoint")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: naive, cold, accuracy, help")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts to skip: main (the throughput rows), naive, cold, read (the file "
+                        "reads), accuracy, help")
     p.add_argument("--json", type=Path, default=None,
                    help="write the results here (default <cache>/results/bench-<time>.json)")
     args = p.parse_args(argv)
@@ -96,13 +110,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(exc))
     if not set(args.dtypes) <= set(DTYPES):
         p.error(f"--dtypes: expected some of {', '.join(DTYPES)}")
+    try:
+        args.batch_size = None if args.batch_size == "auto" else int(args.batch_size)
+        args.variants = parse_variants(args.variants)
+    except ValueError as exc:
+        p.error(f"--batch-size or --variants: {exc}")
     if args.quick:
         args.images, args.batch_size, args.naive_images = 2, 2, 1
         args.matmul_reps = min(args.matmul_reps, 2)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if args.images < 1 or args.batch_size < 1 or args.naive_images < 1 or args.repeats < 1:
+    if args.images < 1 or (args.batch_size or 1) < 1 or args.naive_images < 1 or args.repeats < 1:
         p.error("--images, --batch-size, --naive-images and --repeats must be at least 1")
     return args
+
+
+VARIANT_KEYS = {"decode", "batch", "attention", "compile"}
+
+
+def parse_variants(text: str) -> list[dict[str, str]]:
+    """``decode=tensor+batch=128,attention=math`` as [{decode: tensor, batch: 128}, {attention: math}]."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        variant = {}
+        for part in item.split("+"):
+            key, sep, value = part.partition("=")
+            if not sep or key not in VARIANT_KEYS:
+                raise ValueError(f"{part!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(VARIANT_KEYS))}")
+            variant[key] = value
+        if "batch" in variant:
+            int(variant["batch"])
+        out.append(variant)
+    return out
+
+
+def attention_kernels(variant: dict):
+    """The SDPA kernels a variant runs with: the math (unfused) ones for ``attention=math``, else torch's choice."""
+    if variant.get("attention") != "math":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def configurations(args) -> list[tuple[str, int]]:
@@ -137,9 +186,10 @@ def measure_loading(args, ckpt: Path, pool: list[Path], cache: Path, report: Rep
 
     from mps_cli.devices import resolve_precision
 
-    log("timing the weights file read")
-    report.read_s = read_file_seconds(ckpt, report.read_reps)
-    report.read_fresh_s = read_fresh_seconds(ckpt, report.read_reps)
+    if "read" not in args.skip:
+        log("timing the weights file read")
+        report.read_s = read_file_seconds(ckpt, report.read_reps)
+        report.read_fresh_s = read_fresh_seconds(ckpt, report.read_reps)
     if "cold" not in args.skip:
         # Emptied here so the first cold start measures the converting load and the second the mapped one.
         shutil.rmtree(cache / "mps-cache" / "prepared", ignore_errors=True)
@@ -163,13 +213,14 @@ def measure_scoring(args, ckpt: Path, pool: list[Path], images: list[Path], cfg,
     from mps_cli.constants import DIMENSIONS
     from mps_cli.devices import DTYPES
 
-    configs = configurations(args)
+    configs = [] if "main" in args.skip else configurations(args)
     pipeline: dict[tuple[str, int], dict] = {}
     naive = None
-    run = set(args.dtypes) | ({"fp32"} if "naive" not in args.skip else set())
+    run = {d for d, _ in configs} | ({"fp32"} if "naive" not in args.skip else set())
     for dt in sorted(run, key=DTYPES.index):
         log(f"loading the scorer, {dt}")
-        scorer = load_scorer(ckpt, device=args.device, dtype=dt)
+        scorer = load_scorer(ckpt, device=args.device, dtype=dt, decode=args.decode)
+        args.decode_path = scorer.decode
         todo = [n for d, n in configs if d == dt]
         if todo:
             log(f"  warm-up: {args.batch_size} images, all dims")
@@ -205,7 +256,8 @@ def build_rows(args, pipeline: dict, naive: dict | None, fl, cfg, report: Report
     for (dt, n), r in pipeline.items():
         floor = fl.per_image(n) / (r["matmul_gflops"] * 1e9)
         base = None if naive is None else naive["s_per_image_1dim" if n == 1 else "s_per_image_all"]
-        labels = (f"Scorer.score {dt}, {n} dim{'s' if n > 1 else ''}, batch {args.batch_size}",
+        labels = (f"Scorer.score {dt}, {n} dim{'s' if n > 1 else ''}, batch {args.batch_size}, "
+                  f"decode {getattr(args, 'decode_path', args.decode)}",
                   f"  same, pre-decoded {cfg.vision.image_size}px images")
         for kind, m, label in zip(("pipeline", "model_only"), (r, r.get("model_only")), labels, strict=True):
             if m is None:
@@ -235,6 +287,43 @@ def build_rows(args, pipeline: dict, naive: dict | None, fl, cfg, report: Report
                                      for (dt, n), r in pipeline.items()}
 
 
+def measure_variants(args, ckpt: Path, pool: list[Path], images: list[Path], cfg, fl, mm: MatmulProbe,
+                     report: Report) -> None:
+    """The first dtype's 4-dimension configuration with one change per variant: JPEG files and pre-decoded rows."""
+    from mps_cli import load_scorer
+
+    dt = args.dtypes[0]
+    base = {"decode": args.decode, "batch": str(args.batch_size), "compile": "off"}
+    pre = predecoded(images, cfg.vision.image_size)
+    for variant in args.variants:
+        v = {**base, **variant}
+        batch = int(v["batch"])
+        name = "+".join(f"{k}={x}" for k, x in variant.items())
+        log(f"variant {name}: loading the scorer, {dt}")
+        try:
+            scorer = load_scorer(ckpt, device=args.device, dtype=dt, decode=v["decode"], compile=v["compile"],
+                                 batch_size=batch)
+        except Exception as exc:  # a variant the machine cannot run (compile without a compiler, graphs on CPU)
+            report.notes.append(f"variant {name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            continue
+        label = f"  variant {name} (decode {scorer.decode}, batch {batch})"
+        with attention_kernels(v):
+            scorer.score([str(p) for p in pool[:batch]], PROMPT, dims=["all"], batch_size=batch)
+            before = mm.probe(dt)
+            files = pipeline_throughput(scorer, images, ["all"], batch, args.repeats)
+            decoded = pipeline_throughput(scorer, pre, ["all"], batch, args.repeats)
+            gflops = max(before, mm.probe(dt))
+        floor = fl.per_image(4) / (gflops * 1e9)
+        for kind, m, suffix in (("variant", files, ", JPEG files"), ("variant_model_only", decoded, ", pre-decoded")):
+            report.rows.append(Row(
+                kind=kind, dtype=dt, dims=4, batch=batch, label=label + suffix, s_per_image=m["s_per_image"],
+                images_per_s=m["images_per_s"], floor_s_per_image=floor, share_of_floor=floor / m["s_per_image"],
+                speedup_vs_naive=None, matmul_gflops=gflops, others_cores=m["others_cores"],
+                failed_or_nonfinite=m["failed_or_nonfinite"]))
+        del scorer
+        gc.collect()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -244,6 +333,13 @@ def main(argv=None) -> int:
     from mps_cli.weights.config import builtin_config
 
     device = resolve_device(args.device)
+    if args.batch_size is None:  # the library's own rule for this device, model and first dtype
+        from mps_cli.devices import default_batch_size
+        from mps_cli.engine.scorer import activation_bytes
+
+        args.batch_size = default_batch_size(device, activation_bytes(builtin_config(),
+                                                                      resolve_precision(args.dtypes[0], device)))
+        log(f"batch size auto: {args.batch_size}")
     cache = check_outside_repo(args.cache_dir or default_cache_dir())
     # The library's own cache (prepared weights) goes beside the benchmark's, never to ~/.cache.
     os.environ[CACHE_ENV] = str(cache / "mps-cache")
@@ -268,10 +364,12 @@ def main(argv=None) -> int:
     for dt in sorted(set(args.dtypes) | {"fp32"}, key=DTYPES.index):
         mm.probe(dt)
     pipeline, naive = measure_scoring(args, ckpt, pool, images, cfg, mm, report)
+    build_rows(args, pipeline, naive, fl, cfg, report)
+    if args.variants:
+        measure_variants(args, ckpt, pool, images, cfg, fl, mm, report)
     report.matmul_samples = mm.samples
     report.matmul_desc = (f"{args.matmul_size}x{args.matmul_size} torch.mm, best of {args.matmul_reps} "
                           "per probe; each row's floor uses the better of the probes just before and after it")
-    build_rows(args, pipeline, naive, fl, cfg, report)
     report.cpu_default_dtype = resolve_precision("auto", torch.device("cpu")).label
     if "accuracy" not in args.skip:
         log(f"fixture accuracy (tiny checkpoint) on {args.device}")

@@ -356,6 +356,65 @@ def help_seconds(reps: int) -> dict:
 
 # --------------------------------------------------------------------------- fixture accuracy
 
+@dataclass
+class FixtureRows:
+    """The golden fixture's expected.json rows: (image, prompt, key, condition or None, threshold) ->
+    (original score, kept tokens), grouped for scoring (by text) and for pair order (by prompt and condition)."""
+
+    original: dict
+    by_text: dict
+    by_group: dict
+
+
+def fixture_rows(fixture: Path) -> FixtureRows | None:
+    """The fixture's 140 rows, or None when the fixture is not there."""
+    expected_path = fixture / "expected.json"
+    if not (fixture / "mps-tiny.safetensors").is_file() or not expected_path.is_file():
+        return None
+    expected = json.loads(expected_path.read_text())
+    original = {(r["image"], r["prompt"], r["dim"], None, expected["mask_threshold"]): (r["score"], r["kept_tokens"])
+                for r in expected["scores"]}
+    original.update({(r["image"], r["prompt"], "custom", r["condition"], r["mask_threshold"]):
+                     (r["score"], r["kept_tokens"]) for r in expected.get("custom", [])})
+    by_text: dict[tuple, set] = {}
+    by_group: dict[tuple, list] = {}
+    for key in original:
+        name, prompt, dim, condition, threshold = key
+        by_text.setdefault((prompt, condition, threshold), set()).add((name, dim))
+        by_group.setdefault(key[1:], []).append(key)
+    return FixtureRows(original, by_text, by_group)
+
+
+def score_rows(scorer, rows: FixtureRows, image_path) -> tuple[dict, dict]:
+    """Every row scored by ``scorer``, the image of row name N read from ``image_path(N)``: (scores, kept)."""
+    got, kept = {}, {}
+    for (prompt, condition, threshold), members in rows.by_text.items():
+        names = sorted({n for n, _ in members})
+        dims = None if condition else sorted({d for _, d in members})
+        results = scorer.score([str(image_path(n)) for n in names], prompt, dims=dims,
+                               condition=condition, mask_threshold=threshold)
+        for name, res in zip(names, results, strict=True):
+            if not res.ok:
+                raise RuntimeError(f"fixture row failed: {res.error}")
+            for dim, value in res.scores.items():
+                got[name, prompt, dim, condition, threshold] = value
+                kept[name, prompt, dim, condition, threshold] = res.kept_tokens[dim]
+    return got, kept
+
+
+def pairs_alike(rows: FixtureRows, got: dict, ref: dict) -> tuple[int, int]:
+    """Image pairs (same prompt and condition) that ``got`` orders as ``ref`` does, and all pairs."""
+    pairs = [(a, b) for keys in rows.by_group.values() for a, b in combinations(keys, 2)]
+    return sum((got[a] - got[b]) * (ref[a] - ref[b]) > 0 for a, b in pairs), len(pairs)
+
+
+def drift(rows: FixtureRows, got: dict, ref: dict) -> dict:
+    """How far ``got`` is from ``ref`` over the rows: largest and median |difference|, pairs in order."""
+    alike, pairs = pairs_alike(rows, got, ref)
+    diffs = [abs(got[k] - ref[k]) for k in rows.original]
+    return {"max_abs": max(diffs), "median_abs": statistics.median(diffs), "pairs_in_order": alike, "pairs": pairs}
+
+
 def fixture_accuracy(fixture: Path, dtypes: list[str], device: str) -> dict:
     """Each reduced dtype against fp32 (same device) and the original's scores on the golden tiny fixture.
 
@@ -369,52 +428,25 @@ def fixture_accuracy(fixture: Path, dtypes: list[str], device: str) -> dict:
     from mps_cli import load_scorer
     from mps_cli.devices import torch_dtype
 
-    weights = fixture / "mps-tiny.safetensors"
-    expected_path = fixture / "expected.json"
-    if not weights.is_file() or not expected_path.is_file():
+    rows = fixture_rows(fixture)
+    if rows is None:
         return {"error": f"fixture not found at {fixture} (--fixture or $MPS_SHARED)"}
-    expected = json.loads(expected_path.read_text())
-    # Every row: (image, prompt, key, condition text or None, threshold) -> (original score, kept tokens).
-    original = {(r["image"], r["prompt"], r["dim"], None, expected["mask_threshold"]): (r["score"], r["kept_tokens"])
-                for r in expected["scores"]}
-    original.update({(r["image"], r["prompt"], "custom", r["condition"], r["mask_threshold"]):
-                     (r["score"], r["kept_tokens"]) for r in expected.get("custom", [])})
-    by_text: dict[tuple, set] = {}
-    by_group: dict[tuple, list] = {}
-    for key in original:
-        name, prompt, dim, condition, threshold = key
-        by_text.setdefault((prompt, condition, threshold), set()).add((name, dim))
-        by_group.setdefault(key[1:], []).append(key)
-
-    def score_all(scorer) -> tuple[dict, dict]:
-        got, kept = {}, {}
-        for (prompt, condition, threshold), members in by_text.items():
-            names = sorted({n for n, _ in members})
-            dims = None if condition else sorted({d for _, d in members})
-            results = scorer.score([str(fixture / "images" / n) for n in names], prompt, dims=dims,
-                                   condition=condition, mask_threshold=threshold)
-            for name, res in zip(names, results, strict=True):
-                for dim, value in res.scores.items():
-                    got[name, prompt, dim, condition, threshold] = value
-                    kept[name, prompt, dim, condition, threshold] = res.kept_tokens[dim]
-        return got, kept
-
-    def pairs_alike(got: dict, ref: dict) -> tuple[int, int]:
-        pairs = [(a, b) for keys in by_group.values() for a, b in combinations(keys, 2)]
-        return sum((got[a] - got[b]) * (ref[a] - ref[b]) > 0 for a, b in pairs), len(pairs)
+    weights = fixture / "mps-tiny.safetensors"
+    original = rows.original
+    images = fixture / "images"
 
     def compare(got: dict, kept: dict, fp32: dict, fp32_kept: dict) -> dict:
-        alike, pairs = pairs_alike(got, fp32)
-        alike_orig, _ = pairs_alike(got, {k: v[0] for k, v in original.items()})
+        d = drift(rows, got, fp32)
+        alike_orig, _ = pairs_alike(rows, got, {k: v[0] for k, v in original.items()})
         return {
-            "max_abs_vs_fp32": max(abs(got[k] - fp32[k]) for k in original),
-            "median_abs_vs_fp32": statistics.median(abs(got[k] - fp32[k]) for k in original),
+            "max_abs_vs_fp32": d["max_abs"], "median_abs_vs_fp32": d["median_abs"],
             "mask_flips_vs_fp32": sum(kept[k] != fp32_kept[k] for k in original),
-            "pairs_in_order_vs_fp32": alike, "pairs_in_order_vs_original": alike_orig, "pairs": pairs,
+            "pairs_in_order_vs_fp32": d["pairs_in_order"], "pairs_in_order_vs_original": alike_orig,
+            "pairs": d["pairs"],
         }
 
-    fp32, fp32_kept = score_all(load_scorer(weights, device=device, dtype="fp32"))
-    out: dict = {"rows": len(original), "groups": len(by_group), "device": device,
+    fp32, fp32_kept = score_rows(load_scorer(weights, device=device, dtype="fp32"), rows, images.joinpath)
+    out: dict = {"rows": len(original), "groups": len(rows.by_group), "device": device,
                  "fp32_max_abs_vs_original": max(abs(fp32[k] - v[0]) for k, v in original.items()),
                  "fp32_mask_flips_vs_original": sum(fp32_kept[k] != v[1] for k, v in original.items()),
                  "variants": {}}
@@ -423,13 +455,15 @@ def fixture_accuracy(fixture: Path, dtypes: list[str], device: str) -> dict:
             continue
         for spec in (dt, f"{dt}/{dt}"):
             scorer = load_scorer(weights, device=device, dtype=spec)
-            out["variants"][scorer.precision.label] = compare(*score_all(scorer), fp32, fp32_kept)
+            out["variants"][scorer.precision.label] = compare(*score_rows(scorer, rows, images.joinpath),
+                                                              fp32, fp32_kept)
         rounded = load_scorer(weights, device=device, dtype="fp32")
         with torch.no_grad():
             for name, p in rounded.model.named_parameters():
                 if not name.startswith("text.") and name != "logit_scale":
                     p.copy_(p.to(torch_dtype(dt)))
-        out["variants"][f"fp32, image-side weights rounded to {dt}"] = compare(*score_all(rounded), fp32, fp32_kept)
+        out["variants"][f"fp32, image-side weights rounded to {dt}"] = compare(
+            *score_rows(rounded, rows, images.joinpath), fp32, fp32_kept)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -200,3 +201,41 @@ def test_explicit_slow_dtype_warns_once_and_goes_on(monkeypatch):
         assert fast.exit_code == 0 and "warning" not in fast.stderr, fast.stderr
         if dtype == "bf16":
             assert json.loads(fast.stdout) == json.loads(slow.stdout)
+
+
+# --- the batch size from free GPU memory ---------------------------------------------------------
+# CUDA cannot exist on this machine: torch.cuda.mem_get_info is replaced by the free/total bytes a GPU
+# would report, which is all the rule reads. Nothing else of CUDA is touched.
+
+
+@pytest.mark.parametrize(("free_gib", "per_image_mib", "batch"), [
+    (130, 40, 256),  # an idle H200: the cap
+    (10, 40, 128),  # half of 10 GiB holds 128 images of 40 MiB
+    (5, 36, 64),  # 71 fit: rounded down to a multiple of 8
+    (1, 40, 12),  # not even the default 32 fits: what fits
+    (0.01, 40, 1),  # never 0
+])
+def test_cuda_batch_is_what_half_the_free_memory_holds(monkeypatch, free_gib, per_image_mib, batch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 141 * 2**30))
+    cuda = torch.device("cuda")
+    assert devices.default_batch_size(cuda, per_image_mib * 2**20) == batch
+    assert devices.default_batch_size(cuda) == 32  # no estimate: the accelerator default
+    assert devices.default_batch_size(CPU, per_image_mib * 2**20) == 4  # the CPU never asks
+
+
+def test_the_activation_estimate_of_vit_h_fits_its_batch_on_an_h200(monkeypatch):
+    from mps_cli.engine.scorer import activation_bytes
+    from mps_cli.weights.config import builtin_config
+
+    cfg = builtin_config()
+    per_image = activation_bytes(cfg, Precision("fp16", "fp32"))
+    # About twice the widest vision step (257 tokens x (6 x 1280 + 2 x 5120) fp16) plus the cross model's copies.
+    assert 30 * 2**20 < per_image < 60 * 2**20
+    assert activation_bytes(cfg, Precision("fp32", "fp32")) == 2 * per_image
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139 * 2**30, 141 * 2**30))
+    assert devices.default_batch_size(torch.device("cuda"), per_image) == devices.GPU_MAX_BATCH
+
+
+def test_decode_threads_per_device():
+    assert devices.decode_workers(CPU) == min(4, os.cpu_count())
+    assert devices.decode_workers(torch.device("cuda")) == min(32, os.cpu_count())

@@ -43,9 +43,34 @@ DTYPE_SYNTAX = "IMAGE or IMAGE/TEXT, each auto, fp32, fp16 or bf16"
 
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
-#: Images per forward pass unless asked otherwise.
+#: Images per forward pass unless asked otherwise (on CUDA, the floor of the free-memory rule).
 DEFAULT_BATCH = {"cpu": 4, "accelerator": 32}
-BATCH_DEFAULT_TEXT = f"{DEFAULT_BATCH['cpu']} on CPU, {DEFAULT_BATCH['accelerator']} on GPU"
+#: On CUDA without --batch-size: as many images as half the free memory holds, at most this many
+#: (beyond it a batch only adds latency; bench.py's batch rows say where the throughput stops growing).
+GPU_MAX_BATCH = 256
+GPU_MEMORY_SHARE = 0.5
+BATCH_DEFAULT_TEXT = (f"{DEFAULT_BATCH['cpu']} on CPU; on CUDA what half the free memory holds, "
+                      f"{DEFAULT_BATCH['accelerator']} to {GPU_MAX_BATCH}")
+#: Threads that decode images beside the model: on CPU the model needs the cores; a GPU leaves them to decoding.
+DECODE_WORKERS = {"cpu": 4, "accelerator": 32}
+
+#: How images become model input. exact: PIL's decode and two-pass bicubic, as the original (the reference).
+#: fast: on CUDA, JPEGs decoded in batches on the GPU (nvJPEG, through torchvision) and resized there in
+#: torch ("tensor"); elsewhere JPEGs decoded at a reduced DCT scale by PIL's draft ("draft"). Other
+#: formats, and JPEGs the fast path cannot take, always go the exact way, one image at a time.
+DECODE_CHOICES = "auto, exact, fast, draft or tensor"
+DECODE_PATHS: tuple[str, ...] = ("exact", "draft", "tensor")
+#: What ``auto`` means per device type (any other: exact). On CUDA, fast: on the fixture's JPEG versions
+#: the tensor path moves fp32 scores by at most 0.005 (1260 of 1260 pairs in order; bench_decode.py, the
+#: same resize code on CPU), far under the fp16 drift already accepted there (0.090). Elsewhere, exact:
+#: the draft path moves them by up to 0.30 (1253 of 1260 pairs in order, about bf16's drift): opt-in.
+AUTO_DECODE = {"cuda": "fast"}
+#: What ``fast`` means per device type (any other: draft).
+FAST_DECODE = {"cuda": "tensor"}
+#: torch.compile behind a flag. on: the image side (vision tower, cross model) through torch.compile's
+#: default mode; graphs: also CUDA graphs (mode reduce-overhead), CUDA only.
+COMPILE_MODES: tuple[str, ...] = ("off", "on", "graphs")
+COMPILE_CHOICES = "off, on or graphs"
 
 # A probed dtype at under this share of fp32's matmul rate runs a fallback path (measured:
 # 0.005 on AVX2-only CPUs); at or over FAST_SHARE it runs natively (AMX: 3-6, AVX-512 BF16: 2-3).
@@ -108,9 +133,59 @@ def _kind(device) -> str:
     return "cpu" if device.type == "cpu" else "accelerator"
 
 
-def default_batch_size(device) -> int:
-    """Images per forward pass when not asked: small on CPU (cache-sized), larger on accelerators."""
-    return DEFAULT_BATCH[_kind(device)]
+def default_batch_size(device, per_image_bytes: int | None = None) -> int:
+    """Images per forward pass when not asked: small on CPU (cache-sized), larger on accelerators.
+
+    On CUDA, given what one image costs in activations (``per_image_bytes``), as many images as
+    :data:`GPU_MEMORY_SHARE` of the device's free memory holds, a multiple of 8 between the
+    accelerator default and :data:`GPU_MAX_BATCH` (less only when even that default does not fit).
+    """
+    base = DEFAULT_BATCH[_kind(device)]
+    if device.type != "cuda" or not per_image_bytes:
+        return base
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    fits = int(free * GPU_MEMORY_SHARE) // int(per_image_bytes)
+    if fits < base:
+        return max(1, fits)
+    return min(GPU_MAX_BATCH, fits // 8 * 8)
+
+
+def decode_workers(device) -> int:
+    """Threads that decode images beside the model on ``device`` (never more than the CPUs)."""
+    return max(1, min(DECODE_WORKERS[_kind(device)], os.cpu_count() or 1))
+
+
+def check_decode_spec(spec: str) -> str:
+    """A decode spelling (auto, exact, fast, draft, tensor), lower-cased; DeviceError if unknown."""
+    s = (spec or "auto").strip().lower()
+    if s not in ("auto", "fast", *DECODE_PATHS):
+        raise DeviceError(f"unknown decode {spec!r}: expected {DECODE_CHOICES}")
+    return s
+
+
+def resolve_decode(spec: str, device) -> str:
+    """The decode path (exact, draft or tensor) that ``spec`` means on ``device``.
+
+    ``auto`` follows :data:`AUTO_DECODE`, ``fast`` :data:`FAST_DECODE`; ``draft`` and ``tensor``
+    name a fast path outright (``tensor`` runs on any device, the CPU included). Whether the
+    tensor path's library (torchvision) is installed is the scorer's concern, not this one's.
+    """
+    s = check_decode_spec(spec)
+    if s == "auto":
+        s = AUTO_DECODE.get(device.type, "exact")
+    if s == "fast":
+        s = FAST_DECODE.get(device.type, "draft")
+    return s
+
+
+def check_compile_spec(spec: str) -> str:
+    """A compile spelling (off, on, graphs), lower-cased; DeviceError if unknown."""
+    s = (spec or "off").strip().lower()
+    if s not in COMPILE_MODES:
+        raise DeviceError(f"unknown compile mode {spec!r}: expected {COMPILE_CHOICES}")
+    return s
 
 
 def resolve_device(spec: str = "auto"):
@@ -421,8 +496,10 @@ def _cpu_name() -> str:
 
 
 __all__ = [
-    "AUTO_DTYPE", "BATCH_DEFAULT_TEXT", "DEFAULT_BATCH", "DEVICE_CHOICES", "DTYPES", "DTYPE_BYTES", "DTYPE_CHOICES",
-    "DTYPE_SYNTAX", "TEXT_DTYPE", "CpuProbe", "DtypeSupport", "Precision", "check_device_spec", "cpu_capability",
-    "cpu_flags", "decide_native", "default_batch_size", "dtype_name", "dtype_support", "flags_hint", "list_devices",
-    "parse_dtype", "parse_precision", "probe_cpu", "resolve_device", "resolve_precision", "torch_dtype",
+    "AUTO_DECODE", "AUTO_DTYPE", "BATCH_DEFAULT_TEXT", "COMPILE_CHOICES", "COMPILE_MODES", "DECODE_CHOICES",
+    "DECODE_PATHS", "DEFAULT_BATCH", "DEVICE_CHOICES", "DTYPES", "DTYPE_BYTES", "DTYPE_CHOICES", "DTYPE_SYNTAX",
+    "FAST_DECODE", "GPU_MAX_BATCH", "TEXT_DTYPE", "CpuProbe", "DtypeSupport", "Precision", "check_compile_spec",
+    "check_decode_spec", "check_device_spec", "cpu_capability", "cpu_flags", "decide_native", "decode_workers",
+    "default_batch_size", "dtype_name", "dtype_support", "flags_hint", "list_devices", "parse_dtype",
+    "parse_precision", "probe_cpu", "resolve_decode", "resolve_device", "resolve_precision", "torch_dtype",
 ]

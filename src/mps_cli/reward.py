@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEAN, IMAGE_STD
-from .engine.pixel_rules import rounded_crop_offsets
-from .engine.preprocess import crop_offsets, resized_size
+from .constants import DEFAULT_MASK_THRESHOLD
+from .engine.decode import resize_crop_normalise, round_to_8_bits
 from .engine.scorer import (
     Scorer,
     check_mask_threshold,
@@ -45,27 +44,8 @@ def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float,
     x = images.float() if images.dtype not in (torch.float32, torch.float64) else images
     x = (x - lo) / (hi - lo)
     if round_pixels:
-        x = _round_to_8_bits(x.clamp(0, 1))
-    h, w = x.shape[-2:]
-    new_w, new_h = resized_size(w, h, size)
-    # PIL resizes in two passes, width then height, clipping the bicubic overshoot to the
-    # 0..255 it stores after each; the clamps are what a faithful port must keep.
-    if new_w != w:
-        x = F.interpolate(x, size=(h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        x = _round_to_8_bits(x) if round_pixels else x
-    if new_h != h:
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        x = _round_to_8_bits(x) if round_pixels else x
-    left, top = (rounded_crop_offsets if rounded_crop else crop_offsets)(new_w, new_h, size)
-    x = x[:, :, top:top + size, left:left + size]
-    mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def _round_to_8_bits(x: torch.Tensor) -> torch.Tensor:
-    """``round(255 x) / 255`` forward, identity backward."""
-    return x + ((x * 255).round() / 255 - x).detach()
+        x = round_to_8_bits(x.clamp(0, 1))
+    return resize_crop_normalise(x, size, round_pixels, rounded_crop)
 
 
 class MPSReward(nn.Module):

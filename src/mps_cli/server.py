@@ -42,7 +42,7 @@ from .constants import (
     SERVE_MAX_WAIT_MS,
 )
 from .engine.panel import keyed_conditions, mps_dims, split_key
-from .engine.preprocess import EncodedImage, open_image
+from .engine.preprocess import EncodedImage
 from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
 from .errors import ImageError
 
@@ -267,14 +267,17 @@ class _Work:
 
 
 def _decode(src: _Source, max_pixels: int, scorer):
-    """The model's input for one image (decoded, resized, cropped, normalised: for a panel, once per rule), or
-    raises ImageError naming it. Runs in the request's thread, so the model's worker never waits for it."""
-    return scorer.preprocess(_open(src, max_pixels, scorer.keeps_mode))
+    """The model's input for one image on the scorer's decode path (:meth:`Scorer.load_pixels`: decoded, resized,
+    cropped, normalised; for a panel, once per rule; on the tensor path, a JPEG checked for the batched decode on
+    the device), or raises ImageError naming it. Runs in the request's thread, so the model's worker never
+    waits for the host's part."""
+    return scorer.load_pixels(_open(src), max_pixels)
 
 
-def _open(src: _Source, max_pixels: int, keep_mode: bool = False):
+def _open(src: _Source):
+    """The image of a request as a path or encoded bytes (base64 decoded here, the image itself not yet)."""
     if src.path is not None:
-        return open_image(src.path, max_pixels, keep_mode)
+        return src.path
     data = src.data
     if data is None:
         text = src.text or ""
@@ -286,7 +289,7 @@ def _open(src: _Source, max_pixels: int, keep_mode: bool = False):
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{src.name}: invalid base64 ({exc})") from None
-    return open_image(EncodedImage(data, src.name), max_pixels, keep_mode)
+    return EncodedImage(data, src.name)
 
 
 class ScoringService:

@@ -143,6 +143,8 @@ FLAG_HINTS = {
     "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
+    "compile": " (--compile off runs without it)",
+    "panel-decode": " (drop --decode and --compile, or --model)",
 }
 
 

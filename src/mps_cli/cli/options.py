@@ -19,7 +19,16 @@ from typing import Annotated
 import typer
 
 from ..constants import DIMENSIONS, KNOWN_SOURCES, MODEL_NAMES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
-from ..devices import BATCH_DEFAULT_TEXT, DEVICE_CHOICES, check_device_spec, parse_precision
+from ..devices import (
+    BATCH_DEFAULT_TEXT,
+    COMPILE_CHOICES,
+    DECODE_CHOICES,
+    DEVICE_CHOICES,
+    check_compile_spec,
+    check_decode_spec,
+    check_device_spec,
+    parse_precision,
+)
 from ..engine.options import ModelOptions
 from ..errors import DeviceError, MPSError
 from .app import DIMENSION_NOTE, Exit, describe, fail, load_model
@@ -63,6 +72,20 @@ def _check_device(value: str) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _check_decode(value: str) -> str:
+    try:
+        return check_decode_spec(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _check_compile(value: str) -> str:
+    try:
+        return check_compile_spec(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _check_dtype(value: str) -> str:
     try:
         parse_precision(value)
@@ -96,6 +119,15 @@ Dtype = Annotated[str, typer.Option(
     help="IMAGE or IMAGE/TEXT: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
     "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
     "A dtype this CPU does not run natively is slow: mps info says which.")]
+Decode = Annotated[str, typer.Option(
+    "--decode", callback=_check_decode, rich_help_panel="Model",
+    help=f"{DECODE_CHOICES}: how images become model input. exact: PIL, as the original; fast: JPEGs decoded on "
+    "the GPU (tensor, needs the gpu extra) or, elsewhere, at a reduced JPEG scale (draft). auto: fast on CUDA, "
+    "exact on CPU. Scores move by at most a few hundredths (docs/precision.md).")]
+Compile = Annotated[str, typer.Option(
+    "--compile", callback=_check_compile, rich_help_panel="Model",
+    help=f"{COMPILE_CHOICES}: torch.compile the vision tower and cross model at load (slow to start; "
+    "graphs adds CUDA graphs, CUDA only).")]
 BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", "-b", callback=_check_batch, rich_help_panel="Run",
     help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
@@ -208,6 +240,7 @@ def _model_options(offline: bool, **values) -> ModelOptions:
 MODEL = OptionGroup("model", {
     "weights": (Weights, None), "config": (Config, None), "revision": (Revision, None),
     "offline": (Offline, False), "device": (Device, "auto"), "dtype": (Dtype, "auto"), "model": (Models, None),
+    "decode": (Decode, "auto"), "compile": (Compile, "off"),
 }, _model_options)
 
 

@@ -96,6 +96,22 @@ class VisionTower(nn.Module):
         self.transformer.grad_checkpointing = enable
 
 
+def patch_embedding(pixels: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(pixels).flatten(2).transpose(1, 2)`` as one matmul: B x 3 x H x W to B x patches x width.
+
+    The convolution's stride is its kernel and it has no bias or padding, so every output is one
+    patch's dot product with a filter. As a GEMM, its backward (the reward's gradient to the
+    pixels) is a GEMM in every dtype; as a convolution it went to cuDNN, whose fp16 kernels for
+    3-channel inputs are a known slow case (see benchmarks/README.md, the reward's fp16 backward).
+    """
+    b, c, h, w = pixels.shape
+    ph, pw = conv.kernel_size
+    gh, gw = h // ph, w // pw
+    x = pixels[:, :, :gh * ph, :gw * pw].reshape(b, c, gh, ph, gw, pw)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+    return x @ conv.weight.reshape(conv.out_channels, -1).t()
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``, except on CPU: a plain matmul then an in-place bias add.
 
@@ -371,6 +387,17 @@ class MPSModel(nn.Module):
                 names.add(f"{prefix}.{attr}")
         return names
 
+    def compile_image_side(self, mode: str) -> None:
+        """Run ``encode_image`` and the cross model through ``torch.compile`` from now on.
+
+        ``mode`` ``on``: the default mode (fused layer norms, GELU and residual adds); ``graphs``: also
+        CUDA graphs (``reduce-overhead``), which replay a batch's kernels without launching each one.
+        The text tower stays eager: it runs once per distinct prompt.
+        """
+        options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
+        self.encode_image = torch.compile(self.encode_image, **options)
+        self.cross.forward = torch.compile(self.cross.forward, **options)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the vision tower's blocks and the cross model's layers in backward (saves memory)."""
         self.visual.set_grad_checkpointing(enable)
@@ -386,7 +413,7 @@ class MPSModel(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected features of all image tokens (class token first), without ln_post, B x N x D."""
         v = self.visual
-        x = v.conv1(pixels).flatten(2).transpose(1, 2)
+        x = patch_embedding(pixels, v.conv1)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat((cls, x), dim=1) + v.positional_embedding
         x = _run_tower(v.transformer, v.ln_pre(x))
@@ -432,7 +459,7 @@ class CLIPJudgeModel(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings, B x D: ``ln_post`` of the class token."""
         v = self.visual
-        x = v.conv1(pixels).flatten(2).transpose(1, 2)
+        x = patch_embedding(pixels, v.conv1)
         cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat((cls, x), dim=1) + v.positional_embedding
         x = _run_tower(v.transformer, v.ln_pre(x))

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelOptions:
-    """Which scorer to load, and how. Keyword-only, so no caller depends on an order of seven values.
+    """Which scorer to load, and how. Keyword-only, so no caller depends on an order of nine values.
 
     ``weights``: a local ``.safetensors`` (or original ``.pth``) file, ``hf://OWNER/REPO/PATH[@REV]``,
     a known short name, or None for ``$MPS_WEIGHTS`` or the published default.
@@ -34,6 +34,10 @@ class ModelOptions:
     ``model``: the models scored on one decode (``"mps,hpsv2.1"`` or a list; each may be
     ``NAME=WEIGHTS``; see :mod:`mps_cli.engine.panel`); None is MPS alone, keyed by dimension.
     ``weights``, ``config`` and ``revision`` are then MPS's.
+    ``decode``: how images become model input (auto, exact, fast, draft, tensor; see
+    :mod:`mps_cli.engine.decode`): auto is tensor on CUDA, exact elsewhere.
+    ``compile``: off, on (torch.compile the image side at load) or graphs (also CUDA graphs, CUDA only).
+    A panel (``model``) takes only auto/exact and off.
     """
 
     weights: str | os.PathLike | None = None
@@ -43,6 +47,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     model: str | Sequence[str] | None = None
+    decode: str = "auto"
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         # One spelling (a comma-separated string, or None), so equal options compare, and cache, equal.

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..constants import JUDGES, MODEL_NAMES, MPS_MODEL
+from ..constants import JUDGES, MAX_IMAGE_PIXELS, MODEL_NAMES, MPS_MODEL
 from .options import ModelOptions, model_options
 from .preprocess import ImageInput
 from .scorer import Scorer
@@ -120,10 +120,20 @@ def load_scorer(weights=None, *, batch_size: int | None = None, **options):
     (or ``weights`` is one ModelOptions). ``model``: names from ``mps``, ``hpsv2.1``, ``pickscore``,
     ``clipscore`` (a list or comma-separated, each optionally ``NAME=WEIGHTS``); the panel's results are
     keyed ``mps.overall``, ``hpsv2.1``, ... Without ``model`` this is
-    :func:`mps_cli.engine.scorer.load_scorer` exactly, results keyed by dimension.
+    :func:`mps_cli.engine.scorer.load_scorer` exactly, results keyed by dimension. ``decode`` and
+    ``compile`` are MPS's alone: a panel decodes the exact way (each model its reference's rule) and
+    runs eagerly, and refuses anything else.
     """
     opts = model_options(weights, **options)
-    return load_mps(opts, batch_size=batch_size) if opts.model is None else load_panel(opts, batch_size=batch_size)
+    if opts.model is None:
+        return load_mps(opts, batch_size=batch_size)
+    from ..devices import check_compile_spec, check_decode_spec
+    from ..errors import InputError
+
+    if check_decode_spec(opts.decode) not in ("auto", "exact") or check_compile_spec(opts.compile) != "off":
+        raise InputError("decode paths and compiling are MPS's alone: a panel of models decodes the exact way "
+                         "and runs eagerly", hint="panel-decode")
+    return load_panel(opts, batch_size=batch_size)
 
 
 def load_panel(options: ModelOptions, *, batch_size: int | None = None):
@@ -241,11 +251,11 @@ class Panel(Scorer):
     #: Images for :meth:`preprocess` keep their own mode (open_clip converts to RGB after resizing).
     keeps_mode = True
 
-    def load_pixels(self, source: ImageInput) -> dict:
+    def load_pixels(self, source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
         """Decode one image once and preprocess it by every rule the panel's models need: ``{rule: tensor}``."""
         from .preprocess import open_image
 
-        return self.preprocess(open_image(source, keep_mode=True))
+        return self.preprocess(open_image(source, max_pixels, keep_mode=True))
 
     def preprocess(self, img) -> dict:
         """:meth:`load_pixels` for an image already decoded with ``keep_mode=True``."""
@@ -267,6 +277,13 @@ class Panel(Scorer):
         """As :meth:`Scorer.score_pixels`, for what :meth:`load_pixels` returns."""
         self.keys(dims, condition)
         return super().score_pixels(pixels, prompts, labels, dims, condition, *args, **kwargs)
+
+    #: Each model stacks its own rule's tensors: no batch is made ahead on a feeder thread.
+    _feeds_ahead = False
+
+    def _model_input(self, items: list):
+        """The batch as it is: each model takes its rule's tensors from it (:meth:`_score_batch`)."""
+        return list(items), list(range(len(items))), {}
 
     def _score_batch(self, pixels: list, prompts: list[str], conditions, threshold: float):
         scores: dict[str, list[float]] = {}

@@ -27,12 +27,16 @@ ImageInput = str | Path | Image.Image | EncodedImage
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, keep_mode: bool = False) -> Image.Image:
+def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, keep_mode: bool = False,
+               draft: int | None = None) -> Image.Image:
     """Open and decode one image as RGB, refusing bombs before allocating pixels.
 
     With ``keep_mode`` the image keeps its own mode (RGBA, P, L, ...; 16-bit grey still comes down to 8 bits),
     for preprocessing rules that convert to RGB after resizing (see :mod:`mps_cli.engine.pixel_rules`).
-    Raises :class:`ImageError` naming the file and what is wrong with it.
+    With ``draft`` (the model's image size; RGB only), a JPEG is decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that keeps it at least as large as its resized size and is resized to that
+    size at once: the fast host path, within a few grey levels of the exact one. Other formats
+    decode as always. Raises :class:`ImageError` naming the file and what is wrong with it.
     """
     if isinstance(source, Image.Image):
         return _eight_bit(source) if keep_mode else _to_rgb(source)
@@ -57,7 +61,7 @@ def open_image(source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, keep_mode
         raise ImageError(f"{source}: {what}") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot open ({exc})") from None
-    return _decode(img, str(source), max_pixels, keep_mode)
+    return _decode(img, str(source), max_pixels, keep_mode, draft)
 
 
 def file_error(source: ImageInput, exc: OSError) -> ImageError:
@@ -76,7 +80,8 @@ def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS
     return open_image(EncodedImage(data, label), max_pixels)
 
 
-def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = False) -> Image.Image:
+def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = False,
+            draft: int | None = None) -> Image.Image:
     with img:
         w, h = img.size
         if w * h > max_pixels or w <= 0 or h <= 0:
@@ -85,11 +90,17 @@ def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = Fal
                              "refusing to decode (decompression bomb?)")
         try:
             img.seek(0)  # animated images: the first frame
+            reduce = draft and not keep_mode and img.format == "JPEG"
+            box = img.draft(img.mode, resized_size(w, h, draft)) if reduce else None
             img.load()
             if keep_mode:
                 kept = _eight_bit(img)
                 # Closing the file releases the decoded pixels too: keep a copy.
                 return kept.copy() if kept is img else kept
+            if box is not None:
+                # The reduced image spans the original's box (its size rounds up): resize that box
+                # to the exact target so the geometry, hence the crop, is the exact path's.
+                return _to_rgb(img).resize(resized_size(w, h, draft), Image.Resampling.BICUBIC, box=box[1])
             return _to_rgb(img)
         except Image.DecompressionBombError:
             raise ImageError(f"{label}: image is too large to decode safely (decompression bomb?)") from None
@@ -152,9 +163,9 @@ def normalized_tensor(img):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def load_pixels(source: ImageInput, size: int):
-    """Decode, convert and preprocess one image; raises :class:`ImageError`."""
-    return pixels_from_image(open_image(source), size)
+def load_pixels(source: ImageInput, size: int, draft: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Decode, convert and preprocess one image (``draft``: JPEGs the fast way); raises :class:`ImageError`."""
+    return pixels_from_image(open_image(source, max_pixels, draft=size if draft else None), size)
 
 
 @dataclass(frozen=True)

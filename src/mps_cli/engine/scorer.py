@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
-from ..devices import DtypeSupport, Precision, default_batch_size, dtype_support, resolve_device, resolve_precision
-from ..errors import ImageError
+from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS, MAX_IMAGE_PIXELS
+from ..devices import (
+    DTYPE_BYTES,
+    DtypeSupport,
+    Precision,
+    check_compile_spec,
+    decode_workers,
+    default_batch_size,
+    dtype_support,
+    resolve_decode,
+    resolve_device,
+    resolve_precision,
+)
+from ..errors import DeviceError, ImageError
 from ..weights.config import ModelConfig
+from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, find_jpeg_decoder
 from .options import ModelOptions, model_options
 from .preprocess import ImageInput, Tokenizer, load_pixels, pixels_from_image
+
+log = logging.getLogger(__name__)
 
 PromptInput = str | Sequence[str | None]
 
@@ -147,6 +163,19 @@ def condition_masks(text, conditions: Sequence, threshold: float, dtype):
     return [additive_mask(keep, dtype) for keep in keeps], keeps
 
 
+def activation_bytes(config: ModelConfig, precision: Precision, n_dims: int = 4) -> int:
+    """A generous bound on what one image holds in memory at the peak of a scoring forward pass.
+
+    The vision tower's widest step (residual stream, normed copy, q/k/v, MLP hidden) plus the
+    cross model's per-dimension copies, at the image side's dtype, doubled for the allocator's
+    slack and the decoded input; what the free-memory batch rule divides by.
+    """
+    v, n = config.vision, config.vision.num_tokens
+    vision = n * (6 * v.width + 2 * v.mlp_width)
+    cross = n * (4 * config.embed_dim + 6 * config.embed_dim * n_dims)
+    return 2 * (vision + cross) * DTYPE_BYTES[precision.image]
+
+
 def score_image_tokens(model, image_tokens, text, embedding, masks: Sequence) -> list:
     """``exp(logit_scale) * cos(e, cross(V, T, m)[:, 0])`` as a B fp32 tensor per mask.
 
@@ -165,7 +194,8 @@ class Scorer:
     """A loaded MPS model. Build it with :func:`load_scorer`."""
 
     def __init__(self, model, config: ModelConfig, device, precision: Precision, weights: str, identity: str,
-                 batch_size: int | None = None, dtype_support: dict[str, DtypeSupport] | None = None):
+                 batch_size: int | None = None, dtype_support: dict[str, DtypeSupport] | None = None,
+                 decode: str = "exact", compiled: str = "off", jpeg_decoder=None):
         self.model = model
         self.config = config
         self.device = device
@@ -178,7 +208,13 @@ class Scorer:
         self.dtype_support = dtype_support or {}
         self.weights = weights
         self.identity = identity
-        self.batch_size = batch_size or default_batch_size(device)
+        #: How images become model input: exact, draft or tensor (see :func:`mps_cli.devices.resolve_decode`).
+        self.decode = decode
+        self._jpeg_decoder = jpeg_decoder or (find_jpeg_decoder(device) if decode == "tensor" else None)
+        #: torch.compile on the image side: off, on or graphs.
+        self.compiled = compiled
+        self.batch_size = batch_size or default_batch_size(device, activation_bytes(config, precision))
+        self._side_stream = None
         self.tokenizer = Tokenizer(config.text.context_length)
         self._prompts: OrderedDict[str, _PromptFeatures] = OrderedDict()
         self._conditions: dict[str, object] = {}
@@ -226,11 +262,94 @@ class Scorer:
         """Whether ``prompt`` is longer than the 77 tokens the model reads."""
         return self.tokenizer(prompt).truncated
 
-    def _score_batch(self, pixels: list, prompts: list[str], conditions, threshold: float):
+    # image side: host decoding in threads, then one batch on the device
+    def load_pixels(self, source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS):
+        """One image decoded and preprocessed into what :meth:`score_pixels` takes; raises :class:`ImageError`.
+
+        On this scorer's decode path: the 3 x S x S input tensor (the draft path's JPEGs reduced
+        while they decode), or, on the tensor path, the JPEG checked and left encoded for the
+        batched decode on the device (anything else is decoded the exact way here). Thread-safe.
+        """
+        if self.decode == "tensor":
+            jpeg = checked_jpeg(source, image_label(source, 0), max_pixels)
+            if jpeg is not None:
+                return jpeg
+        return load_pixels(source, self.config.vision.image_size, draft=self.decode == "draft", max_pixels=max_pixels)
+
+    def _model_input(self, items: list):
+        """One batch of :meth:`load_pixels` results as the model's B x 3 x S x S input on the device.
+
+        Returns (input, positions it holds, {position: error message}): JPEGs are decoded on the
+        device in one call; host tensors are stacked and, on CUDA, copied from pinned memory.
+        """
+        import torch
+
+        size = self.config.vision.image_size
+        ready: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        jpegs = [i for i, it in enumerate(items) if isinstance(it, EncodedJpeg)]
+        if jpegs:
+            decoded = decode_jpegs([items[i] for i in jpegs], size, self.device, self._jpeg_decoder)
+            for i, px in zip(jpegs, decoded, strict=True):
+                if isinstance(px, ImageError):
+                    errors[i] = str(px)
+                else:
+                    ready[i] = px
+        host = [i for i in range(len(items)) if i not in ready and i not in errors]
+        if host:
+            stacked = torch.stack([items[i] for i in host])
+            if self.device.type == "cuda":  # GPU only: an asynchronous copy needs page-locked memory
+                stacked = stacked.pin_memory()
+            stacked = stacked.to(self.device, non_blocking=True)
+            if len(host) == len(items):  # the common case, every image from the host: already one batch
+                return stacked.to(self.dtype), host, errors
+            ready.update(zip(host, stacked, strict=True))
+        order = sorted(ready)
+        px = torch.stack([ready[i] for i in order]).to(self.dtype) if order else None
+        return px, order, errors
+
+    def _model_input_ahead(self, items: list):
+        """:meth:`_model_input` on the feeder thread; on CUDA on a side stream, with the event the model's waits on."""
         import torch
 
         with torch.inference_mode():
-            px = torch.stack(pixels).to(self.device, self.dtype)
+            if self.device.type != "cuda":
+                return self._model_input(items), None
+            # GPU only: copies and decodes overlap the model's kernels on the default stream.
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._side_stream):
+                prepared = self._model_input(items)
+                done = torch.cuda.Event()
+                done.record(self._side_stream)
+            return prepared, done
+
+    def _take_ahead(self, future):
+        """The feeder's result, made safe to use on the model's stream (GPU: wait for it, tell the allocator)."""
+        prepared, done = future.result()
+        if done is not None:  # GPU only
+            import torch
+
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            if prepared[0] is not None:
+                prepared[0].record_stream(stream)
+        return prepared
+
+    @property
+    def _feeds_ahead(self) -> bool:
+        """Whether batches are prepared on a feeder thread while the model runs (the GPU, and the tensor path)."""
+        return self.device.type == "cuda" or self.decode == "tensor"
+
+    def _score_batch(self, px, prompts: list[str], conditions, threshold: float):
+        """Scores, kept tokens and truncation of one batch: ``px`` the model input on the device (or host tensors)."""
+        import torch
+
+        if isinstance(px, (list, tuple)):  # a panel hands over its rule's host tensors
+            px = torch.stack(px).to(self.device, self.dtype)
+        with torch.inference_mode():
+            if self.compiled == "graphs":  # GPU only: CUDA graphs replay into the same output buffers
+                torch.compiler.cudagraph_mark_step_begin()
             image_tokens = self.model.encode_image(px)
             feats = self._prompt_features(prompts)
             text = torch.stack([f.tokens for f in feats])
@@ -243,27 +362,32 @@ class Scorer:
             self.stats["image_batches"] += 1
         return scores, kept, [f.truncated for f in feats]
 
-    def _results(self, pixels: list, prompts: list[str], labels: list[str], conditions,
+    def _results(self, prepared, prompts: list[str], labels: list[str], conditions,
                  threshold: float) -> list[ScoreResult]:
-        """One model batch as results; a non-finite score makes that image's result an error."""
-        scores, kept, truncated = self._score_batch(pixels, prompts, conditions, threshold)
-        out = []
-        for j, (label, prompt) in enumerate(zip(labels, prompts, strict=True)):
+        """One model batch (a :meth:`_model_input` result) as results, in the batch's order.
+
+        An image its decode refused, or whose score is not finite, is an error result.
+        """
+        px, order, errors = prepared
+        out: list = [None] * len(labels)
+        for i, message in errors.items():
+            out[i] = ScoreResult(image=labels[i], prompt=prompts[i], error=message)
+        if not order:
+            return out
+        scores, kept, truncated = self._score_batch(px, [prompts[i] for i in order], conditions, threshold)
+        for j, i in enumerate(order):
+            label, prompt = labels[i], prompts[i]
             if not all(math.isfinite(v[j]) for v in scores.values()):
                 # A score is a number or the input is an error: NaN means damaged weights or input.
-                out.append(ScoreResult(image=label, prompt=prompt, error=f"{label}: the model gave a non-finite "
-                                       "score: the weights or this input are damaged"))
+                out[i] = ScoreResult(image=label, prompt=prompt, error=f"{label}: the model gave a non-finite "
+                                     "score: the weights or this input are damaged")
                 continue
-            out.append(ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
-                                   kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j]))
+            out[i] = ScoreResult(image=label, prompt=prompt, scores={k: v[j] for k, v in scores.items()},
+                                 kept_tokens={k: v[j] for k, v in kept.items()}, prompt_truncated=truncated[j])
         return out
 
     #: Images for :meth:`preprocess` come RGB (:func:`~mps_cli.engine.preprocess.open_image`'s default).
     keeps_mode = False
-
-    def load_pixels(self, source: ImageInput):
-        """Decode and preprocess one image into what :meth:`score_pixels` takes; raises :class:`ImageError`."""
-        return load_pixels(source, self.config.vision.image_size)
 
     def preprocess(self, img):
         """:meth:`load_pixels` for an image already decoded (``open_image(..., keep_mode=self.keeps_mode)``)."""
@@ -273,11 +397,11 @@ class Scorer:
                      dims: Iterable[str] | None = None, condition: str | None = None,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                      batch_size: int | None = None) -> list[ScoreResult]:
-        """Score images already preprocessed by :func:`~mps_cli.engine.preprocess.load_pixels`.
+        """Score images already prepared by :meth:`load_pixels` (or :func:`~mps_cli.engine.preprocess.load_pixels`).
 
         For callers that decode on other threads or workers (the server, Ray Data) and hand over
-        the ``3 x S x S`` float tensors; ``labels`` name the images in the results. Batches of
-        ``batch_size`` (default ``self.batch_size``).
+        the ``3 x S x S`` float tensors (or the tensor path's checked JPEGs); ``labels`` name the
+        images in the results. Batches of ``batch_size`` (default ``self.batch_size``).
         """
         conditions = resolve_conditions(dims, condition)
         threshold = check_mask_threshold(mask_threshold)
@@ -285,7 +409,9 @@ class Scorer:
         out: list[ScoreResult] = []
         for start in range(0, len(pixels), step):
             end = start + step
-            out.extend(self._results(list(pixels[start:end]), list(prompts[start:end]), list(labels[start:end]),
+            with _inference():
+                prepared = self._model_input(list(pixels[start:end]))
+            out.extend(self._results(prepared, list(prompts[start:end]), list(labels[start:end]),
                                      conditions, threshold))
         return out
 
@@ -299,7 +425,12 @@ class Scorer:
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[ScoreResult]:
-        """Like :meth:`score`, yielding each result in input order as soon as it is ready."""
+        """Like :meth:`score`, yielding each result in input order as soon as it is ready.
+
+        Images decode on host threads (:meth:`load_pixels`); on a GPU, and on the tensor path,
+        each full batch is then made model input on a feeder thread while the model runs the one
+        before it.
+        """
         images = list(images)
         if isinstance(prompts, str):
             prompt_list: list[str | None] = [prompts] * len(images)
@@ -325,13 +456,27 @@ class Scorer:
         ready: dict[int, ScoreResult] = {}
         next_out = 0
         batch: list[tuple[int, object]] = []
+        ahead: deque = deque()  # (future of a prepared batch, its input positions), at most one
 
-        def flush():
-            idx = [i for i, _ in batch]
-            results = self._results([px for _, px in batch], [prompt_list[i] for i in idx], [labels[i] for i in idx],
-                                    conditions, threshold)
+        def finish() -> None:
+            future, idx = ahead.popleft()
+            results = self._results(self._take_ahead(future), [prompt_list[i] for i in idx],
+                                    [labels[i] for i in idx], conditions, threshold)
             ready.update(zip(idx, results, strict=True))
+
+        def flush(feeder) -> None:
+            idx = [i for i, _ in batch]
+            items = [px for _, px in batch]
             batch.clear()
+            if feeder is None:
+                with _inference():
+                    prepared = self._model_input(items)
+                ready.update(zip(idx, self._results(prepared, [prompt_list[i] for i in idx], [labels[i] for i in idx],
+                                                    conditions, threshold), strict=True))
+                return
+            ahead.append((feeder.submit(self._model_input_ahead, items), idx))
+            if len(ahead) > 1:
+                finish()
 
         def drain() -> Iterator[ScoreResult]:
             nonlocal next_out
@@ -341,16 +486,21 @@ class Scorer:
                 yield ready.pop(next_out)
                 next_out += 1
 
-        for i, (pixels, error) in enumerate(_prefetch(range(len(images)), prepare, None, 2 * batch_size)):
-            if error is not None:
-                ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
-            else:
-                batch.append((i, pixels))
-                if len(batch) >= batch_size:
-                    flush()
-            yield from drain()
-        if batch:
-            flush()
+        with _feeder(self._feeds_ahead) as feeder:
+            decoded = _prefetch(range(len(images)), prepare, decode_workers(self.device), 2 * batch_size)
+            for i, (pixels, error) in enumerate(decoded):
+                if error is not None:
+                    ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
+                else:
+                    batch.append((i, pixels))
+                    if len(batch) >= batch_size:
+                        flush(feeder)
+                yield from drain()
+            if batch:
+                flush(feeder)
+            while ahead:
+                finish()
+                yield from drain()
         yield from drain()
 
     def score(self, images: Sequence[ImageInput], prompts: PromptInput, dims: Iterable[str] | None = None,
@@ -373,6 +523,22 @@ class Scorer:
                 raise ImageError(r.error)
         return Comparison(prompt=prompt, a=ra.image, b=rb.image,
                           results={k: compare_scores(ra.scores[k], rb.scores[k]) for k in ra.scores})
+
+
+def _inference():
+    import torch
+
+    return torch.inference_mode()
+
+
+@contextmanager
+def _feeder(wanted: bool) -> Iterator[ThreadPoolExecutor | None]:
+    """One thread that prepares the next batch's model input, or None where that would not pay."""
+    if not wanted:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mps-feed") as pool:
+        yield pool
 
 
 def _prefetch(items: Iterable, fn: Callable, workers: int | None, depth: int) -> Iterator:
@@ -398,9 +564,13 @@ def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batc
 
     ``weights`` and the keyword ``options`` are the fields of
     :class:`~mps_cli.engine.options.ModelOptions` (``config``, ``revision``, ``offline``, ``device``,
-    ``dtype``; see there), or ``weights`` is one ModelOptions. ``batch_size`` is the scorer's images
-    per forward pass when a call does not say (default: its device's, see :mod:`mps_cli.devices`).
+    ``dtype``, ``decode``, ``compile``; see there), or ``weights`` is one ModelOptions. ``batch_size`` is
+    the scorer's images per forward pass when a call does not say (default: its device's, see
+    :mod:`mps_cli.devices`: 4 on CPU; on CUDA what half the free memory holds, 32 to 256).
     ``Scorer.dtype_support`` says whether the device runs each dtype in use natively.
+    The decode path is resolved here (:func:`mps_cli.devices.resolve_decode`): the tensor path without a
+    decoder for the device decodes the exact way, with one warning logged. A compile mode other than
+    ``off`` compiles at load, on a warm-up batch, so that a failure is a :class:`DeviceError` here.
     """
     from ..weights.sources import open_weights
 
@@ -409,9 +579,22 @@ def load_scorer(weights: str | os.PathLike | ModelOptions | None = None, *, batc
         raise ValueError("this loads MPS alone; mps_cli.load_scorer (mps_cli.engine.panel) loads several models")
     dev = resolve_device(opts.device)
     precision = resolve_precision(opts.dtype, dev)
+    path = resolve_decode(opts.decode, dev)
+    mode = check_compile_spec(opts.compile)
+    if mode == "graphs" and dev.type != "cuda":
+        raise DeviceError(f"compile mode 'graphs' (CUDA graphs) needs a CUDA device, not {dev}", hint="compile")
+    decoder = find_jpeg_decoder(dev) if path == "tensor" else None
+    if path == "tensor" and decoder is None:
+        log.warning(f"the fast decode needs torchcodec or torchvision built for {dev.type} (the gpu extra); "
+                    "decoding the exact way instead")
+        path = "exact"
     support = dtypes_in_use(dev, precision)
     resolved = open_weights(opts.weights, revision=opts.revision, offline=opts.offline, config=opts.config)
-    return build_scorer(resolved, dev, precision, batch_size, support)
+    scorer = build_scorer(resolved, dev, precision, batch_size, support, decode=path, compiled=mode,
+                          jpeg_decoder=decoder)
+    if mode != "off":
+        _compile(scorer, mode)
+    return scorer
 
 
 def dtypes_in_use(dev, precision: Precision) -> dict[str, DtypeSupport]:
@@ -421,15 +604,35 @@ def dtypes_in_use(dev, precision: Precision) -> dict[str, DtypeSupport]:
 
 
 def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = None,
-                 support: dict[str, DtypeSupport] | None = None) -> Scorer:
-    """The :class:`Scorer` of opened MPS weights (:func:`~mps_cli.weights.sources.open_weights`), loaded now."""
+                 support: dict[str, DtypeSupport] | None = None, decode: str = "exact", compiled: str = "off",
+                 jpeg_decoder=None) -> Scorer:
+    """The :class:`Scorer` of opened MPS weights (:func:`~mps_cli.weights.sources.open_weights`), loaded now.
+
+    ``decode``, ``compiled`` and ``jpeg_decoder`` as :func:`load_scorer` resolved them (its compiling is its own).
+    """
     from ..weights.checkpoint import load_weights
     from .model import MPSModel
 
     cfg = resolved.config
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
     return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
-                  batch_size=batch_size, dtype_support=support)
+                  batch_size=batch_size, dtype_support=support, decode=decode, compiled=compiled,
+                  jpeg_decoder=jpeg_decoder)
+
+
+def _compile(scorer: Scorer, mode: str) -> None:
+    """torch.compile the image side and run one full batch through it, so that compiling happens (and fails) here."""
+    import torch
+
+    scorer.model.compile_image_side(mode)
+    size = scorer.config.vision.image_size
+    warm = [torch.zeros(3, size, size)] * scorer.batch_size
+    try:
+        scorer.score_pixels(warm, ["warm-up"] * len(warm), ["warm-up"] * len(warm), dims=["all"])
+    except Exception as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise DeviceError(f"torch.compile ({mode}) failed on {scorer.device}: {type(exc).__name__}: {first}",
+                          hint="compile") from None
 
 
 __all__ = [
