@@ -195,15 +195,16 @@ def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp
         assert "ActorPoolMapOperator[MapBatches(_ScoreActor)]" in optimized, shown.getvalue()
 
 
-def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(data, reference, tmp_path):
-    """The console script starting Ray itself (all of this machine's CPUs): the rows are mps score's, stdout is
-    the summary, stderr only the job's own progress lines, as for --engine local; no Ray log lines,
-    deprecations or worker warnings."""
+def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(local_ray, data, reference, tmp_path):
+    """The console script as a Ray driver of its own (joining this process's instance, which saves starting one):
+    the rows are mps score's, stdout is the summary, stderr only the job's own progress lines, as for --engine
+    local; no Ray log lines, deprecations or worker warnings."""
     root, _ = data
     out = tmp_path / "ray-out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RAY_BACKEND_LOG_LEVEL")}
     proc = subprocess.run([*mps_executable(), "dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
-                           "--dim", "all", "--engine", "ray", "--batch-size", "2", *MODEL],
+                           "--dim", "all", "--engine", "ray", "--batch-size", "2", *MODEL,
+                           "--ray-address", local_ray.get_runtime_context().gcs_address],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert_matches(out, data, reference)
