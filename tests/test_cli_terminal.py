@@ -257,7 +257,8 @@ def test_no_usable_input_never_touches_the_weights(tmp_path):
 
 def test_closed_pipe_exits_0_for_every_command(tmp_path):
     shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": FOX, "a": "a.png", "b": "a.png", "winner": "a"})
+    shutil.copy(IMAGES / "gray.png", tmp_path / "b.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": FOX, "a": "a.png", "b": "b.png", "winner": "a"})
                                           + "\n")
     for side in ("a", "b"):  # pre-scored sides: versus needs no model
         (tmp_path / f"{side}.jsonl").write_text("".join(

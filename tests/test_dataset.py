@@ -399,7 +399,7 @@ def test_killed_run_resumes_without_scoring_anything_twice(scorer, expected, tmp
     summary = score_dataset(plan, scorer)
     assert scorer.stats["image_batches"] - before == 10 * (3 - len(written)) == summary.images
     assert summary.already_done == len(written) and summary.written == 3 - len(written)
-    assert not list(out.glob(".*.tmp-*"))
+    assert not list(out.glob(".*.tmp"))
     # Equal to an uninterrupted run.
     fresh = tmp_path / "fresh"
     score_dataset(plan_dataset(DatasetJob((str(src),), fresh)), scorer)

@@ -68,11 +68,11 @@ def test_only_the_files_module_renames_into_place():
     assert renamers == {"files.py", "weights/sealed.py"}
 
 
-def test_a_dataset_shard_left_half_written_by_a_killed_run_is_swept_up(tmp_path):
+def _one_image_shard(shard: Path) -> Path:
+    """A webdataset tar of one captioned image."""
     import io
     import tarfile
 
-    shard = tmp_path / "in" / "00000.tar"
     shard.parent.mkdir()
     with tarfile.open(shard, "w") as tar:
         tar.add(IMAGES / "sunset.png", arcname="0000.png")
@@ -80,14 +80,35 @@ def test_a_dataset_shard_left_half_written_by_a_killed_run_is_swept_up(tmp_path)
         info = tarfile.TarInfo("0000.txt")
         info.size = len(caption)
         tar.addfile(info, io.BytesIO(caption))
+    return shard
+
+
+def test_a_dataset_shard_left_half_written_by_a_killed_run_is_swept_up(tmp_path):
+    shard = _one_image_shard(tmp_path / "in" / "00000.tar")
     out = tmp_path / "out"
     out.mkdir()
     leftover = out / f".00000.parquet.{files.host_tag()}.{_dead_pid()}.tmp"
     leftover.write_bytes(b"PAR1 half")
     res = run_cli("dataset", str(shard), "--out", str(out), "-w", str(WEIGHTS), "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "00000.parquet", "_manifest.json"]
+    # .claims.lock: the shard claims of runs sharing the folder (issue 23), kept for the next run.
+    assert sorted(p.name for p in out.iterdir()) == [".claims.lock", ".manifest.lock", "00000.parquet",
+                                                     "_manifest.json"]
     assert json.loads((out / "_manifest.json").read_text())["shards"]["00000.parquet"]["rows"] == 1
+
+
+def test_a_manifest_left_half_written_by_a_killed_run_is_swept_up(tmp_path):
+    """A run killed between writing the manifest's temporary file and renaming it (right after a shard's
+    rename, where a kill lands often) leaves that file; the next run into the folder removes it."""
+    shard = _one_image_shard(tmp_path / "in" / "00000.tar")
+    out = tmp_path / "out"
+    out.mkdir()
+    leftover = out / f"._manifest.json.{files.host_tag()}.{_dead_pid()}.tmp"
+    leftover.write_text('{"settings": {')
+    res = run_cli("dataset", str(shard), "--out", str(out), "-w", str(WEIGHTS), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".claims.lock", ".manifest.lock", "00000.parquet",
+                                                     "_manifest.json"]
 
 
 def test_a_report_that_cannot_be_renamed_into_place_leaves_nothing(tmp_path):

@@ -38,6 +38,8 @@ CONTEXT_LENGTH = 77
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Webdataset member extensions read as a sample's image when none is named, in this order.
+IMAGE_MEMBER_EXTENSIONS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS, key=lambda e: (e != ".jpg", e)))
 
 # Where the published weights live: the DiffSynth-Studio repository on the Hugging Face Hub, config.json beside them.
 DEFAULT_REPO = "DiffSynth-Studio/QualityMetric_reward_pretrained"
@@ -111,3 +113,5 @@ SERVE_MAX_QUEUE = 1024
 SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
 #: Per-image pixel limit for uploads: generous for generations (8192 x 8192), far below a bomb.
 SERVE_MAX_IMAGE_PIXELS = 8192 * 8192
+#: Seconds a client has to send a request's headers, then as long again for its body; a slower one is cut off.
+SERVE_READ_TIMEOUT_S = 30.0

@@ -194,7 +194,7 @@ _WINNER_RANKS = {"a": (1, 2), "b": (2, 1), "tie": (1, 1)}
 
 
 def _pair_items(path: Path, root: Path) -> list[BenchmarkItem]:
-    lines = _read_text(path).splitlines()
+    lines = _read_text(path).split("\n")  # not splitlines(): U+2028 is text in JSON
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -355,6 +355,12 @@ def _score_items(benchmark, relevant, skipped: _Skipped, scorer, keys, texts, co
     for i in relevant:
         for path in dict.fromkeys(benchmark.items[i].images):
             items_of.setdefault(path, []).append(i)
+    # An item that lists one image twice pits it against itself: the model ties, which counts as wrong.
+    for i in relevant:
+        images = benchmark.items[i].images
+        repeated = next((p for n, p in enumerate(images) if p in images[:n]), None)
+        if repeated is not None:
+            skipped.drop(repeated, [i], "lists this image twice; fix the benchmark file")
     # Hash every distinct image once.
     digests, unreadable = hash_images(cache, list(items_of), progress)
     for path, message in unreadable.items():

@@ -29,7 +29,7 @@ class PanelReward(MPSReward):
     """
 
     def __init__(self, panel, conditions: list[tuple[str, str]], mask_threshold: float,
-                 input_range: tuple[float, float], round_pixels: bool = False):
+                 input_range: tuple[float, float], round_pixels: bool = True):
         nn.Module.__init__(self)
         self.panel = panel
         self.input_range = (float(input_range[0]), float(input_range[1]))
@@ -107,7 +107,7 @@ class PanelReward(MPSReward):
 def load_reward(weights=None, *, model=None, dims: Iterable[str] | str | None = ("overall",),
                 condition: str | None = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD, device: str = "auto",
                 dtype: str = "auto", input_range: tuple[float, float] = (0, 1), grad_checkpointing: bool = False,
-                round_pixels: bool = False, config=None, revision: str | None = None, offline: bool | None = None):
+                round_pixels: bool = True, config=None, revision: str | None = None, offline: bool | None = None):
     """MPS as a differentiable reward (:func:`mps_cli.reward.load_reward`) or, with ``model``, a :class:`PanelReward`.
 
     ``model`` as for ``load_scorer``; ``dims`` and ``condition`` are MPS's (ignored without it in ``model``).

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from .constants import DISTRIBUTION
 from .dataset import (
+    BAD_IMAGE,
     DatasetPlan,
     DatasetProgress,
     DatasetSummary,
@@ -26,7 +27,9 @@ from .dataset import (
     Row,
     ShardFailure,
     Tracker,
+    claim_shards,
     open_output,
+    wait_for_shard,
 )
 from .devices import DEFAULT_BATCH
 from .errors import EngineError, MissingExtraError, MPSError, OutputError, ShardError
@@ -49,19 +52,21 @@ def require_ray():
     return ray
 
 
-def _read_rows(item: dict, caption_column, image_column, prompt) -> list[dict]:
+def _read_rows(item: dict, caption_column, image_column, prompt, image_ext=None, caption_ext=None) -> list[dict]:
     """flat_map: one shard into its sample rows; a shard that cannot be read becomes one marker row."""
     shard = Shard(item["source"], item["kind"])
     marker = {"source": shard.source, "kind": shard.kind, "index": -1, "n_rows": 0, "key": "", "label": "",
-              "image": b"", "prompt": "", "has_prompt": False, "error": "", "shard_error": ""}
+              "image": b"", "prompt": "", "has_prompt": False, "error": "", "cause": "", "shard_error": ""}
     try:
-        samples = read_shard(shard, caption_column, image_column, prompt)
+        samples = read_shard(shard, caption_column, image_column, prompt, image_ext=image_ext,
+                             caption_ext=caption_ext)
     except ShardError as exc:
         return [{**marker, "shard_error": str(exc)}]
     if not samples:
         return [marker]
     return [{**marker, "index": i, "n_rows": len(samples), "key": s.key, "label": s.label, "image": s.image or b"",
-             "prompt": s.prompt or "", "has_prompt": s.prompt is not None, "error": s.error or ""}
+             "prompt": s.prompt or "", "has_prompt": s.prompt is not None, "error": s.error or "",
+             "cause": s.cause or ""}
             for i, s in enumerate(samples)]
 
 
@@ -238,7 +243,8 @@ def _pipeline(ray, todo: list[Shard], plan: DatasetPlan, spec: ModelSpec, batch_
     job = plan.job
     ds = ray.data.from_items([{"source": s.source, "kind": s.kind} for s in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(_read_rows, fn_kwargs={"caption_column": job.caption_column,
-                                            "image_column": job.image_column, "prompt": job.prompt})
+                                            "image_column": job.image_column, "prompt": job.prompt,
+                                            "image_ext": job.image_ext, "caption_ext": job.caption_ext})
     # Stages with equal resources are fused into one worker; the decode stage's own (a CPU and its
     # memory) keep it on CPU tasks that run beside the scoring actors instead of between their batches.
     ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
@@ -261,10 +267,32 @@ def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None 
     """
     ray = require_ray()
     output = output or open_output(plan, spec)
-    todo, already = output.pending(plan.shards)
-    tracker = Tracker(plan, len(todo), already, progress)
+    try:
+        return _run(ray, plan, spec, output, workers, gpus_per_worker, cpus_per_worker, address, progress)
+    finally:
+        output.close()
+
+
+def _run(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, workers: int, gpus_per_worker: float,
+         cpus_per_worker: float, address: str | None, progress) -> DatasetSummary:
+    pending, done = output.pending(plan.shards)
+    tracker = Tracker(plan, len(pending), done, progress)
+    # The pipeline reads every shard at once: claim them all now; another run's are waited for at the end.
+    deferred: list = []
+    todo = list(claim_shards(output, pending, tracker, deferred))
+    _run_pipeline(ray, plan, spec, output, todo, tracker, workers, gpus_per_worker, cpus_per_worker, address)
+    for shard in deferred:
+        if not wait_for_shard(output, shard, tracker):
+            tracker.shard_failed(ShardFailure(shard.source, "another run into this folder took it and stopped "
+                                                            "before writing it; run again to score it"))
+            output.release(shard)
+    return tracker.summary()
+
+
+def _run_pipeline(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, todo: list, tracker: Tracker,
+                  workers: int, gpus_per_worker: float, cpus_per_worker: float, address: str | None) -> None:
     if not todo:
-        return tracker.summary()
+        return
     by_source = {s.source: s for s in todo}
     batch_size = plan.job.batch_size or DEFAULT_BATCH["accelerator" if gpus_per_worker else "cpu"]
     started = _start(ray, address)
@@ -281,7 +309,6 @@ def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None 
     finally:
         if started:
             ray.shutdown()
-    return tracker.summary()
 
 
 def _write_rows(ds, keys: list[str], by_source: dict[str, Shard], output: Output, tracker: Tracker) -> None:
@@ -294,20 +321,25 @@ def _write_rows(ds, keys: list[str], by_source: dict[str, Shard], output: Output
             shard = by_source[str(batch["source"][i])]
             if batch["shard_error"][i]:
                 tracker.shard_failed(ShardFailure(shard.source, str(batch["shard_error"][i])))
+                output.release(shard)
                 continue
             n_rows = int(batch["n_rows"][i])
             if n_rows == 0:
                 output.write(shard, [])
+                output.release(shard)
                 tracker.shard_done([])
                 continue
             error = str(batch["error"][i]) or None
+            cause = (str(batch["cause"][i]) or BAD_IMAGE) if error else None
             prompt = str(batch["prompt"][i]) if batch["has_prompt"][i] else None
             scores = {} if error else {k: float(batch[_SCORE_PREFIX + k][i]) for k in keys}
             rows = buffers.setdefault(shard.source, [])
-            rows.append((int(batch["index"][i]), Row(str(batch["key"][i]), shard.source, prompt, scores, error)))
+            rows.append((int(batch["index"][i]), Row(str(batch["key"][i]), shard.source, prompt, scores, error,
+                                                     cause)))
             tracker.scored(1)
             if len(rows) == n_rows:
                 done = [r for _, r in sorted(rows, key=lambda t: t[0])]
                 del buffers[shard.source]
                 output.write(shard, done)
+                output.release(shard)
                 tracker.shard_done(done)

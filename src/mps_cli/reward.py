@@ -29,16 +29,17 @@ from .errors import InputError
 
 
 def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0),
-                      round_pixels: bool = False, rounded_crop: bool = False) -> torch.Tensor:
+                      round_pixels: bool = True, rounded_crop: bool = False) -> torch.Tensor:
     """B x 3 x H x W floats in ``input_range`` to normalised B x 3 x size x size model input, differentiably.
 
     The scorer's PIL path in torch: bicubic resize with antialiasing (PIL's kernel) so the
     shorter side is ``size`` and the longer side floored, centre crop at floor offsets, CLIP
     mean/std. PIL stores 8-bit pixels: it rounds the input (as saved) and the result of each
-    resize pass. By default this path does not, and lands within about one grey level of
-    PIL's pixels; ``round_pixels`` rounds where PIL does, in the forward pass only
-    (straight-through: the gradient is that of the unrounded path). ``rounded_crop``: the crop offsets
-    rounded as torchvision's ``CenterCrop`` does (open_clip's transform, CLIPScore's) instead of floored.
+    resize pass, and so does this path by default, in the forward pass only (straight-through:
+    the backward pass is that of the unrounded path). ``round_pixels=False`` is the smooth path,
+    within about one grey level of PIL's pixels, whose gradient is the exact one of what it computes.
+    ``rounded_crop``: the crop offsets rounded as torchvision's ``CenterCrop`` does (open_clip's
+    transform, CLIPScore's) instead of floored.
     """
     lo, hi = input_range
     x = images.float() if images.dtype not in (torch.float32, torch.float64) else images
@@ -57,7 +58,7 @@ class MPSReward(nn.Module):
     """
 
     def __init__(self, scorer: Scorer, conditions: list[tuple[str, str]], mask_threshold: float,
-                 input_range: tuple[float, float], round_pixels: bool = False):
+                 input_range: tuple[float, float], round_pixels: bool = True):
         super().__init__()
         self.model = scorer.model
         self._scorer = scorer
@@ -176,15 +177,16 @@ class MPSReward(nn.Module):
 def load_reward(weights: str | os.PathLike | None = None, *, dims: Iterable[str] | str | None = ("overall",),
                 condition: str | None = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                 device: str = "auto", dtype: str = "auto", input_range: tuple[float, float] = (0, 1),
-                grad_checkpointing: bool = False, round_pixels: bool = False, config=None, revision: str | None = None,
+                grad_checkpointing: bool = False, round_pixels: bool = True, config=None, revision: str | None = None,
                 offline: bool | None = None) -> MPSReward:
     """Load MPS as a differentiable reward (same weights sources, prepared copies and errors as :func:`load_scorer`).
 
     ``dims`` from overall, aesthetics, detail, alignment or ``all``; ``condition`` adds a
     custom condition keyed ``custom`` (with ``dims=None`` it is the only one). ``input_range``
     is what the images passed in span: ``(0, 1)``, or ``(-1, 1)`` for raw VAE output.
-    ``round_pixels`` rounds to 8 bits where PIL does (straight-through gradients), so scores
-    equal what the scorer gives the image saved as a PNG; off, they differ by PIL's rounding.
+    ``round_pixels`` (the default) rounds to 8 bits where PIL does, with straight-through gradients,
+    so scores equal what the scorer gives the image saved as a PNG; ``False`` is the smooth path
+    (exact gradients of a score off by PIL's rounding).
     """
     conditions = resolve_conditions(dims, condition)
     mask_threshold = check_mask_threshold(mask_threshold)

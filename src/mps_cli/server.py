@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from .constants import (
     SERVE_MAX_IMAGE_PIXELS,
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
+    SERVE_READ_TIMEOUT_S,
 )
 from .engine.panel import keyed_conditions, mps_dims, split_key
 from .engine.preprocess import EncodedImage
@@ -62,6 +64,7 @@ class ServeOptions:
     max_image_pixels: int = SERVE_MAX_IMAGE_PIXELS
     token: str | None = None
     allow_dir: Path | None = None
+    read_timeout: float = SERVE_READ_TIMEOUT_S
 
 
 def is_loopback(host: str) -> bool:
@@ -248,6 +251,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _SlowBody(Exception):
+    pass
+
+
 @dataclass
 class _Source:
     """One image of a request before decoding: encoded bytes, base64 text, or a checked server path."""
@@ -320,14 +327,26 @@ class ScoringService:
                                 "or {\"path\": ...}")
 
     def _checked_path(self, raw: Any) -> Path:
-        if not isinstance(raw, str) or not raw or "\0" in raw:
+        if not isinstance(raw, str) or not raw:
             raise RequestError(422, "'path' must be a non-empty string")
+        if "\0" in raw:
+            raise RequestError(422, f"{raw!r}: a path cannot hold a NUL byte")
         if self.allow_dir is None:
             raise RequestError(403, f"{raw}: this server does not read server-side files (it was started "
                                     "without an allowed folder); send the image's bytes instead")
-        resolved = (self.allow_dir / raw).resolve()  # follows symlinks and `..`
-        if not resolved.is_relative_to(self.allow_dir):
-            raise RequestError(403, f"{raw}: outside the folder this server may read")
+        try:
+            resolved = (self.allow_dir / raw).resolve()  # follows symlinks and `..`
+            inside = resolved.is_relative_to(self.allow_dir)
+            exists, regular = (resolved.exists(), resolved.is_file()) if inside else (False, False)
+        except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+            why = getattr(exc, "strerror", None) or exc
+            raise RequestError(422, f"{_short_text(raw)}: not a usable path ({why})") from None
+        if not inside:
+            raise RequestError(403, f"{_short_text(raw)}: outside the folder this server may read")
+        if not exists:
+            raise RequestError(422, f"{_short_text(raw)}: no such file in the folder this server may read")
+        if not regular:  # a FIFO or a device would block a decoding thread for ever
+            raise RequestError(422, f"{_short_text(raw)}: not a regular file (a folder, FIFO or device)")
         return resolved
 
     def parse(self, body: dict, single: bool = False) -> _Work:
@@ -475,6 +494,8 @@ async def _read_body(request: Request, max_part: int) -> dict:
         return await run_in_threadpool(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid JSON: nested too deeply") from None
 
 
 async def _read_form(request: Request, max_part: int) -> dict:
@@ -483,14 +504,30 @@ async def _read_form(request: Request, max_part: int) -> dict:
 
     The form a :class:`~mps_cli.client.Client` sends: raw bytes cost the client and the server less
     than base64 inside JSON (0.5 ms less server CPU per image on the fixture, 2-vCPU AMD EPYC)."""
+    # python-multipart takes a body that stops inside a part as a shorter form, so an upload cut off
+    # would be scored without its last images: the closing delimiter is looked for here.
+    found = re.search(r'boundary="?([^";]*)', request.headers.get("content-type", ""), re.IGNORECASE)
+    closing = b"--" + (found.group(1).encode("latin-1") if found else b"") + b"--"
+    seen = {"closed": False, "tail": b""}
+
+    async def watched_receive():
+        message = await request.receive()
+        if message["type"] == "http.request" and not seen["closed"]:
+            data = seen["tail"] + message.get("body", b"")
+            seen["closed"], seen["tail"] = closing in data, data[-(len(closing) - 1):]
+        return message
+
     # A prompt field may be as long as the body allows, as in JSON (the tokenizer reads what it needs).
     try:
-        form = await request.form(max_files=SERVE_MAX_QUEUE, max_fields=3 * SERVE_MAX_QUEUE + 16,
-                                  max_part_size=max_part)
-    except _BodyTooLarge:
+        form = await Request(request.scope, watched_receive).form(
+            max_files=SERVE_MAX_QUEUE, max_fields=3 * SERVE_MAX_QUEUE + 16, max_part_size=max_part)
+    except (_BodyTooLarge, _SlowBody):
         raise
     except Exception as exc:  # the multipart parser's own errors
-        raise RequestError(400, f"invalid multipart form: {exc}") from None
+        raise RequestError(400, f"invalid multipart form: {' '.join(str(exc).split())}") from None
+    if not seen["closed"]:
+        await form.close()
+        raise RequestError(400, "invalid multipart form: it ends before its closing boundary (was the upload cut off?)")
     try:
         out: dict = {}
         images: list[_Source] = []
@@ -561,6 +598,9 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
                 return _error(exc.status, exc.message, exc.extra, exc.headers)
             except _BodyTooLarge:
                 return _error(413, f"request body over the {options.max_body_bytes} byte limit")
+            except _SlowBody:
+                return _error(408, f"request body not received within {options.read_timeout:g} s",
+                              headers={"Connection": "close"})
         return run
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -591,15 +631,16 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_Guard, token=options.token, max_body=options.max_body_bytes)
+    app.add_middleware(_Guard, token=options.token, max_body=options.max_body_bytes,
+                       read_timeout=options.read_timeout)
     return app
 
 
 class _Guard:
-    """Pure ASGI middleware: the bearer token, the body limit, and one log line per request."""
+    """Pure ASGI middleware: the bearer token, the body limit and deadline, and one log line per request."""
 
-    def __init__(self, app, token: str | None, max_body: int):
-        self.app, self.token, self.max_body = app, token, max_body
+    def __init__(self, app, token: str | None, max_body: int, read_timeout: float = SERVE_READ_TIMEOUT_S):
+        self.app, self.token, self.max_body, self.read_timeout = app, token, max_body, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -613,22 +654,43 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        deadline = time.monotonic() + self.read_timeout
+        body_done = False
+
+        async def timed_receive():
+            """The next message; while the body is still coming, only until the deadline."""
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _SlowBody() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         try:
             refusal = self._refuse(scope)
             if refusal is not None:
-                await self._drain(receive, 0)
+                try:
+                    await self._drain(timed_receive, 0)
+                except _SlowBody:
+                    pass  # answered anyway; the connection closes with it
                 await refusal(scope, receive, logged_send)
                 return
             seen = 0
 
             async def limited_receive():
                 nonlocal seen
-                message = await receive()
+                message = await timed_receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:
                         if message.get("more_body", False):
-                            await self._drain(receive, seen)
+                            try:
+                                await self._drain(timed_receive, seen)
+                            except _SlowBody:
+                                pass
                         raise _BodyTooLarge()
                 return message
 
@@ -671,6 +733,63 @@ class _Guard:
         return None
 
 
+def _short_text(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _bounded_protocol(read_timeout: float):
+    """uvicorn's HTTP protocol (httptools' when installed, as uvicorn picks), with a deadline on each
+    request's headers: a connection that has not sent them ``read_timeout`` seconds after it opened
+    (or after its first byte, on a kept-alive connection) is answered 408 and closed. uvicorn has
+    no such limit, so a client trickling a byte at a time would hold its connection for ever; the
+    body's deadline is the middleware's."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    refusal = json.dumps({"error": f"request headers not received within {read_timeout:g} s"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              + f"content-length: {len(refusal)}\r\n\r\n".encode() + refusal)
+
+    class Bounded(base):
+        _timer = None
+        _timed_cycle = None  # the request cycle current when the timer was armed: a new one means headers came
+
+        def _arm(self) -> None:
+            self._timed_cycle = self.cycle
+            self._timer = self.loop.call_later(read_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expire(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                log.info("closed a connection that sent no complete request headers in %g s", read_timeout)
+                self.transport.write(answer)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self._timer is not None and self.cycle is not self._timed_cycle:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Bounded
+
+
 def warm_up(scorer) -> None:
     """Load the tokenizer, encode the dimensions' conditions and run the model once, before the first client."""
     from PIL import Image
@@ -690,7 +809,7 @@ def serve(scorer, host: str, port: int, options: ServeOptions, log_level: str = 
     app = create_app(scorer, options)
     warm_up(scorer)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            server_header=False, lifespan="on")
+                            server_header=False, lifespan="on", http=_bounded_protocol(options.read_timeout))
     uvicorn.Server(config).run()
 
 

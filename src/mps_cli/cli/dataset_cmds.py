@@ -11,12 +11,13 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
+from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION, IMAGE_MEMBER_EXTENSIONS
 from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
 from . import output
 from .app import Exit, exit_help, fail, handle_errors, load_model
 from .options import MODEL, RUN, Condition, Dims, MaskThreshold, OptionGroup, RunOptions, takes
+from .render import counted
 
 
 class Engine(str, Enum):
@@ -32,9 +33,11 @@ DATASET_HELP = "\n\n".join([
     "Writes one parquet file per shard into --out (columns key, shard, prompt, one per dimension, error) "
     "and _manifest.json. A rerun into the same --out skips the shards already written and refuses "
     "different settings. Split a job with --shard-index/--num-shards, or run it on Ray with --engine ray.",
-    exit_help({Exit.OK: "every shard written (rows that failed carry their error)",
-               Exit.PARTIAL: "some shards could not be read (named on stderr) and were skipped",
-               Exit.USAGE: "bad usage, an unwritable --out, or --out holds results of other settings",
+    exit_help({Exit.OK: "every row of every selected shard scored",
+               Exit.PARTIAL: "some rows failed (they carry their error; the count is on stderr), some shards could "
+                             "not be read (named on stderr, skipped), or no source named a shard",
+               Exit.USAGE: "bad usage, an unwritable --out, or --out holds results of other settings or a damaged "
+                           "output file",
                Exit.INTERRUPTED: "interrupted (shards already written stay)"}),
 ])
 
@@ -55,7 +58,7 @@ class _ProgressLines:
             return
         self.shards, self.last = p.shards_done, now
         eta = "" if p.eta is None else f", ETA {_duration(p.eta)}"
-        output.say(f"dataset: {p.shards_done}/{p.shards_total} shards, {p.images} images, "
+        output.say(f"dataset: {p.shards_done}/{counted(p.shards_total, 'shard')}, {counted(p.images, 'image')}, "
                    f"{p.rate:.1f} images/s{eta}")
 
 
@@ -101,11 +104,19 @@ def dataset_command(
         help="One prompt for every image, instead of the captions.")] = None,
     caption_column: Annotated[str | None, typer.Option(
         "--caption-column", rich_help_panel="Prompts",
-        help="Parquet column or webdataset .json field with the caption. Default: caption, then text, prompt "
-        "(a webdataset .txt member first).")] = None,
+        help="Parquet column with the caption (in tars, the .json field tried first). Default: caption, then "
+        "text, prompt.")] = None,
+    caption_ext: Annotated[str | None, typer.Option(
+        "--caption-ext", rich_help_panel="Prompts",
+        help="Webdataset member with the caption: a text member such as txt, or json for its caption/text/prompt "
+        "field. Default: txt, then json.")] = None,
     image_column: Annotated[str | None, typer.Option(
         "--image-column", rich_help_panel="Inputs",
-        help="Parquet column (or webdataset extension) with the image. Default: image, then jpg, png, webp.")] = None,
+        help="Parquet column with the image. Default: image, then jpg, png, webp.")] = None,
+    image_ext: Annotated[str | None, typer.Option(
+        "--image-ext", rich_help_panel="Inputs",
+        help="Webdataset member extension of the image (jpg, png, seg.png, ...). Default: the first of "
+        f"{', '.join(IMAGE_MEMBER_EXTENSIONS)} a sample has.")] = None,
     shard_index: Annotated[int | None, typer.Option(
         "--shard-index", rich_help_panel="Splitting",
         help="Take every --num-shards-th shard from this one (0-based).")] = None,
@@ -130,20 +141,16 @@ def dataset_command(
         job = DatasetJob(sources=tuple(sources), out=out, dims=tuple(dims) if dims else None, condition=condition,
                          mask_threshold=mask_threshold, prompt=prompt, caption_column=caption_column,
                          image_column=image_column, shard_index=shard_index, num_shards=num_shards,
-                         batch_size=run.batch_size, models=model.model)
+                         batch_size=run.batch_size, image_ext=image_ext, caption_ext=caption_ext,
+                         models=model.model)
         plan = _plan(job, engine)
         summary = _score(plan, model, ray if engine is Engine.ray else None)
-    done = f"{summary.already_done} already done, " if summary.already_done else ""
-    rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
-    output.emit_lines([f"{summary.shards} shards ({done}{summary.written} written, {len(summary.failed)} failed), "
-                       f"{summary.images} images scored, {summary.errors} errors, {summary.seconds:.1f} s "
-                       f"({rate:.1f} images/s) -> {summary.out}"])
-    if summary.failed:
-        raise typer.Exit(int(Exit.PARTIAL))
+    _report(summary, job)
 
 
 def _plan(job, engine: Engine):
-    """The job's plan, checked before any model loads; the sources that named nothing readable are said."""
+    """The job's plan, checked before any model loads; the sources that named nothing readable are said, and
+    a job whose sources name no shard at all ends here, writing nothing."""
     from ..dataset import plan_dataset
 
     try:
@@ -157,7 +164,10 @@ def _plan(job, engine: Engine):
     except ValueError as exc:
         raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
     for problem in plan.problems:
-        output.error(f"{problem.source}: {problem.message}; skipped")
+        output.error(f"{problem.source}: {problem.message}" + ("; skipped" if plan.found else ""))
+    if not plan.found:
+        raise fail(f"nothing to score: no source names a .tar or .parquet shard; {job.out} not written",
+                   Exit.PARTIAL)
     return plan
 
 
@@ -173,11 +183,63 @@ def _score(plan, model: ModelOptions, ray: RayOptions | None):
         spec = ModelSpec.from_scorer(scorer)
     try:
         folder = open_output(plan, spec)
-    except OutputError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
-    if ray is None:
-        return score_dataset(plan, scorer, progress=_ProgressLines(), output=folder)
-    from ..ray_engine import score_dataset_ray
+        if ray is None:
+            return score_dataset(plan, scorer, progress=_ProgressLines(), output=folder)
+        from ..ray_engine import score_dataset_ray
 
-    return score_dataset_ray(plan, spec, folder, workers=ray.workers, gpus_per_worker=ray.gpus_per_worker,
-                             cpus_per_worker=ray.cpus_per_worker, address=ray.address, progress=_ProgressLines())
+        return score_dataset_ray(plan, spec, folder, workers=ray.workers, gpus_per_worker=ray.gpus_per_worker,
+                                 cpus_per_worker=ray.cpus_per_worker, address=ray.address, progress=_ProgressLines())
+    except OutputError as exc:  # --out holds other settings, or a file in it is damaged
+        raise fail(str(exc), Exit.USAGE) from None
+
+
+def _report(summary, job) -> None:
+    """The result line on stdout; on stderr the count (when something failed, or on a terminal) and,
+    when no row was scored, the likely cause; exit 1 when any row or shard failed."""
+    parts = [f"{summary.already_done} already done"] if summary.already_done else []
+    parts.append(f"{summary.written} written")
+    if summary.elsewhere:
+        parts.append(f"{summary.elsewhere} by another run")
+    parts.append(f"{len(summary.failed)} failed")
+    rate = summary.images / summary.seconds if summary.seconds > 0 else 0.0
+    output.emit_lines([f"{counted(summary.shards, 'shard')} ({', '.join(parts)}), "
+                       f"{counted(summary.images, 'image')} scored, {counted(summary.errors, 'error')}, "
+                       f"{summary.seconds:.1f} s ({rate:.1f} images/s) -> {summary.out}"])
+    if summary.total_failed and not summary.total_scored:
+        output.error(_why_nothing_scored(summary, job))
+    elif summary.failed and not (summary.written or summary.already_done or summary.elsewhere):
+        output.error("no shard could be read (each is named above)")
+    if not summary.ok or sys.stderr.isatty():
+        count = f"{summary.total_scored} scored, {summary.total_failed} failed"
+        if summary.total_failed:
+            count += f" in {counted(summary.shards_with_errors, 'shard')}"
+        if summary.failed:
+            count += f"; {counted(len(summary.failed), 'shard')} not read"
+        output.say(count)
+    if not summary.ok:
+        raise typer.Exit(int(Exit.PARTIAL))
+
+
+def _why_nothing_scored(summary, job) -> str:
+    """One line naming the likely cause when every row failed, from the causes the rows give."""
+    from ..dataset import BAD_IMAGE, NO_CAPTION, NO_IMAGE
+
+    causes = summary.causes
+    cause = max(causes, key=causes.get) if causes else None
+    n, total = causes.get(cause, 0), summary.total_failed
+    head = f"no row was scored ({total} failed)"
+    if cause == NO_IMAGE:
+        if job.image_ext or job.image_column:
+            named = " and ".join(x for x in (job.image_ext and f"--image-ext {job.image_ext}",
+                                             job.image_column and f"--image-column {job.image_column}") if x)
+            return f"{head}: {n} samples have no image where {named} says; check it against the shards"
+        exts = ", ".join(IMAGE_MEMBER_EXTENSIONS)
+        return (f"{head}: {n} samples have no image member with the default extensions ({exts}); name yours "
+                "with --image-ext (for parquet shards, --image-column)")
+    if cause == NO_CAPTION:
+        return (f"{head}: {n} samples have no caption; name it with --caption-ext (tar member) or "
+                "--caption-column (parquet column or .json field), or give one --prompt")
+    if cause == BAD_IMAGE:
+        return (f"{head}: {n} images do not decode; the error column of the output files says why for each "
+                "(are the shards' images really images?)")
+    return f"{head}; the error column of the output files says why for each row"

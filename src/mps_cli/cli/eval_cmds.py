@@ -42,8 +42,8 @@ EVAL_HELP = "\n\n".join([
     "and a repeated run costs no model time.",
     f"{DIMENSION_NOTE} The paper's figures are for the overall dimension.",
     exit_help({Exit.OK: "every item evaluated",
-               Exit.PARTIAL: "some items skipped (a missing or unreadable image, named on stderr and counted in the "
-                             "report)",
+               Exit.PARTIAL: "some items skipped (a missing or unreadable image, or an item listing one image "
+                             "twice, named on stderr and counted in the report)",
                Exit.USAGE: "bad usage or a malformed benchmark file",
                Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
 ])

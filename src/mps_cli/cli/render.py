@@ -222,7 +222,8 @@ def _diff(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:+.3f}"
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """``1 pair``, ``2 pairs``."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
@@ -238,7 +239,7 @@ def _versus_two(report, details: bool, note: str) -> None:
         table.add_row(k, _rate(r.win_rate), f"{_rate(r.ci95[0])}–{_rate(r.ci95[1])}", _diff(r.mean_diff),
                       f"{r.wins} / {r.ties} / {r.losses}")
     console.print(table)
-    console.print(f"{_count(m.prompts, 'prompt')}, {_count(m.pairs, 'pair')}; interval from {report.samples} "
+    console.print(f"{counted(m.prompts, 'prompt')}, {counted(m.pairs, 'pair')}; interval from {report.samples} "
                   f"resamples of {m.unit}s, seed {report.seed}; {report.scored} images scored, "
                   f"{report.cached} from cache.", soft_wrap=True)
     if details:
@@ -295,7 +296,7 @@ def _versus_many(report, details: bool) -> None:
         for i, st in enumerate(report.ranking[k], 1):
             ranking.add_row(str(i), st.side, f"{st.strength:.3f}")
         console.print(ranking)
-    console.print(f"{_count(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
+    console.print(f"{counted(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
                   f"intervals from {report.samples} resamples, seed {report.seed}; {report.scored} images scored, "
                   f"{report.cached} from cache.", soft_wrap=True)
     if details:

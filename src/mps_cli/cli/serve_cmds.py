@@ -18,6 +18,7 @@ from ..constants import (
     SERVE_MAX_IMAGE_PIXELS,
     SERVE_MAX_QUEUE,
     SERVE_MAX_WAIT_MS,
+    SERVE_READ_TIMEOUT_S,
     SERVE_TOKEN_ENV,
 )
 from ..engine.options import ModelOptions
@@ -60,6 +61,10 @@ def serve(
         "--max-image-mpx", min=0.000001, rich_help_panel="Limits",
         help="Largest image, in megapixels; bigger ones are refused from their header.")]
     = SERVE_MAX_IMAGE_PIXELS / 1e6,
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", min=0.1, rich_help_panel="Limits",
+        help="Seconds a client has to send a request's headers, and again its body; a slower one gets 408.")]
+    = SERVE_READ_TIMEOUT_S,
     allow_dir: Annotated[Path | None, typer.Option(
         "--allow-dir", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
@@ -80,7 +85,7 @@ def serve(
     _check_access(host, port, token, allow_dir)
     options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=int(max_image_mpx * 1e6),
-                           token=token, allow_dir=allow_dir)
+                           token=token, allow_dir=allow_dir, read_timeout=read_timeout)
     _log_requests()
     scorer = load_model(model)
     scorer.batch_size = run.batch_for(scorer)  # this process serves one model: its batch size is the server's

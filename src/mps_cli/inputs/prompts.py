@@ -143,7 +143,7 @@ def _read_json_array(path: Path, text: str, base: Path) -> list[PromptEntry]:
 
 def _read_jsonl(path: Path, text: str, base: Path) -> list[PromptEntry]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text in JSON
         if not line.strip():
             continue
         where = f"{path}:{n}"

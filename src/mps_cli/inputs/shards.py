@@ -14,13 +14,14 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from ..constants import DISTRIBUTION, IMAGE_EXTENSIONS
+from ..constants import DISTRIBUTION, IMAGE_MEMBER_EXTENSIONS
 from ..errors import MissingExtraError, ShardError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -31,10 +32,12 @@ CAPTION_FALLBACKS = ("caption", "text", "prompt")
 IMAGE_FALLBACKS = ("image", "jpg", "png", "webp")
 #: Parquet columns that name a row; without one the key is the row number.
 KEY_COLUMNS = ("key", "id")
-_IMAGE_EXTS = tuple(e.lstrip(".") for e in sorted(IMAGE_EXTENSIONS, key=lambda e: (e != ".jpg", e)))
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key up to the basename's first dot
+#: :attr:`Sample.cause` of a sample that has no image, or no caption.
+NO_IMAGE = "no-image"
+NO_CAPTION = "no-caption"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class Sample:
     image: bytes | None
     prompt: str | None
     error: str | None = None
+    cause: str | None = None  # NO_IMAGE, NO_CAPTION, or None (scorable, or another problem)
+
+
+def _detail(exc: BaseException) -> str:
+    """A library's error text on one line (tarfile's lists every compression it tried, one per line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -185,7 +194,7 @@ def _find_remote(source: str) -> tuple[list[Shard], str | None]:
             found = [Shard(source.rstrip("/") + "/" + n, k) for n, k in _folder_shards(names)]
             return found, None if found else "no .tar or .parquet shards in this folder"
     except Exception as exc:  # listing a remote folder: network, permissions
-        return [], f"cannot list ({exc})"
+        return [], f"cannot list ({_detail(exc)})"
     kind = _kind(path)
     if kind is None:
         return [], "not a shard: expected .tar, .tar.gz, .tgz or .parquet"
@@ -200,7 +209,7 @@ def open_source(source: str) -> Iterator[BinaryIO]:
         try:
             f = open_file(path)
         except Exception as exc:
-            raise ShardError(f"{source}: cannot open ({exc})") from None
+            raise ShardError(f"{source}: cannot open ({_detail(exc)})") from None
     else:
         try:
             f = open(_local(source), "rb")
@@ -213,13 +222,23 @@ def open_source(source: str) -> Iterator[BinaryIO]:
 
 
 def read_shard(shard: Shard, caption_column: str | None = None, image_column: str | None = None,
-               prompt: str | None = None) -> list[Sample]:
+               prompt: str | None = None, *, image_ext: str | None = None,
+               caption_ext: str | None = None) -> list[Sample]:
     """Every sample of one shard, in order. Raises :class:`ShardError` when the shard as a whole
     cannot be read (missing, truncated, not a tar/parquet, no image column); a sample without an
-    image or caption comes back with ``error`` set instead."""
+    image or caption comes back with ``error`` (and ``cause``) set instead.
+
+    ``image_column``/``caption_column`` name parquet columns; ``image_ext``/``caption_ext`` name
+    webdataset member extensions. Each applies to its own kind of shard only, so one set of
+    options reads a mix of tars and parquet files."""
     if shard.kind == "tar":
-        return _read_tar(shard.source, caption_column, image_column, prompt)
+        return _read_tar(shard.source, caption_column, prompt, _ext(image_ext), _ext(caption_ext))
     return _read_parquet(shard.source, caption_column, image_column, prompt)
+
+
+def _ext(value: str | None) -> str | None:
+    """A member extension as given (``jpg``, ``.jpg``, ``seg.png``), lowercased without its leading dot."""
+    return value.strip().lstrip(".").lower() or None if value else None
 
 
 def _candidates(named: str | None, fallbacks: tuple[str, ...]) -> tuple[str, ...]:
@@ -233,9 +252,13 @@ def _clean_caption(value) -> str | None:
     return text if text.strip() else None
 
 
-def _read_tar(source: str, caption_column: str | None, image_column: str | None,
-              prompt: str | None) -> list[Sample]:
+def _read_tar_members(source: str, wanted) -> tuple[dict[str, dict[str, tuple[str, bytes]]], dict[str, set[str]]]:
+    """``{key: {extension: (member name, bytes)}}`` of the members whose extension ``wanted`` accepts,
+    in archive order, and ``{key: extensions}`` of the others (for messages).
+
+    Member names are only split into key and extension, never used as paths: nothing is extracted."""
     members: dict[str, dict[str, tuple[str, bytes]]] = {}
+    others: dict[str, set[str]] = {}
     with open_source(source) as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
@@ -249,51 +272,74 @@ def _read_tar(source: str, caption_column: str | None, image_column: str | None,
                     if not match:
                         continue
                     key, ext = match.group(1), match.group(2).lower()
-                    if ext in _IMAGE_EXTS or ext in ("txt", "json"):
+                    if wanted(ext):
                         fh = tf.extractfile(m)
                         data = fh.read() if fh is not None else b""
                         if len(data) != m.size:
                             raise tarfile.ReadError("unexpected end of data")
                         members.setdefault(key, {})[ext] = (m.name, data)
+                    else:
+                        members.setdefault(key, {})
+                        others.setdefault(key, set()).add(ext)
                 compressed = tf.fileobj is not f
                 end = tf.offset
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise ShardError(f"{source}: truncated or not a tar file ({exc})") from None
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
+            raise ShardError(f"{source}: truncated or not a tar file ({_detail(exc)})") from None
         # A tar cut at a member boundary reads as a shorter archive; its end-of-archive block is missing.
         if not compressed:
             f.seek(end)
             if size < end + 512 or f.read(512).strip(b"\0"):
                 raise ShardError(f"{source}: truncated tar (no end-of-archive block after {end} bytes)")
-    image_exts = (image_column.lower(),) if image_column else _IMAGE_EXTS
+    return members, others
+
+
+def _read_tar(source: str, caption_column: str | None, prompt: str | None, image_ext: str | None,
+              caption_ext: str | None) -> list[Sample]:
+    image_exts = (image_ext,) if image_ext else IMAGE_MEMBER_EXTENSIONS
+    caption_exts = (caption_ext,) if caption_ext else ("txt", "json")
+    members, others = _read_tar_members(source, lambda e: e in image_exts or (prompt is None and e in caption_exts))
     samples = []
     for key, exts in members.items():
         image = next((exts[e] for e in image_exts if e in exts), None)
         label = f"{source}:{image[0] if image else key}"
         if image is None:
-            samples.append(Sample(key, label, None, None, f"{label}: no image member ({', '.join(image_exts)})"))
+            has = sorted(others.get(key, set()) | set(exts))
+            samples.append(Sample(key, label, None, None,
+                                  f"{label}: no image member (looked for .{', .'.join(image_exts)}; it has "
+                                  f"{', '.join('.' + e for e in has) if has else 'no other member'})", NO_IMAGE))
             continue
         text = prompt
         if text is None:
-            text = _tar_caption(exts, caption_column)
-        error = None if text is not None else f"{label}: no caption (no .txt member and no " \
-            f"{'/'.join(_candidates(caption_column, CAPTION_FALLBACKS))} field in a .json member)"
-        samples.append(Sample(key, label, image[1], text, error))
+            text = _tar_caption(exts, caption_exts, caption_column)
+        if text is not None:
+            samples.append(Sample(key, label, image[1], text))
+            continue
+        fields = "/".join(dict.fromkeys((*((caption_column,) if caption_column else ()), *CAPTION_FALLBACKS)))
+        where = " or ".join(f"a .{e} member" if e != "json" else f"a {fields} field in a .json member"
+                            for e in caption_exts)
+        samples.append(Sample(key, label, image[1], None, f"{label}: no caption (no {where})", NO_CAPTION))
     return samples
 
 
-def _tar_caption(exts: dict[str, tuple[str, bytes]], caption_column: str | None) -> str | None:
-    if "txt" in exts and not caption_column:
-        text = _clean_caption(exts["txt"][1].decode("utf-8", errors="replace"))
-        if text is not None:
-            return text
-    if "json" in exts:
+def _tar_caption(exts: dict[str, tuple[str, bytes]], caption_exts: tuple[str, ...],
+                 caption_column: str | None) -> str | None:
+    for ext in caption_exts:
+        if ext not in exts:
+            continue
+        data = exts[ext][1]
+        if ext != "json" and not ext.endswith(".json"):
+            text = _clean_caption(data.decode("utf-8", errors="replace"))
+            if text is not None:
+                return text
+            continue
         try:
-            meta = json.loads(exts["json"][1])
+            meta = json.loads(data)
         except ValueError:
-            return None
+            continue
         if isinstance(meta, dict):
-            for field in _candidates(caption_column, CAPTION_FALLBACKS):
-                text = _clean_caption(meta.get(field))
+            for field in dict.fromkeys((*((caption_column,) if caption_column else ()), *CAPTION_FALLBACKS)):
+                value = meta.get(field)
+                text = _clean_caption(value) if isinstance(value, (str, int, float)) else None
                 if text is not None:
                     return text
     return None
@@ -332,7 +378,7 @@ def _read_parquet(source: str, caption_column: str | None, image_column: str | N
         except ShardError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise ShardError(f"{source}: unreadable parquet file ({exc})") from None
+            raise ShardError(f"{source}: unreadable parquet file ({_detail(exc)})") from None
     images = table.column(image_col).to_pylist()
     captions = table.column(caption_col).to_pylist() if caption_col else [prompt] * len(images)
     keys = [str(k) for k in table.column(key_col).to_pylist()] if key_col else [str(i) for i in range(len(images))]
@@ -340,10 +386,11 @@ def _read_parquet(source: str, caption_column: str | None, image_column: str | N
     for key, cell, caption in zip(keys, images, captions, strict=True):
         label = f"{source}:{key}"
         data, error = _image_bytes(cell, image_col)
-        text = _clean_caption(caption)
+        cause = NO_IMAGE if error else None
+        text = _clean_caption(caption) if isinstance(caption, (str, int, float)) else None
         if error is None and text is None:
-            error = f"no caption in column {caption_col}"
-        samples.append(Sample(key, label, data, text, f"{label}: {error}" if error else None))
+            error, cause = f"no caption in column {caption_col}", NO_CAPTION
+        samples.append(Sample(key, label, data, text, f"{label}: {error}" if error else None, cause))
     return samples
 
 

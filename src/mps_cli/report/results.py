@@ -182,8 +182,12 @@ def read_result_path(path: Path) -> Results:
         return read_dataset(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path}: cannot read ({exc})") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path}: not a results file (expected JSON, JSONL or CSV from mps)") from None
+    except OSError as exc:
+        raise ResultsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if "\0" in text:
+        raise ResultsError(f"{path}: not a results file (expected JSON, JSONL or CSV from mps)")
     origin = path.resolve().parent
     if path.suffix.lower() == ".csv":
         return _parse_csv(text, str(path), origin)
@@ -199,7 +203,7 @@ def parse_results(text: str, name: str, origin: Path | None = None) -> Results:
         docs = [json.loads(stripped)]
     except json.JSONDecodeError:
         docs = []
-        for n, line in enumerate(stripped.splitlines(), 1):
+        for n, line in enumerate(stripped.split("\n"), 1):  # not splitlines(): U+2028 is text in JSON
             if line.strip():
                 try:
                     docs.append(json.loads(line))

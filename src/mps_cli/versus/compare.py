@@ -214,6 +214,37 @@ def _mirror(m: Matchup) -> Matchup:
                    per_prompt, m.unit)
 
 
+def _flag_repeats(side: Side, by_prompt: bool) -> Side:
+    """Within one side and one prompt, an image listed twice counts once (the repeat is an error), and,
+    pairing by name, images that pair under one name (``a.png``, ``a.jpg``) pair with nothing: which
+    one is meant is unknown. Each such entry becomes an error naming the other."""
+    seen: set[tuple] = set()
+    out: list[Entry] = []
+    for e in side.entries:
+        if e.error is None and (e.prompt, e.label) in seen:
+            e = replace(e, scores=None, error=f"{e.label}: listed twice under one prompt ({_short(e.prompt)!r}); "
+                                              "it counts once: remove the repeat")
+        elif e.error is None:
+            seen.add((e.prompt, e.label))
+        out.append(e)
+    if not by_prompt:
+        groups: dict[tuple, list[Entry]] = {}
+        for e in out:
+            if e.error is None:
+                groups.setdefault((e.prompt, e.key), []).append(e)
+        clash = {id(e): g for g in groups.values() if len(g) > 1 for e in g}
+        out = [replace(e, scores=None, error=f"{e.label}: pairs under the name {e.key!r}, as "
+                                             f"{', '.join(o.label for o in clash[id(e)] if o is not e)} does; "
+                                             "rename one so that each name is one image")
+               if id(e) in clash else e for e in out]
+    return replace(side, entries=tuple(out))
+
+
+def _short(text: str | None, n: int = 60) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _check_prescored(side: Side, keys: Sequence[str]) -> None:
     for e in side.entries:
         if e.error is None and e.scores is not None:
@@ -265,7 +296,7 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
     for side in lineup.sides:
         if side.prescored:
             _check_prescored(side, keys)
-    sides = list(lineup.sides)
+    sides = [_flag_repeats(s, lineup.by_prompt) for s in lineup.sides]
     scored = cached = 0
     weights = identity = dtype = None
     if lineup.needs_scoring:

@@ -10,6 +10,7 @@ file, by prompt: every image of A listed under a prompt meets every image of B l
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -129,11 +130,10 @@ def _read_dataset(root: Path, name: str) -> Side:
             key = row.get("key")
             key = str(n) if key is None else str(key)
             label = f"{f.name}:{key}"
-            scores = {k: float(v) for k, v in row.items()
-                      if k not in DATASET_META_COLUMNS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scores, bad = _scores_of({k: v for k, v in row.items() if k not in DATASET_META_COLUMNS}, label)
+            error = f"{label}: {row['error']}" if row.get("error") else bad
             entries.append(Entry(key=_key_of(key), name=key, label=label, prompt=row.get("prompt"),
-                                 scores=None if row.get("error") else scores,
-                                 error=f"{label}: {row['error']}" if row.get("error") else None))
+                                 scores=None if error else scores, error=error))
     if not entries:
         raise SideError(f"{name}: an mps dataset folder without rows")
     settings = None
@@ -161,7 +161,7 @@ def _read_jsonl(path: Path, name: str) -> Side:
         numbered = list(enumerate(records, 1))
     else:
         numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text in JSON
             if line.strip():
                 try:
                     numbered.append((n, json.loads(line)))
@@ -188,9 +188,20 @@ def _read_jsonl(path: Path, name: str) -> Side:
             error = rec.get("error") or "no scores"
             entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), error=f"{error}"))
             continue
-        scores = {k: float(v) for k, v in rec["scores"].items() if isinstance(v, (int, float))}
-        entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), scores=scores))
+        scores, bad = _scores_of(rec["scores"], image)
+        entries.append(Entry(_key_of(rel), rel, image, prompt=rec.get("prompt"), scores=None if bad else scores,
+                             error=bad))
     return Side(name, "jsonl", tuple(entries))
+
+
+def _scores_of(values: dict, label: str) -> tuple[dict[str, float], str | None]:
+    """The numeric scores of a pre-scored record, and an error when one of them is NaN or infinite
+    (it would count as a loss, or win, in every pair). Text and booleans are not scores."""
+    scores = {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    bad = [k for k, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        return scores, f"{label}: its {bad[0]!r} score is {scores[bad[0]]} (not a finite number); score it again"
+    return scores, None
 
 
 def read_side(path: str | os.PathLike) -> Side:
@@ -217,8 +228,9 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
     for a prompts file that cannot be read, ``ValueError`` when a folder side has no prompt source.
     """
     names = [s.name for s in sides]
-    if len(set(names)) != len(names):
-        raise ValueError("the same side is given twice")
+    if len(set(names)) != len(names) or len({os.path.realpath(n) for n in names}) != len(names):
+        raise ValueError("the same side is given twice (" + ", ".join(names) + "): a side compared with "
+                         "itself ties every pair")
     given = [x for x in (prompt, prompts_file, prompt_from) if x is not None]
     if len(given) > 1:
         raise ValueError("give one prompt source")
