@@ -210,7 +210,7 @@ def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(local_r
     assert_matches(out, data, reference)
     assert proc.stdout.startswith("5 shards (5 written, 0 failed), 14 images scored, 0 errors"), proc.stdout
     lines = proc.stderr.splitlines()
-    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images, [\d.]+ images/s(, ETA [\dhms]+)?", line)
+    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images?, [\d.]+ images/s(, ETA [\dhms]+)?", line)
                          for line in lines), proc.stderr
     assert lines[-1].startswith("mps: dataset: 5/5 shards, 14 images")
 
