@@ -123,6 +123,10 @@ def hf_scores(model, processor, images, prompt: str) -> list[float]:
 
     ids = open_clip.tokenize([prompt])[0]
     ids = ids[: int(ids.argmax()) + 1][None]
+    # PickScore ran transformers 4.27, whose RGB conversion is PIL's convert("RGB") (alpha dropped); from
+    # transformers 5.2x the processor composites transparency onto white instead. Converting first keeps the
+    # reference PickScore's own rule whatever transformers the test extra resolves to.
+    images = [im.convert("RGB") for im in images]
     with torch.no_grad():
         px = processor(images=list(images), return_tensors="pt")["pixel_values"]
         img = model.get_image_features(pixel_values=px).pooler_output

@@ -292,4 +292,4 @@ def test_help_shows_rev_examples_version_and_no_bool_metavar():
     proc = run_mps("--version")
     from mps_cli import __version__
 
-    assert proc.returncode == 0 and proc.stdout.strip() == f"mps-cli {__version__}"
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mps-score {__version__}"

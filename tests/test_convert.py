@@ -210,3 +210,36 @@ def test_failed_conversions_leave_no_output_file(tmp_path):
     with pytest.raises(CheckpointError):
         convert_checkpoint(truncated, keep)
     assert keep.read_bytes() == b"previous" and list(out_dir.iterdir()) == [keep]
+
+
+def test_formats_torch_reads_unsafely_or_not_at_all_get_their_reason(tmp_path):
+    """torch's restricted loader reads every pickle here; what it cannot read gets one line saying why,
+    and the stand-ins a module pickle needed do not stay in torch's process-wide safe list."""
+    import torch
+
+    from mps_cli.weights.pickles import read_checkpoint
+
+    state = {"model.logit_scale": torch.ones(()), "w": torch.arange(4.0)}
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy)["w"], state["w"])  # the pre-1.6 format, a state dict
+    module = tmp_path / "module_legacy.pth"
+    torch.save(torch.nn.Linear(2, 2), module, _use_new_zipfile_serialization=False)
+    python_pickle = tmp_path / "state.pkl"
+    python_pickle.write_bytes(pickle.dumps(state, protocol=4))  # pickle.dump's own protocol, not torch.save's (2)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(WHOLE_MODULE.read_bytes()[:100_000])
+    # 101 model classes, each built once: torch's loader slows with every class it is allowed (written by hand).
+    many = tmp_path / "many_classes.pkl"
+    many.write_bytes(b"\x80\x02](" + b"".join(f"ctrainer.m{i}\nC{i}\n".encode() + b")\x81" for i in range(101)) + b"e.")
+    for path, needle in ((module, "legacy (pre-1.6) torch file holding more than tensors"),
+                         (python_pickle, "protocol-4 pickle"), (empty, "empty file"),
+                         (truncated, "without its directory"), (many, "names 101 classes and functions")):
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(path)
+        assert needle in str(info.value) and "\n" not in str(info.value), (path.name, str(info.value))
+    before = set(torch.serialization.get_safe_globals())  # torch or a library may have added some
+    read_checkpoint(WHOLE_MODULE)
+    assert set(torch.serialization.get_safe_globals()) == before

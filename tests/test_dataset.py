@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,21 +170,113 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_engine_matches_mps_score(local_ray, data, reference, tmp_path):
+def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp_path):
+    """Ray Data fuses stages whose resources match into one worker: decoding must stay a task stage of its
+    own, or every scoring actor would decode its batches between forwards (the plan, before anything runs)."""
+    import contextlib
+
+    from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
+    from mps_cli.ray_engine import _pipeline
+
+    root, _ = data
+    plan = plan_dataset(DatasetJob((str(root / "wds"),), tmp_path / "out"))
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
+    for gpus in (0, 1):  # a CPU actor has the decode tasks' CPU count; a GPU actor does not
+        ds = _pipeline(local_ray, plan.shards, plan, spec, batch_size=2, workers=1, gpus_per_worker=gpus,
+                       cpus_per_worker=1)
+        if not hasattr(ds, "explain"):
+            pytest.skip(f"Ray {local_ray.__version__} has no Dataset.explain (it came after 2.40)")
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown):
+            ds.explain()
+        optimized = shown.getvalue().split("Physical Plan (Optimized)")[1].split()
+        assert "TaskPoolMapOperator[MapBatches(_decode)]" in optimized, shown.getvalue()
+        assert "ActorPoolMapOperator[MapBatches(_ScoreActor)]" in optimized, shown.getvalue()
+
+
+def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(local_ray, data, reference, tmp_path):
+    """The console script as a Ray driver of its own (joining this process's instance, which saves starting one):
+    the rows are mps score's, stdout is the summary, stderr only the job's own progress lines, as for --engine
+    local; no Ray log lines, deprecations or worker warnings."""
     root, _ = data
     out = tmp_path / "ray-out"
-    result = CliRunner().invoke(app, ["dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
-                                      "--dim", "all", "--engine", "ray", "--workers", "1", "--batch-size", "2",
-                                      *MODEL])
-    assert result.exit_code == 0, result.output
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RAY_BACKEND_LOG_LEVEL")}
+    proc = subprocess.run([*mps_executable(), "dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
+                           "--dim", "all", "--engine", "ray", "--batch-size", "2", *MODEL,
+                           "--ray-address", local_ray.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     assert_matches(out, data, reference)
+    assert proc.stdout.startswith("5 shards (5 written, 0 failed), 14 images scored, 0 errors"), proc.stdout
+    lines = proc.stderr.splitlines()
+    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images?, [\d.]+ images/s(, ETA [\dhms]+)?", line)
+                         for line in lines), proc.stderr
+    assert lines[-1].startswith("mps: dataset: 5/5 shards, 14 images")
+
+
+def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(local_ray, data, tmp_path, capfd):
+    """An actor whose model does not load (here: other weights than planned) must end the job with that
+    error, typed: raised from the actor's constructor, Ray restarts it for most of a minute, prints each
+    traceback on the driver's stdout, and ends with its own error wrapping ours."""
+    import dataclasses
+
+    from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
+    from mps_cli.errors import OutputError
+    from mps_cli.ray_engine import score_dataset_ray
+
+    root, _ = data
+    plan = plan_dataset(DatasetJob((str(root / "wds"),), tmp_path / "out"))
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
+    spec = dataclasses.replace(spec, identity="sha256:" + "0" * 64)
+    capfd.readouterr()
+    with pytest.raises(OutputError, match="the weights differ between machines"):
+        score_dataset_ray(plan, spec)
     assert local_ray.is_initialized()  # it joined the instance this process runs, and left it running
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, out + err
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
+    """Ray passes batches zero-copy from its object store, read-only; a tensor sharing that memory would be
+    undefined behaviour (torch warns once per process, so the warning is no test: the memory is)."""
+    import numpy as np
+    import torch
+
+    from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
+    from mps_cli.engine.preprocess import load_pixels
+    from mps_cli.ray_engine import _ScoreActor
+
+    spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
+    actor = _ScoreActor(spec, ("overall",), None, 0.3, batch_size=4)
+    names = image_names()[:3]
+    pixels = np.stack([load_pixels(IMAGES / n, spec.image_size).numpy() for n in names])
+    pixels.flags.writeable = False
+    seen = []
+    score_pixels = actor.scorer.score_pixels
+
+    def spy(tensors, *args, **kwargs):
+        seen.extend(tensors)
+        return score_pixels(tensors, *args, **kwargs)
+
+    actor.scorer.score_pixels = spy
+    batch = {"index": np.arange(3), "error": np.array(["", "", ""], dtype=object),
+             "shard_error": np.array(["", "", ""], dtype=object), "pixels": pixels,
+             "prompt": np.array(["a red fox"] * 3, dtype=object), "label": np.array(names, dtype=object)}
+    scored = actor(batch)
+    assert len(seen) == 3 and not any(np.shares_memory(t.numpy(), pixels) for t in seen)
+    want = [r.scores["overall"] for r in actor.scorer.score([IMAGES / n for n in names], "a red fox")]
+    assert scored["score:overall"].tolist() == pytest.approx(want, abs=1e-6)
+    assert isinstance(seen[0], torch.Tensor)
 
 
 def test_missing_extras_are_one_line_usage_errors(data, tmp_path, monkeypatch):
     root, _ = data
-    for module, hint in ((("ray", "ray.data"), 'pip install "mps-cli[ray]"'),
-                         (("pyarrow", "pyarrow.parquet"), 'pip install "mps-cli[dataset]"')):
+    for module, hint in ((("ray", "ray.data"), 'pip install "mps-score[ray]"'),
+                         (("pyarrow", "pyarrow.parquet"), 'pip install "mps-score[dataset]"')):
         with monkeypatch.context() as m:
             for name in module:  # as if not installed: importing it raises ImportError
                 m.setitem(sys.modules, name, None)

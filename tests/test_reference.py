@@ -6,14 +6,17 @@ so that the module layout the checkpoint is remapped onto and every token id sta
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FIXTURE
 
-from mps_cli.engine.bpe import BPE
+from mps_cli.engine.bpe import BPE, VOCAB_FILE, vocab_path
 from mps_cli.engine.model import TextTower, VisionTower
 from mps_cli.weights.config import builtin_config, read_config
 
@@ -60,6 +63,18 @@ def test_every_token_id_is_open_clips(ours, reference):
 def test_vocabulary_and_special_ids_are_open_clips(ours, reference):
     assert ours.ids == reference.encoder
     assert ours.ids["<start_of_text>"] == 49406 and ours.ids["<end_of_text>"] == 49407
+
+
+def test_shipped_vocabulary_file_is_open_clips_byte_for_byte():
+    # open_clip is no runtime dependency: the package ships CLIP's vocabulary, which must stay the reference's file.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch, the reference (in the test extra), is not installed")
+    theirs = Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILE
+    ours = vocab_path()
+    assert ours.parent == Path(importlib.util.find_spec("mps_cli.engine").origin).parent
+    assert hashlib.sha256(ours.read_bytes()).hexdigest() == hashlib.sha256(theirs.read_bytes()).hexdigest()
+    assert (ours.parent / "CLIP-LICENSE.txt").read_text().count("Copyright (c) 2021 OpenAI") == 1
 
 
 def _reference_towers(cfg):

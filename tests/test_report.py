@@ -431,7 +431,7 @@ def test_dataset_report_histograms_extremes_and_errors(browser, tmp_path):
     failed = page.inner_text("section.failed")
     assert failed.count("corrupt or truncated image") == 3
     footer = page.inner_text("footer")
-    for fact in ("mps-overall", "9f8e7d6c5b4a3210", "fp16", "mask threshold 0.3", "scored with mps-cli 0.2.0"):
+    for fact in ("mps-overall", "9f8e7d6c5b4a3210", "fp16", "mask threshold 0.3", "scored with mps-score 0.2.0"):
         assert fact in footer
     screenshot(loaded, "dataset")
     loaded.close()

@@ -88,7 +88,7 @@ def test_the_wheel_carries_the_templates(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                            str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    wheel = next(tmp_path.glob("mps_cli-*.whl"))
+    wheel = next(tmp_path.glob("mps_score-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {f"mps_cli/report/templates/{p.relative_to(TEMPLATES).as_posix()}" for p in TEMPLATES.rglob("*")
               if p.is_file()}

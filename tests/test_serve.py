@@ -536,4 +536,4 @@ def test_serve_refuses_a_public_address_without_a_token_and_explains_a_missing_e
     monkeypatch.setattr(serve_cmd, "_NEEDS", ("starlette", "no_such_module_for_mps"))
     r = CliRunner().invoke(app, ["serve"])
     assert r.exit_code == 2
-    assert "pip install 'mps-cli[serve]'" in r.output and "no_such_module_for_mps" in r.output
+    assert "pip install 'mps-score[serve]'" in r.output and "no_such_module_for_mps" in r.output

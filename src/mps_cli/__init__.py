@@ -1,6 +1,6 @@
 """MPS (Multi-dimensional Preference Score) for text-to-image generations.
 
-``from mps_cli import load_scorer``; heavy modules (torch, open_clip) load on first use so
+``from mps_cli import load_scorer``; heavy modules (torch) load on first use so
 that importing the package, and ``mps --help``, stay instant.
 """
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The distribution's name on the package index (``pip install mps-score``; ``mps-cli`` there is another project).
+#: The import name stays ``mps_cli`` and the command ``mps``.
+DISTRIBUTION = "mps-score"
+
 #: Condition texts, exactly as the original evaluation used them (the paper's condition words per dimension).
 CONDITIONS: dict[str, str] = {
     "overall": (
@@ -83,8 +87,11 @@ CLIPSCORE_WEIGHT = 100.0
 #: HPSv2's benchmark scale: 100 x the cosine of its image and text embeddings.
 HPS_SCALE = 100.0
 WEIGHTS_ENV = "MPS_WEIGHTS"
-#: Where mps-cli keeps its own cache (prepared weights); default ``$XDG_CACHE_HOME/mps-cli``.
+#: Where the package keeps its own caches (prepared weights, scores); default ``$XDG_CACHE_HOME/mps-cli``.
 CACHE_ENV = "MPS_CACHE_DIR"
+#: The cache folder's name: the project's first name, kept when the distribution became mps-score, so that
+#: prepared weights (GBs each) and score caches written before stay found rather than silently stranded.
+CACHE_FOLDER = "mps-cli"
 #: 0 / off / false / no: never read or write prepared weights.
 PREPARED_ENV = "MPS_PREPARED_WEIGHTS"
 #: Test hook: replaces the CPU matmul probe's answer, e.g. ``bf16=0.005,fp16=0.005`` (speed relative to fp32).

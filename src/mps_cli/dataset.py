@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .constants import DEFAULT_MASK_THRESHOLD
+from .constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
 from .engine.options import ModelOptions
 from .errors import MissingExtraError, OutputError, ShardError
 from .files import remove_stale_temps, replacing, write_whole
@@ -124,7 +124,7 @@ def require_pyarrow() -> None:
         import pyarrow
         import pyarrow.parquet  # noqa: F401 (imported only to check the extra is installed)
     except ImportError:
-        raise MissingExtraError('scoring a dataset needs pyarrow: pip install "mps-cli[dataset]"') from None
+        raise MissingExtraError(f'scoring a dataset needs pyarrow: pip install "{DISTRIBUTION}[dataset]"') from None
 
 
 def plan_dataset(job: DatasetJob) -> DatasetPlan:
@@ -346,7 +346,7 @@ class Output:
                     raise OutputError(f"{path}: unreadable manifest ({exc}); move it away to start over") from None
                 self._check(doc["settings"], str(path))
             else:
-                _write_json(path, {"tool": "mps-cli", "version": __version__, "settings": self.settings,
+                _write_json(path, {"tool": DISTRIBUTION, "version": __version__, "settings": self.settings,
                                    "shards": {}})
         return self
 

@@ -9,14 +9,15 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-#: The distributions whose versions are reported.
-DISTRIBUTIONS = ("torch", "open_clip_torch", "huggingface_hub", "safetensors")
+#: The distributions whose versions are reported: what computes, decodes (PIL's resize decides scores) and loads.
+DISTRIBUTIONS = ("torch", "pillow", "huggingface_hub", "safetensors")
 
 
 @dataclass(frozen=True)
 class EnvironmentInfo:
     """``mps info --json``: every field is JSON-ready (``weights``, ``devices`` and ``prepared`` as documents)."""
 
+    distribution: str
     version: str
     python: str
     cache_dir: str
@@ -38,13 +39,15 @@ def environment_info(*, probe: bool = False, verify: bool = False) -> Environmen
     """The installation as it is now. ``probe`` also times a small matmul per dtype on the CPU (well under a
     second); ``verify`` checks every prepared-weights file in full and deletes the damaged."""
     from . import __version__
+    from .constants import DISTRIBUTION
     from .devices import list_devices, resolve_device, resolve_precision
     from .weights.hub import cache_dir, endpoint, is_offline
 
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     return EnvironmentInfo(
-        version=__version__, python=platform.python_version(), cache_dir=str(cache_dir()), endpoint=endpoint(),
+        distribution=DISTRIBUTION, version=__version__, python=platform.python_version(), cache_dir=str(cache_dir()),
+        endpoint=endpoint(),
         offline=is_offline(None), weights=default_weights(), devices=list_devices(probe=probe),
         default_device=str(device), default_dtype=precision.image, default_text_dtype=precision.text,
         versions={d: distribution_version(d) for d in DISTRIBUTIONS}, prepared=prepared_weights(verify=verify))

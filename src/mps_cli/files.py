@@ -1,6 +1,6 @@
 """Writing a file whole or not at all, and sweeping up after writers that were killed.
 
-Every file mps-cli replaces (dataset shards and their manifest, prepared weights, converted
+Every file the package replaces (dataset shards and their manifest, prepared weights, converted
 checkpoints, the HTML report, the small records of the cache folder) is written under a temporary
 name beside it, then renamed over it, so a reader sees the old file or the new one, never half of
 one. The temporary name is spelled one way, :func:`temp_path`: hidden, and naming the host and the

@@ -1,17 +1,22 @@
 """The dataset job as a Ray Data pipeline: read shards and decode on CPU tasks, score on a pool
 of actors that each load the model once, write through the same :class:`~mps_cli.dataset.Output`.
 
-Ray is an optional extra (``pip install "mps-cli[ray]"``) and is imported only here, lazily.
+Ray is an optional extra (``pip install "mps-score[ray]"``) and is imported only here, lazily.
 The driver (this process) writes the parquet files and the manifest: scores are small, and one
-writer keeps the manifest whole.
+writer keeps the manifest whole. While the job runs, Ray's own log lines stay in its session
+folder (``/tmp/ray/session_latest/logs``) instead of this process's stderr, which carries the
+job's progress as a local run's does; a failure still comes back as this package's error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from .constants import DISTRIBUTION
 from .dataset import (
     BAD_IMAGE,
     DatasetPlan,
@@ -31,6 +36,10 @@ from .errors import EngineError, MissingExtraError, MPSError, OutputError, Shard
 from .inputs.shards import Shard, read_shard
 
 _SCORE_PREFIX = "score:"
+#: Prefix of the columns in which a scoring actor that could not load its model reports why.
+_FAILURE = "failure:"
+#: Ray's C++ log threshold, read when its processes start.
+BACKEND_LOG_ENV = "RAY_BACKEND_LOG_LEVEL"
 
 
 def require_ray():
@@ -39,7 +48,7 @@ def require_ray():
         import ray
         import ray.data
     except ImportError:
-        raise MissingExtraError('the Ray engine needs Ray Data: pip install "mps-cli[ray]"') from None
+        raise MissingExtraError(f'the Ray engine needs Ray Data: pip install "{DISTRIBUTION}[ray]"') from None
     return ray
 
 
@@ -88,29 +97,62 @@ def _decode(batch: dict, image_size: int) -> dict:
     return out
 
 
+#: Heap reserved per decode task: its batch's encoded images and pixels (a few MiB each) and one decoded
+#: image at a time (a 24-megapixel photo is 72 MiB as RGB). Declaring it also gives the decode stage
+#: resources of its own, which keeps Ray Data from fusing it into the scoring actors.
+DECODE_TASK_MEMORY = 256 << 20
+
+
 class _ScoreActor:
-    """map_batches on actors: the model is loaded once per actor, then scores batch after batch."""
+    """map_batches on actors: the model is loaded once per actor, then scores batch after batch.
+
+    A model that cannot be loaded is not raised from the constructor: Ray would restart the actor
+    again and again for most of a minute, printing each traceback on the driver's stdout. The
+    actor returns the error as data instead (:data:`_FAILURE` columns), like a sample's error, and
+    the driver raises it as the error it was."""
 
     def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float, batch_size: int):
-        from .engine.scorer import load_scorer, resolve_conditions
+        from .engine.scorer import resolve_conditions
 
-        self.scorer = load_scorer(spec.options, batch_size=batch_size)
-        got = ModelSpec.from_scorer(self.scorer)
+        self.failure: MPSError | None = None
+        try:
+            self.scorer = self._load(spec, batch_size)
+        except MPSError as exc:
+            self.failure = exc
+        except Exception as exc:  # torch's own (out of memory, a CUDA error): as deterministic, and as final
+            text = str(exc).strip().splitlines()
+            self.failure = EngineError(f"a scoring worker could not load the model: {type(exc).__name__}"
+                                       + (f": {text[0]}" if text else ""))
+        self.dims, self.condition, self.threshold = dims, condition, mask_threshold
+        self.keys = [k for k, _ in resolve_conditions(dims, condition)]
+
+    @staticmethod
+    def _load(spec: ModelSpec, batch_size: int):
+        from .engine.scorer import load_scorer
+
+        scorer = load_scorer(spec.options, batch_size=batch_size)
+        got = ModelSpec.from_scorer(scorer)
         if (got.identity, got.dtype) != (spec.identity, spec.dtype):
             raise OutputError(f"a worker loaded weights {got.identity} in {got.dtype}, not {spec.identity} in "
                               f"{spec.dtype} as planned; the weights differ between machines")
-        self.dims, self.condition, self.threshold = dims, condition, mask_threshold
-        self.keys = [k for k, _ in resolve_conditions(dims, condition)]
+        return scorer
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         import torch
 
         n = len(batch["index"])
+        if self.failure is not None:
+            failure = {"kind": type(self.failure).__name__, "message": str(self.failure),
+                       "hint": self.failure.hint or ""}
+            return {"source": batch["source"],
+                    **{_FAILURE + key: np.full(n, value, dtype=object) for key, value in failure.items()}}
         ok = [i for i in range(n) if _scorable(batch, i)]
+        # Ray hands the batch over read-only (zero-copy from its object store); indexing by a list copies
+        # the kept rows into one writable array, which torch may then share.
+        pixels = list(torch.from_numpy(batch["pixels"][ok])) if ok else []
         results = self.scorer.score_pixels(
-            [torch.from_numpy(np.ascontiguousarray(batch["pixels"][i])) for i in ok],
-            [str(batch["prompt"][i]) for i in ok], [str(batch["label"][i]) for i in ok],
+            pixels, [str(batch["prompt"][i]) for i in ok], [str(batch["label"][i]) for i in ok],
             dims=self.dims, condition=self.condition, mask_threshold=self.threshold) if ok else []
         out = {k: v for k, v in batch.items() if k != "pixels"}
         for key in self.keys:
@@ -125,14 +167,49 @@ def _start(ray, address: str | None) -> bool:
     """Connect to ``address`` or start Ray on this machine; True when this call started it."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # its C++ notices would interleave with progress
     try:
-        ray.init(address=address, logging_level=logging.ERROR, include_dashboard=False, configure_logging=True)
+        # log_to_driver: the workers' stdout and stderr stay in Ray's session logs; their errors reach
+        # this process as task errors all the same.
+        with _quiet_ray_backend():
+            ray.init(address=address, logging_level=logging.ERROR, include_dashboard=False,
+                     configure_logging=True, log_to_driver=False)
     except Exception as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise EngineError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
     return True
+
+
+@contextmanager
+def _quiet_ray_backend() -> Iterator[None]:
+    """Start Ray's C++ side (this process's core worker, the raylet and the workers it spawns) at its
+    FATAL threshold, unless the user chose one: at ERROR it prints, per scoring actor, that the
+    actor's constructor arguments live in the object store. It announces the threshold on stderr
+    as it starts, so this process's stderr (fd 2, where C++ writes) is /dev/null meanwhile."""
+    if BACKEND_LOG_ENV in os.environ:
+        yield
+        return
+    os.environ[BACKEND_LOG_ENV] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        del os.environ[BACKEND_LOG_ENV]
+
+
+def _worker_failure(kind: str, message: str, hint: str) -> MPSError:
+    """A scoring actor's error, reported as data, as the error it was."""
+    from . import errors
+
+    cls = getattr(errors, kind, None)
+    cls = cls if isinstance(cls, type) and issubclass(cls, MPSError) else EngineError
+    return cls(message, hint=hint or None)
 
 
 def _unwrap(exc: Exception) -> MPSError:
@@ -142,6 +219,41 @@ def _unwrap(exc: Exception) -> MPSError:
         return cause
     text = str(cause or exc).strip().splitlines()
     return EngineError(f"the Ray job failed: {text[-1] if text else type(exc).__name__}")
+
+
+@contextmanager
+def _quiet_ray_loggers() -> Iterator[None]:
+    """Ray's Python loggers at ERROR for the job (Ray Data's own logger does not propagate, so it is
+    set apart): their INFO and WARNING lines (execution plans, "progress bars disabled") would
+    interleave with the job's progress. Restored afterwards, for a caller that uses Ray itself."""
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _pipeline(ray, todo: list[Shard], plan: DatasetPlan, spec: ModelSpec, batch_size: int, workers: int,
+              gpus_per_worker: float, cpus_per_worker: float):
+    """The Ray Data pipeline over ``todo``: read (one task per shard), decode (CPU tasks), score (actors)."""
+    job = plan.job
+    ds = ray.data.from_items([{"source": s.source, "kind": s.kind} for s in todo], override_num_blocks=len(todo))
+    ds = ds.flat_map(_read_rows, fn_kwargs={"caption_column": job.caption_column,
+                                            "image_column": job.image_column, "prompt": job.prompt,
+                                            "image_ext": job.image_ext, "caption_ext": job.caption_ext})
+    # Stages with equal resources are fused into one worker; the decode stage's own (a CPU and its
+    # memory) keep it on CPU tasks that run beside the scoring actors instead of between their batches.
+    ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
+                        batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    return ds.map_batches(_ScoreActor, fn_constructor_kwargs={
+        "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold,
+        "batch_size": batch_size},
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
 
 
 def score_dataset_ray(plan: DatasetPlan, spec: ModelSpec, output: Output | None = None, workers: int = 1,
@@ -182,60 +294,52 @@ def _run_pipeline(ray, plan: DatasetPlan, spec: ModelSpec, output: Output, todo:
     if not todo:
         return
     by_source = {s.source: s for s in todo}
-    job = plan.job
-    batch_size = job.batch_size or DEFAULT_BATCH["accelerator" if gpus_per_worker else "cpu"]
+    batch_size = plan.job.batch_size or DEFAULT_BATCH["accelerator" if gpus_per_worker else "cpu"]
     started = _start(ray, address)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray").setLevel(logging.ERROR)
-        ds = ray.data.from_items([{"source": s.source, "kind": s.kind} for s in todo],
-                                 override_num_blocks=len(todo))
-        ds = ds.flat_map(_read_rows, fn_kwargs={"caption_column": job.caption_column,
-                                                "image_column": job.image_column, "prompt": job.prompt,
-                                                "image_ext": job.image_ext, "caption_ext": job.caption_ext})
-        # A remote-args function keeps Ray from fusing decoding into the scoring actors: decoding
-        # stays on CPU tasks that run beside the actors instead of between their batches.
-        ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
-                            batch_format="numpy", ray_remote_args_fn=lambda: {"num_cpus": 1})
-        ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={
-            "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold,
-            "batch_size": batch_size},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
-        buffers: dict[str, list[tuple[int, Row]]] = {}
-        keys = plan.keys
-        try:
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                for i in range(len(batch["index"])):
-                    shard = by_source[str(batch["source"][i])]
-                    if batch["shard_error"][i]:
-                        tracker.shard_failed(ShardFailure(shard.source, str(batch["shard_error"][i])))
-                        output.release(shard)
-                        continue
-                    n_rows = int(batch["n_rows"][i])
-                    if n_rows == 0:
-                        output.write(shard, [])
-                        output.release(shard)
-                        tracker.shard_done([])
-                        continue
-                    error = str(batch["error"][i]) or None
-                    cause = (str(batch["cause"][i]) or BAD_IMAGE) if error else None
-                    prompt = str(batch["prompt"][i]) if batch["has_prompt"][i] else None
-                    scores = {} if error else {k: float(batch[_SCORE_PREFIX + k][i]) for k in keys}
-                    rows = buffers.setdefault(shard.source, [])
-                    rows.append((int(batch["index"][i]), Row(str(batch["key"][i]), shard.source, prompt, scores,
-                                                             error, cause)))
-                    tracker.scored(1)
-                    if len(rows) == n_rows:
-                        done = [r for _, r in sorted(rows, key=lambda t: t[0])]
-                        del buffers[shard.source]
-                        output.write(shard, done)
-                        output.release(shard)
-                        tracker.shard_done(done)
-        except ray.exceptions.RayError as exc:
-            raise _unwrap(exc) from None
+        with _quiet_ray_loggers():
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.print_on_execution_start = False
+            ds = _pipeline(ray, todo, plan, spec, batch_size, workers, gpus_per_worker, cpus_per_worker)
+            try:
+                _write_rows(ds, plan.keys, by_source, output, tracker)
+            except ray.exceptions.RayError as exc:
+                raise _unwrap(exc) from None
     finally:
         if started:
             ray.shutdown()
+
+
+def _write_rows(ds, keys: list[str], by_source: dict[str, Shard], output: Output, tracker: Tracker) -> None:
+    """Take the scored rows as they come and write each shard once all its rows are in."""
+    buffers: dict[str, list[tuple[int, Row]]] = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if _FAILURE + "kind" in batch:
+            raise _worker_failure(*(str(batch[_FAILURE + k][0]) for k in ("kind", "message", "hint")))
+        for i in range(len(batch["index"])):
+            shard = by_source[str(batch["source"][i])]
+            if batch["shard_error"][i]:
+                tracker.shard_failed(ShardFailure(shard.source, str(batch["shard_error"][i])))
+                output.release(shard)
+                continue
+            n_rows = int(batch["n_rows"][i])
+            if n_rows == 0:
+                output.write(shard, [])
+                output.release(shard)
+                tracker.shard_done([])
+                continue
+            error = str(batch["error"][i]) or None
+            cause = (str(batch["cause"][i]) or BAD_IMAGE) if error else None
+            prompt = str(batch["prompt"][i]) if batch["has_prompt"][i] else None
+            scores = {} if error else {k: float(batch[_SCORE_PREFIX + k][i]) for k in keys}
+            rows = buffers.setdefault(shard.source, [])
+            rows.append((int(batch["index"][i]), Row(str(batch["key"][i]), shard.source, prompt, scores, error,
+                                                     cause)))
+            tracker.scored(1)
+            if len(rows) == n_rows:
+                done = [r for _, r in sorted(rows, key=lambda t: t[0])]
+                del buffers[shard.source]
+                output.write(shard, done)
+                output.release(shard)
+                tracker.shard_done(done)

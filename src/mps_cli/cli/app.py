@@ -37,8 +37,9 @@ NOTICE_MIN_BYTES = 256 * 2**20
 def _show_version(value: bool) -> None:
     if value:
         from .. import __version__
+        from ..constants import DISTRIBUTION
 
-        output.emit_lines([f"mps-cli {__version__}"])
+        output.emit_lines([f"{DISTRIBUTION} {__version__}"])
         raise typer.Exit(0)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DEFAULT_MASK_THRESHOLD, IMAGE_MEMBER_EXTENSIONS
+from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION, IMAGE_MEMBER_EXTENSIONS
 from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError
 from . import output
@@ -124,7 +124,7 @@ def dataset_command(
         "--num-shards", rich_help_panel="Splitting", help="How many workers share the shards.")] = None,
     engine: Annotated[Engine, typer.Option(
         "--engine", rich_help_panel="Engine", help="local: this process; ray: a Ray Data pipeline "
-        "(pip install \"mps-cli\\[ray]\").")] = Engine.local,
+        f"(pip install \"{DISTRIBUTION}\\[ray]\").")] = Engine.local,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..constants import (
+    DISTRIBUTION,
     SERVE_DEFAULT_PORT,
     SERVE_MAX_BATCH,
     SERVE_MAX_BODY_BYTES,
@@ -29,7 +30,7 @@ EXITS = exit_help({Exit.OK: "stopped by SIGTERM or Ctrl-C, the requests in fligh
                    Exit.USAGE: "bad usage, the serve extra missing, or the port taken"}, codes=(Exit.RESOURCE,
                                                                                                 Exit.FETCH,
                                                                                                 Exit.INTERNAL))
-INSTALL_HINT = "`mps serve` needs the serve extra: pip install 'mps-cli[serve]'"
+INSTALL_HINT = f"`mps serve` needs the serve extra: pip install '{DISTRIBUTION}[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
 
 

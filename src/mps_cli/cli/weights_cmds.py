@@ -109,7 +109,7 @@ def info(
 def _info_lines(doc: dict) -> list[str]:
     w = doc["weights"]
     lines = [
-        f"mps-cli {doc['version']} (python {doc['python']})",
+        f"{doc['distribution']} {doc['version']} (python {doc['python']})",
         f"cache: {doc['cache_dir']}" + ("  [offline]" if doc["offline"] else f"  (from {doc['endpoint']})"),
         f"weights: {w['source']}" + (f" = {w['uri']}" if w.get("uri") else ""),
     ]

@@ -1,19 +1,21 @@
-"""CLIP's byte-level BPE, on the vocabulary file that open_clip_torch ships.
+"""CLIP's byte-level BPE, on CLIP's vocabulary file, shipped beside this module.
 
 The ids are exactly open_clip's ``SimpleTokenizer().encode`` (the tests compare them on a
-corpus). It lives here rather than being imported from open_clip because importing any
-open_clip module runs its package ``__init__``, which imports torchvision and torch._dynamo:
-about 2.3 s of every ``mps`` command's start-up on a small CPU, for one vocabulary file.
+corpus, and hold the vocabulary file to open_clip_torch's copy byte for byte). Neither lives in
+open_clip for us: importing any open_clip module runs its package ``__init__``, which imports
+torchvision and torch._dynamo (about 2.3 s of every ``mps`` command's start-up on a small CPU),
+and depending on open_clip_torch makes pip install torchvision, timm and, over a CPU build of
+torch, the CUDA one. The vocabulary is OpenAI's, MIT-licensed (``CLIP-LICENSE.txt`` beside it).
 """
 
 from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
+from ..constants import DISTRIBUTION
 from ..errors import MPSError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -24,15 +26,12 @@ _END = "</w>"
 
 
 def vocab_path() -> Path:
-    """Where open_clip_torch keeps CLIP's BPE merges; found without importing open_clip."""
-    spec = importlib.util.find_spec("open_clip")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / VOCAB_FILE
-        if path.is_file():
-            return path
-    raise MPSError(f"CLIP's BPE vocabulary ({VOCAB_FILE}) was not found: open_clip_torch is not installed "
-                   "or is damaged (pip install open_clip_torch)")
+    """CLIP's BPE merges, shipped in this package."""
+    path = Path(__file__).with_name(VOCAB_FILE)
+    if not path.is_file():
+        raise MPSError(f"CLIP's BPE vocabulary ({path}) is missing: this installation of {DISTRIBUTION} is "
+                       f"incomplete; reinstall it (pip install --force-reinstall {DISTRIBUTION})")
+    return path
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from ..constants import IMAGE_MEMBER_EXTENSIONS
+from ..constants import DISTRIBUTION, IMAGE_MEMBER_EXTENSIONS
 from ..errors import MissingExtraError, ShardError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -349,7 +349,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise MissingExtraError('reading parquet needs pyarrow: pip install "mps-cli[dataset]"') from None
+        raise MissingExtraError(f'reading parquet needs pyarrow: pip install "{DISTRIBUTION}[dataset]"') from None
     return pq
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..constants import DISTRIBUTION
 from .charts import Histogram, TrendPanel, WinRateChart, histogram, trend_panel, winrate_chart
 from .images import PageImages
 from .results import (
@@ -347,7 +348,8 @@ class Page:
             title=self.title, linked=self.link, style_hash=csp_hash(css), script_hash=csp_hash(js),
             css=Markup(css), js=Markup(js), headline=self._headline(),
             sources=", ".join(self.r.sources), controls=self.cards > 0, dims=self.dims, sections=sections,
-            meta=self.r.meta, version=__version__, when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+            meta=self.r.meta, tool=DISTRIBUTION, version=__version__,
+            when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
     def _headline(self) -> list[str]:
         parts = []

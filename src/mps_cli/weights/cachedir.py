@@ -1,8 +1,9 @@
-"""The one folder mps-cli keeps its own caches in, and the strong identity of a weights file.
+"""The one folder the package keeps its own caches in, and the strong identity of a weights file.
 
 ``$MPS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mps-cli`` (``%LOCALAPPDATA%`` on Windows), else
-``~/.cache/mps-cli``. It holds ``prepared/`` (converted weights), ``scores.sqlite`` (the eval
-score cache) and ``identities/`` (the SHA-256 of weights files, remembered per file version).
+``~/.cache/mps-cli`` (the project's first name, kept: see ``CACHE_FOLDER``). It holds
+``prepared/`` (converted weights), ``scores.sqlite`` (the eval score cache) and ``identities/``
+(the SHA-256 of weights files, remembered per file version).
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import os
 import sys
 from pathlib import Path
 
-from ..constants import CACHE_ENV
+from ..constants import CACHE_ENV, CACHE_FOLDER
 from ..files import write_whole
 from .reader import check_regular_file, file_sha256
 
 
 def cache_root() -> Path:
-    """The folder of mps-cli's caches (see the module docstring)."""
+    """The folder of the package's caches (see the module docstring)."""
     base = os.environ.get(CACHE_ENV)
     if base:
         return Path(base)
     xdg = os.environ.get("XDG_CACHE_HOME")
     if not xdg and sys.platform == "win32":
         xdg = os.environ.get("LOCALAPPDATA")
-    return Path(xdg) / "mps-cli" if xdg else Path.home() / ".cache" / "mps-cli"
+    return Path(xdg) / CACHE_FOLDER if xdg else Path.home() / ".cache" / CACHE_FOLDER
 
 
 def prepared_dir() -> Path:

@@ -1,12 +1,34 @@
 """Reading the authors' pickled checkpoints without ever executing code from them.
 
-Two formats circulate: plain state-dict pickles, which torch's own
-``weights_only`` loader reads, and ``MPS_overall_checkpoint.pth``, a whole pickled
-``torch.nn.Module`` whose classes (the authors' ``trainer`` package, transformers' CLIP)
-cannot be imported here and must not be. For the latter, every class the pickle names
-becomes an inert stand-in that only records the state the pickle gives it; tensors are
-rebuilt by torch from the archive's raw storage bytes, on the CPU; and any other global
-(``os.system``, ``eval``, ...) is refused before it can be called.
+torch's own restricted loader, ``torch.load(weights_only=True)``, does all the unpickling, for
+both formats that circulate: plain state dicts, and ``MPS_overall_checkpoint.pth``, a whole
+pickled ``torch.nn.Module`` whose classes (the authors' ``trainer`` package, transformers' CLIP,
+torch's layers) cannot be imported here and must not be. Before anything is loaded, the
+pickle's globals are listed without running it (``get_unsafe_globals_in_checkpoint``): each class
+or function of the model's own code becomes an inert stand-in that only records the state the
+pickle gives it, handed to torch as a ``(stand-in, "module.name")`` pair through ``safe_globals``;
+any other global torch does not allow (``os.system``, ``eval``, ``torch._dynamo``, ...) is refused
+by name. Tensors are rebuilt by torch, on the CPU.
+
+What torch's loader does not do is kept here, and why:
+
+- :func:`check_archive`: zip members are checked against the file's size and deflate's limits
+  before torch opens the archive. torch inflates a member whole before comparing it with the size
+  the pickle gives (torch 2.14: 1 GiB of memory for a 1 MiB file), and reads a pickle of any size.
+- :func:`_collect`: a whole-module pickle comes back as stand-ins, which are walked here into a
+  state dict as ``Module.state_dict`` would: iteratively, refusing a module that contains itself,
+  and within :data:`MAX_WALK_NODES` steps, since a few shared submodules can stand for 2^40 paths.
+- :data:`MAX_GLOBALS`: torch's loader is pure Python and rebuilds its table of allowed globals
+  at every step of the pickle, so the time a pickle takes grows with the number of stand-ins
+  it names times its length; more than this many is refused. (The steps themselves stay
+  torch's: a pickle near :data:`MAX_PICKLE_BYTES` of allowed steps costs it minutes, not memory.)
+- :func:`_check_views`: torch rebuilds views larger than their storage (stride 0, expanded)
+  faithfully from a few stored bytes; converting one would materialise its full size.
+- A bare pickle (not written by ``torch.save``, so no archive) is read as the ``data.pkl`` of an
+  in-memory archive, so that the same loader and checks apply and a hostile one is refused by the
+  same rules. It holds no tensors (torch keeps their bytes beside the pickle, in the archive), so
+  it can only ever be refused, but with the reason. torch's legacy (pre-1.6) format is read by
+  ``torch.load`` as it is, state dicts only.
 """
 
 from __future__ import annotations
@@ -14,8 +36,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +47,9 @@ from ..errors import CheckpointError, UnsafePickleError
 # module pickle names but which is never run here.
 _STAND_IN_PREFIXES = ("trainer.", "transformers.", "torch.nn.modules.", "open_clip.")
 _STAND_IN_MODULES = {"torch._C._nn", "torch.nn.functional", "torch.nn.modules"}
+# Containers a pickle may rebuild besides those torch allows (set, OrderedDict, ...).
+_CONTAINERS = {"builtins.frozenset": frozenset, "builtins.dict": dict, "builtins.list": list,
+               "builtins.tuple": tuple}
 
 # The pickle of a checkpoint (names and structure, not tensor data) is a few MB at most.
 MAX_PICKLE_BYTES = 256 << 20
@@ -39,18 +64,18 @@ MAX_ARCHIVE_BYTES = 32 << 30
 MAX_WALK_NODES = 200_000
 # How deep a module tree may nest: the published model nests about 10 deep.
 MAX_WALK_DEPTH = 1_000
+# Classes and functions a pickle may name beside torch's own: the published model names 29. torch rebuilds
+# its table of allowed globals at every step of the pickle (2,000 stand-ins: 4 s for a 44 kB pickle).
+MAX_GLOBALS = 100
 
-_STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
-    "UntypedStorage": "uint8",
-}
+# torch's safe globals are one process-wide set: loads that add their stand-ins take turns.
+_LOADING = threading.Lock()
+# What _load reads, as its messages name it.
+ARCHIVE, BARE, LEGACY = "torch checkpoint", "pickle", "legacy (pre-1.6) torch file"
 
 
 class _Inert:
-    """Base of the stand-ins: constructing, reducing or building one only records data."""
+    """Base of the stand-ins: constructing or building one only records data."""
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -68,163 +93,41 @@ class _Inert:
         return f"<stand-in {type(self).__module__}.{type(self).__qualname__}>"
 
 
-class _StorageType:
-    """What ``torch.HalfStorage`` and friends unpickle to: just the element type's name."""
-
-    def __init__(self, name: str, dtype: str):
-        self.name = name
-        self.dtype = dtype
+def _is_stand_in(qualified: str) -> bool:
+    module = qualified.rpartition(".")[0]
+    return qualified.startswith(_STAND_IN_PREFIXES) or module in _STAND_IN_MODULES
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """An unpickler whose globals are data types, torch's tensor rebuilders, or inert stand-ins."""
-
-    def __init__(self, file, path: Path, load_storage=None):
-        super().__init__(file)
-        self._path = path
-        self._load_storage = load_storage
-        self._stand_ins: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        qualified = f"{module}.{name}"
-        if (module, name) in (("collections", "OrderedDict"),):
-            return OrderedDict
-        if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "dict", "list", "tuple"):
-            return {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple}[name]
-        if module == "torch._utils" and name in _REBUILDERS:
-            return _REBUILDERS[name]
-        if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
-            return _StorageType(name, _STORAGE_DTYPES[name])
-        # torch.__dict__, not getattr: torch imports submodules (torch._dynamo: ~900 modules)
-        # on first attribute access, and a refused name must cost nothing.
-        if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
-            return torch.__dict__[name]
-        if module == "torch" and name == "Size":
-            return torch.Size
-        if module == "copyreg" and name == "_reconstructor":
-            return _reconstructor
-        if module.startswith(_STAND_IN_PREFIXES) or module in _STAND_IN_MODULES:
-            key = (module, name)
-            if key not in self._stand_ins:
-                self._stand_ins[key] = type(name, (_Inert,), {"__module__": module, "__qualname__": name})
-            return self._stand_ins[key]
+def _allowed_globals(names: list[str], path: Path) -> list[tuple[Any, str]]:
+    """``safe_globals`` pairs for the globals torch does not allow by itself; refuses any that could run code."""
+    if len(names) > MAX_GLOBALS:
+        raise CheckpointError(f"{path}: the pickle names {len(names):,} classes and functions, more than "
+                              f"{MAX_GLOBALS:,}: not a checkpoint")
+    refused = sorted(n for n in names if not _is_stand_in(n) and n not in _CONTAINERS)
+    if refused:
         raise UnsafePickleError(
-            f"{self._path}: refusing to load: the pickle asks for {qualified}, which is neither tensor "
+            f"{path}: refusing to load: the pickle asks for {', '.join(refused)}, which is neither tensor "
             "data nor a known model class and could run code; only load checkpoints you trust, "
             "and prefer .safetensors"
         )
-
-    def persistent_load(self, pid):
-        if self._load_storage is None:
-            raise CheckpointError(
-                f"{self._path}: a legacy (pre-1.6) torch file holding model objects is not supported; "
-                "re-save it as a state dict or convert it where it was made"
-            )
-        return self._load_storage(pid)
-
-
-def _reconstructor(cls, base, state):
-    if isinstance(cls, type) and issubclass(cls, _Inert):
-        obj = cls.__new__(cls)
-        if state is not None:
-            obj.__setstate__(state)
-        return obj
-    raise UnsafePickleError(f"copyreg._reconstructor called on {cls!r}: refusing to construct it")
+    pairs = []
+    for name in names:
+        if name in _CONTAINERS:
+            pairs.append((_CONTAINERS[name], name))
+        else:
+            module, _, qualname = name.rpartition(".")
+            pairs.append((type(qualname, (_Inert,), {"__module__": module, "__qualname__": qualname}), name))
+    return pairs
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    import torch
-
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise CheckpointError(f"a tensor in the pickle has no storage (got {type(storage).__name__})")
-    tensor = torch._utils._rebuild_tensor_v2(storage, storage_offset, tuple(size), tuple(stride), False,
-                                             OrderedDict(), None)
-    if isinstance(metadata, dict) and metadata:
-        torch._utils.set_tensor_metadata(tensor, {k: bool(v) for k, v in metadata.items()})
-    return tensor
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _rebuild_tensor_v2(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    import torch
-
-    if not isinstance(data, torch.Tensor):
-        raise CheckpointError(f"a parameter in the pickle is not a tensor (got {type(data).__name__})")
-    return data
-
-
-_REBUILDERS = {
-    "_rebuild_tensor_v2": _rebuild_tensor_v2,
-    "_rebuild_tensor": _rebuild_tensor,
-    "_rebuild_parameter": _rebuild_parameter,
-    "_rebuild_parameter_with_state": _rebuild_parameter,
-}
-
-
-class _ZipStorages:
-    """Rebuilds the storages a torch zip archive's pickle refers to, from the archive's bytes, on CPU."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, path: Path):
-        self.archive = archive
-        self.prefix = prefix
-        self.path = path
-        self.cache: dict[str, Any] = {}
-
-    def __call__(self, pid):
-        import torch
-
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self.path}: unknown persistent id in the pickle ({type(pid).__name__})")
-        _, storage_type, key, _location, numel = pid[:5]
-        if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self.path}: storage {key!r} has no known element type")
-        dtype = getattr(torch, storage_type.dtype)
-        key = str(key)
-        if key not in self.cache:
-            name = f"{self.prefix}data/{key}"
-            try:
-                info = self.archive.getinfo(name)
-            except KeyError:
-                raise CheckpointError(
-                    f"{self.path}: storage {key} is missing from the archive (truncated file?)") from None
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-                raise CheckpointError(f"{self.path}: storage {key} has no valid size ({numel!r})")
-            need = numel * itemsize
-            self._check_member(info, key, need if storage_type.name != "UntypedStorage" else None)
-            buf = bytearray(info.file_size)
-            with self.archive.open(info) as fh:
-                got = fh.readinto(buf)
-            if got != info.file_size:
-                raise CheckpointError(f"{self.path}: storage {key} holds {got} bytes, expected {info.file_size}")
-            if got:
-                untyped = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
-            else:
-                untyped = torch.UntypedStorage(0)
-            self.cache[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        return self.cache[key]
-
-
-    def _check_member(self, info: zipfile.ZipInfo, key: str, need: int | None) -> None:
-        """Refuse a storage before inflating it when its declared size is not what the pickle asks for."""
-        if need is not None and info.file_size != need:
-            raise CheckpointError(f"{self.path}: storage {key} holds {info.file_size:,} bytes, expected {need:,}")
-
-
-def check_archive(archive: zipfile.ZipFile, path: Path) -> None:
+def check_archive(archive: zipfile.ZipFile, size: int, path: Path) -> None:
     """Refuse a zip whose members could not be what they claim, before anything is inflated.
 
-    A stored member must fit in the file; a deflated one must not inflate beyond what deflate
-    can reach, and highly compressed members (torch itself never compresses) share a small
-    budget; all members together stay within :data:`MAX_ARCHIVE_BYTES`.
+    A stored member must fit in the file (``size`` bytes); a deflated one must not inflate beyond
+    what deflate can reach, and highly compressed members (torch itself never compresses) share a
+    small budget; all members together stay within :data:`MAX_ARCHIVE_BYTES`, the pickle within
+    :data:`MAX_PICKLE_BYTES`.
     """
-    size = path.stat().st_size
     total = dense = 0
     for info in archive.infolist():
         if info.compress_type == zipfile.ZIP_STORED:
@@ -238,6 +141,8 @@ def check_archive(archive: zipfile.ZipFile, path: Path) -> None:
                                       f"{info.compress_size:,} bytes to {info.file_size:,} (a zip bomb?)")
             if ratio > DENSE_RATIO:
                 dense += info.file_size
+        if info.filename.endswith("data.pkl") and info.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: its pickle claims {info.file_size:,} bytes, too large to be a checkpoint's")
         total += info.file_size
         if dense > MAX_DENSE_BYTES or total > MAX_ARCHIVE_BYTES:
             raise CheckpointError(f"{path}: archive members would inflate to more than "
@@ -245,51 +150,70 @@ def check_archive(archive: zipfile.ZipFile, path: Path) -> None:
                                   "MiB (a zip bomb?)")
 
 
-def _check_little_endian(archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
-    name = f"{prefix}byteorder"
-    if name in archive.namelist() and (archive.getinfo(name).file_size > 16
-                                       or archive.read(name).strip() not in (b"little", b"")):
-        raise CheckpointError(f"{path}: big-endian torch archive; re-save it on a little-endian machine")
-
-
-def _unpickle_zip(path: Path) -> Any:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
-    with archive:
-        check_archive(archive, path)
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
-        if not pickles:
-            raise CheckpointError(f"{path}: a zip file, but not a torch checkpoint (no data.pkl)")
-        prefix = pickles[0][: -len("data.pkl")]
-        _check_little_endian(archive, prefix, path)
-        info = archive.getinfo(pickles[0])
-        if info.file_size > MAX_PICKLE_BYTES or info.file_size > MAX_INFLATE_RATIO * max(info.compress_size, 1):
-            raise CheckpointError(f"{path}: its pickle claims {info.file_size:,} bytes, too large to be a checkpoint's")
-        try:
-            data = archive.read(pickles[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: corrupt torch checkpoint ({exc})") from None
-        unpickler = _SafeUnpickler(io.BytesIO(data), path, _ZipStorages(archive, prefix, path))
-        return _run(unpickler, path)
-
-
-def _unpickle_plain(path: Path) -> Any:
+def _bare_pickle_as_archive(path: Path) -> io.BytesIO:
+    """A pickle that is no torch archive, as the ``data.pkl`` of one holding nothing else."""
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: a {size:,}-byte pickle, too large to be a checkpoint's")
     with open(path, "rb") as fh:
-        return _run(_SafeUnpickler(fh, path), path)
+        head = fh.read(2)
+    if not head:
+        raise CheckpointError(f"{path}: an empty file, not weights")
+    if head[0] == pickle.PROTO[0] and len(head) == 2 and head[1] > 2:
+        raise CheckpointError(f"{path}: a protocol-{head[1]} pickle (Python's pickle.dump), which torch's restricted "
+                              "loader does not read; save weights with torch.save, or better as .safetensors")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("archive/data.pkl", path.read_bytes())
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+    buf.seek(0)
+    return buf
 
 
-def _run(unpickler: _SafeUnpickler, path: Path) -> Any:
+def _is_legacy_torch_file(path: Path) -> bool:
+    """torch.save's pre-1.6 format: a sequence of pickles that opens with torch's magic number."""
+    import torch.serialization
+
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+    with open(path, "rb") as fh:
+        return fh.read(len(magic)) == magic
+
+
+def _opens_like_a_zip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def _load(source: Path | io.BytesIO, path: Path, what: str) -> Any:
+    """torch's restricted loader on ``what`` (an archive, a bare pickle in one, or torch's legacy format),
+    with stand-ins for the model's classes in an archive."""
+    import torch
+    import torch.serialization
+
     try:
-        return unpickler.load()
-    except CheckpointError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(source) if what != LEGACY else []
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with _LOADING, torch.serialization.safe_globals(_allowed_globals(names, path)):
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=False)
+    except (UnsafePickleError, CheckpointError):
         raise
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc.strerror or exc})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: the pickle nests too deeply to read") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-            IndexError, RuntimeError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable pickle ({type(exc).__name__}: {_first_line(exc)})") from None
+    except pickle.UnpicklingError as exc:
+        if what == LEGACY:  # torch refused a global: no stand-ins here (torch lists globals only in archives)
+            raise CheckpointError(f"{path}: a legacy (pre-1.6) torch file holding more than tensors, which is not "
+                                  "read here; re-save it with a current torch (or as .safetensors)") from None
+        if what == BARE:
+            raise CheckpointError(f"{path}: neither a torch checkpoint nor a pickle torch's restricted loader "
+                                  f"reads ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: unreadable {what} ({_first_line(exc)})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError,
+            zipfile.BadZipFile, MemoryError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -404,19 +328,6 @@ def _check_views(state: dict, path: Path) -> None:
                               "(the same data tied under too many names)")
 
 
-def _torch_load_weights_only(path: Path):
-    """torch's restricted loader; None when it refuses the file (whole-module pickles, or anything odd),
-    so the project's own reader reads it or explains what is wrong. A read error is an error here."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({exc.strerror or exc})") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, RecursionError):
-        return None
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a pickled checkpoint (state dict or whole module) into a CPU state dict, never running its code.
 
@@ -427,16 +338,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
+    if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                check_archive(archive, path)
+                check_archive(archive, path.stat().st_size, path)
         except (zipfile.BadZipFile, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
-    loaded = _torch_load_weights_only(path)
-    if loaded is None:
-        loaded = _unpickle_zip(path) if is_zip else _unpickle_plain(path)
+        loaded = _load(path, path, ARCHIVE)
+    elif _opens_like_a_zip(path):
+        raise CheckpointError(f"{path}: a damaged torch checkpoint: a zip archive without its directory (truncated?)")
+    elif _is_legacy_torch_file(path):
+        loaded = _load(path, path, LEGACY)
+    else:
+        loaded = _load(_bare_pickle_as_archive(path), path, BARE)
     state = _state_dict_of(loaded, path)
     if not state:
         raise CheckpointError(f"{path}: no tensors in this checkpoint")
