@@ -9,6 +9,16 @@ Starts a real ``mps serve`` on 127.0.0.1 (a free port), then for 1, 4 and 16 con
     python benchmarks/bench_serve.py                     # the tiny fixture checkpoint, CPU
     python benchmarks/bench_serve.py --server-cpus 0     # scorer on CPU 0 (both ways), clients on the rest
     python benchmarks/bench_serve.py --weights W.safetensors --device cuda --images 512 --per-request 8
+    python benchmarks/bench_serve.py --trainer           # a trainer's load: batches of 16 and 64 arrays of 512²
+
+``--trainer`` measures what an RL trainer's reward client sees instead: rollout batches of
+``--batch-sizes`` raw uint8 arrays of 512 x 512 (``POST /v1/batch``, one request per batch) from
+``--workers`` concurrent rollout workers (``Client.submit`` from each), with images/s and per-batch
+latency (p50, p99), against ``Scorer.score`` in this process on the same images and batches; then the
+overlap the async client gains: one rollout loop that "generates" each batch (a sleep as long as
+scoring a batch in-process takes, standing in for the sampler on its GPU) and scores it, first one
+after the other, then with ``--in-flight`` batches scored while the next are generated
+(``Client.submit`` and ``AsyncClient``).
 
 The default model is the 1.8 MB fixture checkpoint (``../shared/fixtures/mps-tiny``), where a
 batch costs milliseconds and the HTTP path is as visible as it can be; real weights make the
@@ -216,6 +226,219 @@ def help_wall(reps: int) -> list[float]:
     return times
 
 
+# --------------------------------------------------------------------------- --trainer
+
+
+def rollout_images(count: int, size: int = 512) -> list:
+    """``count`` distinct size x size x 3 uint8 arrays, as a sampler hands them over (the fixture's images,
+    resized, with seeded noise so that no two are alike)."""
+    import numpy as np
+    from PIL import Image
+
+    sources = [Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+               for p in sorted((FIXTURE / "images").iterdir())]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        base = np.asarray(sources[i % len(sources)], dtype=np.int16)
+        out.append(np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def trainer_in_process(scorer, images: list, batch: int, max_batch: int) -> tuple[float, list[float]]:
+    """``Scorer.score`` on the images, one call per rollout batch (an in-process reward): (wall, latencies)."""
+    latencies, t0 = [], time.perf_counter()
+    for s in range(0, len(images), batch):
+        t = time.perf_counter()
+        scorer.score(images[s:s + batch], PROMPT, dims=DIMS, batch_size=max_batch)
+        latencies.append(time.perf_counter() - t)
+    return time.perf_counter() - t0, latencies
+
+
+def _row(batch: int, n: int, wall: float, latencies: list[float], **extra) -> dict:
+    return {"batch": batch, **extra, "images_per_s": n / wall, "p50_ms": percentile(latencies, 50) * 1000,
+            "p99_ms": percentile(latencies, 99) * 1000, "batch_s": statistics.median(latencies)}
+
+
+def _rollout_workers(url: str, batches: list, workers: int) -> tuple[float, list[float]]:
+    """Every rollout batch once, from ``workers`` rollout threads pulling batches from one queue; each sends its
+    batch with ``Client.submit`` and waits for it, as a synchronous rollout step does: (wall, latencies)."""
+    from mps_cli.client import Client
+
+    lock, latencies, failures = threading.Lock(), [], []
+    todo = iter(range(len(batches)))
+
+    def work() -> None:
+        client = Client(url, max_in_flight=1)
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            t = time.perf_counter()
+            got = client.submit(batches[i], PROMPT, dims=DIMS, reward=REWARD).result()
+            dt = time.perf_counter() - t
+            with lock:
+                latencies.append(dt)
+                failures.extend(r.error for r in got if r.error)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if failures:
+        raise SystemExit(f"bench_serve: {len(failures)} images failed, e.g. {failures[0]}")
+    return time.perf_counter() - t0, latencies
+
+
+def trainer_overlap(url: str, arrays: list, batch: int, steps: int, generate_s: float, in_flight: int,
+                    repeats: int) -> dict:
+    """One rollout loop of ``steps`` batches, each "generated" for ``generate_s`` (a sleep: the sampler's GPU
+    time) then scored: sequentially, with Client.submit and with AsyncClient keeping ``in_flight`` in flight.
+    The three loops alternate, ``repeats`` times; the best of each is kept."""
+    batches = [arrays[(k * batch) % len(arrays):][:batch] for k in range(steps)]
+    loops = {"sequential": _sequential_loop, "submit": _submit_loop, "async": _async_loop}
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            wall = loop(url, batches, generate_s, in_flight)
+            best[name] = min(best.get(name, wall), wall)
+    score_s = max(best["sequential"] / steps - generate_s, 1e-9)  # one batch's scoring, seen from the loop
+    return {"batch": batch, "steps": steps, "generate_s": generate_s, "in_flight": in_flight,
+            "sequential_s": best["sequential"], "submit_s": best["submit"], "async_s": best["async"],
+            "submit_gain": best["sequential"] / best["submit"], "async_gain": best["sequential"] / best["async"],
+            "ideal_gain": (generate_s + score_s) / max(generate_s, score_s)}
+
+
+def _sequential_loop(url: str, batches: list, generate_s: float, in_flight: int) -> float:
+    from mps_cli.client import Client
+
+    client, t0 = Client(url), time.perf_counter()
+    for b in batches:
+        time.sleep(generate_s)
+        client.submit(b, PROMPT, dims=DIMS, reward=REWARD).result()
+    return time.perf_counter() - t0
+
+
+def _submit_loop(url: str, batches: list, generate_s: float, in_flight: int) -> float:
+    from mps_cli.client import Client
+
+    client, futures, t0 = Client(url, max_in_flight=in_flight), [], time.perf_counter()
+    for b in batches:
+        time.sleep(generate_s)
+        futures.append(client.submit(b, PROMPT, dims=DIMS, reward=REWARD))  # blocks while in_flight are out
+    for f in futures:
+        f.result()
+    wall = time.perf_counter() - t0
+    client.close()
+    return wall
+
+
+def _async_loop(url: str, batches: list, generate_s: float, in_flight: int) -> float:
+    import asyncio
+
+    from mps_cli.client import AsyncClient
+
+    async def rollout() -> float:
+        ac = AsyncClient(url, max_in_flight=in_flight)
+        slots = asyncio.Semaphore(in_flight)
+
+        async def score(b):
+            try:
+                await ac.score(b, PROMPT, dims=DIMS, reward=REWARD)
+            finally:
+                slots.release()
+
+        t, tasks = time.perf_counter(), []
+        for b in batches:
+            await asyncio.sleep(generate_s)
+            await slots.acquire()
+            tasks.append(asyncio.create_task(score(b)))
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t
+
+    return asyncio.run(rollout())
+
+
+DIMS = ["overall", "alignment", "detail"]
+REWARD = "overall + 0.5*alignment"
+
+
+def trainer_main(args) -> int:
+    from PIL import Image
+
+    from mps_cli import load_scorer
+
+    batches = [int(x) for x in args.batch_sizes.split(",")]
+    workers = [int(x) for x in args.workers.split(",")]
+    count = args.images or 256
+    arrays = rollout_images(count)
+    images = [Image.fromarray(a) for a in arrays]  # the in-process reward's input, made outside the timing
+    log(f"trainer load: {count} arrays of 512x512x3, batches {batches}, workers {workers}, model {args.weights}, "
+        f"{args.device}; dims {DIMS}, reward {REWARD!r}")
+    scorer = load_scorer(args.weights, config=args.config, device=args.device, dtype=args.dtype)
+    scorer.score(images[:max(batches)], PROMPT, dims=DIMS, batch_size=args.max_batch)  # warm-up
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args, port)
+    base, rows, overlap = {}, [], []
+    try:
+        _rollout_workers(url, [arrays[:max(batches)]], 1)  # warm-up
+        for b in batches:
+            # Interleaved, best of the repeats each: on a shared machine the load moves within minutes.
+            best: dict = {}
+            groups = [arrays[s:s + b] for s in range(0, count, b)]
+            for _ in range(args.repeats):
+                for w in (0, *workers):
+                    wall, lat = (trainer_in_process(scorer, images, b, args.max_batch) if w == 0
+                                 else _rollout_workers(url, groups, w))
+                    if w not in best or wall < best[w][0]:
+                        best[w] = (wall, lat)
+            base[b] = _row(b, count, *best[0])
+            log(f"in-process, batch {b}: {base[b]['images_per_s']:.1f} images/s, p50 {base[b]['p50_ms']:.0f} ms")
+            for w in workers:
+                rows.append(_row(b, count, *best[w], workers=w))
+                log(f"server, batch {b}, {w} workers: {rows[-1]['images_per_s']:.1f} images/s, "
+                    f"p50 {rows[-1]['p50_ms']:.0f} ms")
+        for b in batches:
+            overlap.append(trainer_overlap(url, arrays, b, args.steps, base[b]["batch_s"], args.in_flight,
+                                           args.repeats))
+            log(f"overlap, batch {b}: x{overlap[-1]['submit_gain']:.2f} (submit), x{overlap[-1]['async_gain']:.2f} "
+                "(async)")
+    finally:
+        server.terminate()
+        server.wait(60)
+    load = os.getloadavg()
+    print(f"CPU: {cpu_name()}; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; model: {args.weights.name}, "
+          f"device {args.device}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')} (OMP_NUM_THREADS)")
+    print(f"trainer load: {count} rollout images, raw uint8 512x512x3 arrays (POST /v1/batch, multipart), "
+          f"dims {', '.join(DIMS)}, reward '{REWARD}'; server --max-batch {args.max_batch} "
+          f"--max-wait-ms {args.max_wait_ms}; interleaved, best of {args.repeats}")
+    print("| batch | rollout workers | images/s | vs in-process | p50 ms/batch | p99 ms/batch |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for b in batches:
+        ref = base[b]
+        print(f"| {b} | in-process | {ref['images_per_s']:.1f} | 100% | {ref['p50_ms']:.0f} | {ref['p99_ms']:.0f} |")
+        for r in (r for r in rows if r["batch"] == b):
+            share = 100 * r["images_per_s"] / ref["images_per_s"]
+            print(f"| {b} | {r['workers']} | {r['images_per_s']:.1f} | {share:.0f}% | {r['p50_ms']:.0f} "
+                  f"| {r['p99_ms']:.0f} |")
+    print(f"overlap: one rollout loop of {args.steps} batches, each generated for as long as scoring it in-process "
+          f"takes (a sleep), {args.in_flight} in flight; the three loops alternate, best of {args.repeats}; ideal: "
+          "(generate + score) / max(generate, score)")
+    print("| batch | generate s/batch | sequential s | Client.submit s | gain | AsyncClient s | gain | ideal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for o in overlap:
+        print(f"| {o['batch']} | {o['generate_s']:.3f} | {o['sequential_s']:.2f} | {o['submit_s']:.2f} | "
+              f"{o['submit_gain']:.2f}x | {o['async_s']:.2f} | {o['async_gain']:.2f}x | {o['ideal_gain']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_name(), "load": load, "in_process": base, "server": rows,
+                                         "overlap": overlap}, indent=2))
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", type=Path, default=FIXTURE / "mps-tiny.safetensors")
@@ -235,11 +458,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "baseline run there (torch threads = their number) and the clients on the other CPUs, "
                         "as when trainers call from other hosts (default: everything shares every CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--trainer", action="store_true", help="the trainer-shaped load instead (see above)")
+    p.add_argument("--batch-sizes", default="16,64", help="--trainer: rollout batch sizes (default 16,64)")
+    p.add_argument("--workers", default="1,4", help="--trainer: concurrent rollout workers (default 1,4)")
+    p.add_argument("--steps", type=int, default=6, help="--trainer: rollout steps of the overlap loop (default 6)")
+    p.add_argument("--in-flight", type=int, default=2, help="--trainer: batches in flight in the overlap loop")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.trainer:
+        return trainer_main(args)
     if args.server_cpus:
         args.server_cpus = cpu_list(args.server_cpus)
         client_cpus = os.sched_getaffinity(0) - args.server_cpus

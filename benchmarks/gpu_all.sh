@@ -58,6 +58,7 @@ cat "$out/machine.txt"
 if [ "$quick" = 1 ]; then  # the CPU dry run: the same steps and options at sizes that take seconds
     dtypes=fp32 images=2 batch=2 decode_images=4 sides=512 variants="decode=exact,decode=tensor,attention=math"
     serve_args=(--images 16 --per-request 4 --clients 1,4 --repeats 1 --cli-reps 1)
+    trainer_args=(--images 16 --batch-sizes 4 --workers 1 --repeats 1 --steps 2)
     dataset_args=(--images 16 --shard-size 8 --size 512 --batch-size 4)
     profile_args=(--tiny --repeats 1 --dtypes fp32,bf16)
     compile_variants="compile=graphs"
@@ -66,6 +67,7 @@ else
     dtypes=fp16,bf16 images=512 batch=auto decode_images=256 sides=512,1024,2048
     variants="decode=exact,decode=draft,batch=32,batch=64,batch=128,attention=math"
     serve_args=(--weights "$ckpt" --images 2048 --per-request 8 --clients 16 --repeats 2 --cli-reps 1)
+    trainer_args=(--weights "$ckpt" --images 256 --max-batch 64 --batch-sizes 16,64 --workers 1,4 --repeats 1)
     dataset_args=(--weights "$ckpt" --images 1024 --shard-size 256 --size 768 --batch-size 128 --dims all)
     profile_args=()
     compile_variants="compile=on,compile=graphs"
@@ -89,6 +91,10 @@ step profile_reward 90 python3 benchmarks/profile_reward.py --device "$device" -
     "${profile_args[@]}" --json "$out/profile_reward.json"
 # 5. mps serve at 16 clients against the in-process scorer, full-size model.
 step bench_serve 90 python3 benchmarks/bench_serve.py --device "$device" "${serve_args[@]}" --json "$out/bench_serve.json"
+# 5b. A trainer's load: rollout batches of 16 and 64 raw 512² arrays (POST /v1/batch) from 1 and 4 rollout
+#     workers against in-process scoring, and the overlap Client.submit / AsyncClient gain on a rollout loop.
+step bench_serve_trainer 90 python3 benchmarks/bench_serve.py --trainer --device "$device" "${trainer_args[@]}" \
+    --json "$out/bench_serve_trainer.json"
 # 6. mps dataset on webdataset tar and parquet shards against Scorer.score on the files (no Ray).
 step bench_dataset 90 python3 benchmarks/bench_dataset.py --device "$device" "${dataset_args[@]}" --no-ray --repeats 1 \
     --json "$out/bench_dataset.json"

@@ -206,7 +206,7 @@ def test_missing_and_wrong_tokens_are_401_on_every_route_but_healthz(server):
     status, _, _ = raw_exchange(server, http_request("/v1/score", b"", {"Authorization": AUTH["a 64 KiB token"][2],
                                                                         "Content-Length": "0"}))
     assert status in (400, 401, 431)
-    for path, method in (("/v1/info", "GET"), ("/v1/compare", "POST"), ("/v1/nothing", "GET")):
+    for path, method in (("/v1/info", "GET"), ("/v1/compare", "POST"), ("/v1/batch", "POST"), ("/v1/nothing", "GET")):
         assert request(server, method, path, b"{}", token="wrong")[0] == 401, path
     assert request(server, "GET", "/healthz", token=None)[0] == 200
     assert_serving(server)
@@ -593,6 +593,83 @@ def test_16_concurrent_clients_with_different_settings_each_get_their_own_scores
 
 
 # --------------------------------------------------------------------------- SIGTERM under load
+
+
+# --------------------------------------------------------------------------- the batch route and its arrays
+
+
+def _array(shape, data: bytes = b"", dtype="uint8", **extra) -> dict:
+    return {"shape": shape, "dtype": dtype, "data": base64.b64encode(data).decode(), **extra}
+
+
+ARRAY_CASES = {
+    "a shape of 100000 x 100000 with 12 bytes": (422, "over the", score_body(images=[_array([100_000, 100_000, 3],
+                                                                                            b"\0" * 12)])),
+    "a shape of 2**40 x 2**40": (422, "over the", score_body(images=[_array([2**40, 2**40, 3])])),
+    "a negative height": (422, "[height, width, 1|3|4]", score_body(images=[_array([-4, 4, 3], b"\0" * 48)])),
+    "zero width": (422, "[height, width, 1|3|4]", score_body(images=[_array([4, 0, 3])])),
+    "five channels": (422, "[height, width, 1|3|4]", score_body(images=[_array([2, 2, 5], b"\0" * 20)])),
+    "a shape of floats": (422, "shape is [height, width, channels]", score_body(images=[_array([2.0, 2, 3])])),
+    "a shape of booleans": (422, "shape is [height, width, channels]", score_body(images=[_array([True, 2, 3])])),
+    "a shape that is a string": (422, "shape is [height, width, channels]", score_body(images=[_array("4,4,3")])),
+    "four dimensions": (422, "shape is [height, width, channels]", score_body(images=[_array([1, 2, 2, 3])])),
+    "one byte short": (422, "needs 48 bytes", score_body(images=[_array([4, 4, 3], b"\0" * 47)])),
+    "float32 data": (422, "arrays must be uint8", score_body(images=[_array([1, 1, 3], b"\0" * 12, "float32")])),
+    "no dtype": (422, "an array is", score_body(images=[{"shape": [1, 1, 3], "data": "AAAA"}])),
+    "an extra key": (422, "unknown: pickle", score_body(images=[_array([1, 1, 3], b"\0" * 3, pickle="x")])),
+    "bad base64 in an array": (422, "invalid base64", score_body(images=[{"shape": [1, 1, 3], "dtype": "uint8",
+                                                                          "data": "@@@"}])),
+    "another schema": (422, "unsupported schema", score_body(schema="mps-score/batch@2")),
+    "a schema that is an object": (422, "unsupported schema", score_body(schema={"v": 1})),
+    "a reward that is code": (422, "expected a number", score_body(reward="__import__('os').system('id')")),
+    "a reward that is a number": (422, "'reward' must be an expression", score_body(reward=3)),
+    "a reward 10 000 characters long": (422, "at most 1000", score_body(reward="overall+" * 1250)),
+    "a reward nested 200 deep": (422, "nested deeper than 32", score_body(reward="(" * 200 + "overall" + ")" * 200)),
+    "a reward naming a judge this server lacks": (422, "does not load", score_body(reward="pickscore")),
+}
+
+
+def _array_form(shape_header: str, data: bytes) -> bytes:
+    part = (f'Content-Disposition: form-data; name="array"; filename="a"\r\nContent-Type: {shape_header}\r\n\r\n'
+            ).encode() + data
+    body = _multipart([part, _field("prompt", "a fox"), _field("schema", "mps-score/batch@1")])
+    return http_request("/v1/batch", body, {"Authorization": f"Bearer {TOKEN}",
+                                            "Content-Type": "multipart/form-data; boundary=XyZ",
+                                            "Content-Length": str(len(body))})
+
+
+ARRAY_FORMS = {
+    "an array part without a shape": (422, "declares its shape", _array_form("application/octet-stream", b"\0" * 3)),
+    "an array part with a shape of words": (422, "declares its shape",
+                                            _array_form('application/octet-stream; shape="a,b,c"', b"\0" * 3)),
+    "an array part of float32": (422, "arrays must be uint8",
+                                 _array_form('application/octet-stream; dtype=float32; shape="1,1,3"', b"\0" * 12)),
+    "an array part claiming 90000 x 90000": (422, "over the",
+                                             _array_form('application/octet-stream; shape="90000,90000,3"', b"\0" * 3)),
+    "an array part one byte long": (422, "needs 3 bytes",
+                                    _array_form('application/octet-stream; shape="1,1,3"', b"\0")),
+}
+
+
+def test_the_batch_route_keeps_the_rules_and_refuses_crafted_arrays_and_rewards(server):
+    """POST /v1/batch: every JSON and bomb case of /v1/score gets the same answer there, and its own inputs (raw
+    arrays, the schema marker, reward expressions) are refused naming the problem, fast, without a traceback."""
+    def send(srv, body):
+        path = "/v1/compare" if body.startswith(b'{"a"') else "/v1/batch"
+        start = time.monotonic()
+        status, doc, _ = request(srv, "POST", path, body)
+        assert time.monotonic() - start < 10
+        return status, doc
+
+    check_cases(server, {k: v for k, v in JSON_CASES.items() if not k.startswith("compare")}, send)
+    bombs = {k: (s, t, score_body(images=[base64.b64encode(d).decode()])) for k, (s, t, d) in BOMBS.items()}
+    check_cases(server, bombs, send)
+    check_cases(server, ARRAY_CASES, send)
+    check_cases(server, ARRAY_FORMS, lambda srv, data: raw_exchange(srv, data)[:2])
+    # a good array among crafted ones: one row each, in order
+    good = _array([2, 2, 3], bytes(range(12)))
+    status, doc, _ = request(server, "POST", "/v1/batch", score_body(images=[good, _array([9, 9, 3]), good]))
+    assert status == 200 and doc["failed"] == 1 and doc["rewards"][0] == doc["rewards"][2] and doc["rewards"][1] is None
 
 
 def test_sigterm_under_load_answers_or_refuses_every_request_and_none_half_written(server):

@@ -113,5 +113,9 @@ SERVE_MAX_QUEUE = 1024
 SERVE_MAX_BODY_BYTES = 64 * 1024 * 1024
 #: Per-image pixel limit for uploads: generous for generations (8192 x 8192), far below a bomb.
 SERVE_MAX_IMAGE_PIXELS = 8192 * 8192
+#: The versioned wire format of ``POST /v1/batch`` (request and answer), docs/server.md.
+BATCH_SCHEMA = "mps-score/batch@1"
+#: Requests a client keeps in flight at once (``Client.submit``, ``AsyncClient``) unless told otherwise.
+CLIENT_MAX_IN_FLIGHT = 4
 #: Seconds a client has to send a request's headers, then as long again for its body; a slower one is cut off.
 SERVE_READ_TIMEOUT_S = 30.0

@@ -45,6 +45,10 @@ class PromptError(InputError):
     """A prompt or prompt file could not be read."""
 
 
+class CompositeError(InputError):
+    """A composite reward expression (``overall+0.5*alignment``) is malformed or names an unknown term."""
+
+
 class FetchError(MPSError):
     """Weights could not be fetched (network, missing file, offline without cache)."""
 

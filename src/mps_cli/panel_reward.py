@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .composite import parse_composite
 from .constants import DEFAULT_MASK_THRESHOLD, MPS_MODEL
 from .engine.model import judge_logits
 from .engine.options import ModelOptions
-from .engine.panel import keyed_conditions, load_panel, mps_key
+from .engine.panel import keyed_conditions, load_panel, mps_key, parse_models
 from .engine.pixel_rules import letterbox_images
 from .errors import InputError
 from .reward import MPSReward, preprocess_images
@@ -104,14 +105,32 @@ class PanelReward(MPSReward):
         return out
 
 
-def load_reward(weights=None, *, model=None, dims: Iterable[str] | str | None = ("overall",),
+_DEFAULT_DIMS = ("overall",)
+
+
+def load_reward(weights=None, *, model=None, dims: Iterable[str] | str | None = _DEFAULT_DIMS,
                 condition: str | None = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD, device: str = "auto",
                 dtype: str = "auto", input_range: tuple[float, float] = (0, 1), grad_checkpointing: bool = False,
-                round_pixels: bool = True, config=None, revision: str | None = None, offline: bool | None = None):
+                round_pixels: bool = True, config=None, revision: str | None = None, offline: bool | None = None,
+                reward: str | None = None):
     """MPS as a differentiable reward (:func:`mps_cli.reward.load_reward`) or, with ``model``, a :class:`PanelReward`.
 
     ``model`` as for ``load_scorer``; ``dims`` and ``condition`` are MPS's (ignored without it in ``model``).
+    ``reward``: a composite, ``"overall+0.5*alignment"`` or ``"0.7*mps.overall+0.3*hpsv2.1"``
+    (:mod:`mps_cli.composite`): the dimensions it names are scored (beside ``dims``, if given), a judge it
+    names is loaded (without ``model``), and ``forward``, ``loss`` and ``reward_fn`` use the weighted sum.
     """
+    if reward is not None:
+        composite = parse_composite(reward)
+        names = [m.name for m in parse_models(model)] if model is not None else None
+        wanted, dims = composite.request(names, None if dims is _DEFAULT_DIMS else dims, condition)
+        model = model if model is not None else wanted
+        built = load_reward(weights, model=model, dims=dims, condition=condition, mask_threshold=mask_threshold,
+                            device=device, dtype=dtype, input_range=input_range,
+                            grad_checkpointing=grad_checkpointing, round_pixels=round_pixels, config=config,
+                            revision=revision, offline=offline)
+        built.composite = composite.bind(built.dims)
+        return built
     if model is None:
         return load_mps_reward(weights, dims=dims, condition=condition, mask_threshold=mask_threshold,
                                device=device, dtype=dtype, input_range=input_range,

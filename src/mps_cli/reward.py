@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .composite import COMPOSITE_KEY, Composite
 from .constants import DEFAULT_MASK_THRESHOLD
 from .engine.decode import resize_crop_normalise, round_to_8_bits
 from .engine.scorer import (
@@ -54,8 +55,12 @@ class MPSReward(nn.Module):
 
     Build it with :func:`load_reward`. The weights are frozen and the module stays in eval
     mode whatever ``.train()`` a parent calls. Text features (prompts, conditions) are
-    computed once without gradient and cached.
+    computed once without gradient and cached. With a ``composite`` (``load_reward(reward=...)``),
+    ``forward``, ``loss`` and ``reward_fn`` use that weighted sum of the scores.
     """
+
+    #: A composite reward over :attr:`dims` (bound to them), or None.
+    composite: Composite | None = None
 
     def __init__(self, scorer: Scorer, conditions: list[tuple[str, str]], mask_threshold: float,
                  input_range: tuple[float, float], round_pixels: bool = True):
@@ -143,16 +148,20 @@ class MPSReward(nn.Module):
         return dict(zip(self.dims, scores, strict=True))
 
     def forward(self, images: torch.Tensor, prompts: str | Sequence[str]):
-        """A B tensor of scores (one dimension) or a dict of them (several)."""
+        """A B tensor of scores (one dimension, or the composite) or a dict of them (several)."""
         scores = self.score(images, prompts)
+        if self.composite is not None:
+            return self.composite.value(scores)
         return next(iter(scores.values())) if len(scores) == 1 else scores
 
     def loss(self, images: torch.Tensor, prompts: str | Sequence[str], target: float | None = None) -> torch.Tensor:
         """A scalar to minimise: the negative mean score, or ReFL's hinge ``mean(relu(target - score))``.
 
-        With several dimensions, their scores are averaged first.
+        The score is the composite where there is one; else several dimensions' scores are averaged first.
         """
-        score = torch.stack(list(self.score(images, prompts).values())).mean(dim=0)
+        scores = self.score(images, prompts)
+        score = (self.composite.value(scores) if self.composite is not None
+                 else torch.stack(list(scores.values())).mean(dim=0))
         if target is None:
             return -score.mean()
         return F.relu(target - score).mean()
@@ -161,14 +170,17 @@ class MPSReward(nn.Module):
         """``fn(images, prompts, metadata) -> (scores, info)``, the DDPO/GRPO convention.
 
         ``images`` in [0, 1] whatever this reward's ``input_range``; ``scores`` a B tensor of
-        ``dim`` (default: the first dimension); ``info`` every dimension, detached.
+        ``dim`` (default: the composite where there is one, else the first dimension); ``info`` every
+        dimension (and ``composite``), detached.
         """
-        key = dim or self.dims[0]
-        if key not in self.dims:
+        key = dim or (COMPOSITE_KEY if self.composite is not None else self.dims[0])
+        if key not in self.dims and not (key == COMPOSITE_KEY and self.composite is not None):
             raise ValueError(f"dimension {key!r} is not one this reward scores ({', '.join(self.dims)})")
 
         def fn(images: torch.Tensor, prompts: Sequence[str], metadata=None):
             scores = self.score(images, prompts, input_range=(0.0, 1.0))
+            if self.composite is not None:
+                scores[COMPOSITE_KEY] = self.composite.value(scores)
             return scores[key], {k: v.detach() for k, v in scores.items()}
 
         return fn

@@ -73,6 +73,11 @@ class ScoreCache:
                     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
                     sha256 TEXT NOT NULL
                 ) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS image_stats (
+                    image_sha256 TEXT NOT NULL, version INTEGER NOT NULL, colourfulness REAL NOT NULL,
+                    saturation REAL NOT NULL, high_frequency REAL NOT NULL, brightness REAL NOT NULL,
+                    dhash INTEGER NOT NULL, PRIMARY KEY (image_sha256, version)
+                ) WITHOUT ROWID;
                 """
             )
             row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -135,6 +140,28 @@ class ScoreCache:
             raise ValueError(f"not a finite score: {score}")
         try:
             self._db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, float(score)))
+        except sqlite3.DatabaseError as exc:
+            raise self._error("cannot write the score cache", exc) from exc
+
+    def get_stats(self, digest: str):
+        """An image's :class:`~mps_cli.imagestats.ImageStats` by content hash, if measured before."""
+        from .imagestats import STATS_VERSION, ImageStats
+
+        rows = self._query("SELECT colourfulness, saturation, high_frequency, brightness, dhash FROM image_stats "
+                           "WHERE image_sha256=? AND version=?", (digest, STATS_VERSION))
+        if not rows:
+            return None
+        *values, h = rows[0]
+        return ImageStats(*values, dhash=h & (2**64 - 1))  # stored signed: SQLite integers are 64-bit signed
+
+    def put_stats(self, digest: str, stats) -> None:
+        """Keep an image's statistics (durable after the next :meth:`commit`)."""
+        from .imagestats import STATS, STATS_VERSION
+
+        signed = stats.dhash - 2**64 if stats.dhash >= 2**63 else stats.dhash
+        try:
+            self._db.execute("INSERT OR REPLACE INTO image_stats VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (digest, STATS_VERSION, *(float(getattr(stats, n)) for n in STATS), signed))
         except sqlite3.DatabaseError as exc:
             raise self._error("cannot write the score cache", exc) from exc
 
@@ -252,6 +279,44 @@ def score_cached(scorer, work: Mapping[tuple[str, str], str], keys: Sequence[str
     return CachedScores(scores, errors, total - len(errors), cached)
 
 
+def measure_cached(cache: ScoreCache, files: Mapping[str, str], progress: ProgressFn | None = None
+                   ) -> tuple[dict, dict[str, str]]:
+    """Image statistics per content hash of ``files`` (hash -> an image file with that content), measured once
+    ever: the cache keeps them. Returns (hash -> ImageStats, hash -> why it could not be measured)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .engine.preprocess import open_image
+    from .errors import ImageError
+    from .imagestats import measure
+
+    stats, errors = {}, {}
+    todo = []
+    for digest, path in files.items():
+        found = cache.get_stats(digest)
+        if found is None:
+            todo.append((digest, path))
+        else:
+            stats[digest] = found
+
+    def one(item):
+        try:
+            return measure(open_image(item[1])), None
+        except ImageError as exc:
+            return None, str(exc)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="mps-stats") as pool:
+        for n, ((digest, _), (found, error)) in enumerate(zip(todo, pool.map(one, todo), strict=True), 1):
+            if found is None:
+                errors[digest] = error
+            else:
+                stats[digest] = found
+                cache.put_stats(digest, found)
+            if progress:
+                progress("stats", n, len(todo))
+    cache.commit()
+    return stats, errors
+
+
 def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], condition: str | None,
                   mask_threshold: float, batch_size: int | None) -> Iterator:
     from .engine.panel import mps_dims
@@ -264,4 +329,4 @@ def _score_stream(scorer, todo: list[tuple[str, str]], keys: list[str], conditio
 
 
 __all__ = ["CACHE_SCHEMA", "CacheError", "CachedScores", "ProgressFn", "ScoreCache", "ScoreKey", "cache_identity",
-           "default_cache_path", "hash_images", "score_cached"]
+           "default_cache_path", "hash_images", "measure_cached", "score_cached"]

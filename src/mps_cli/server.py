@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -33,7 +34,9 @@ from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.routing import Route
 
 from . import __version__
+from .composite import Composite, apply_composite, parse_composite
 from .constants import (
+    BATCH_SCHEMA,
     CUSTOM_KEY,
     DEFAULT_MASK_THRESHOLD,
     SERVE_MAX_BATCH,
@@ -44,11 +47,14 @@ from .constants import (
     SERVE_READ_TIMEOUT_S,
 )
 from .engine.panel import keyed_conditions, mps_dims, split_key
-from .engine.preprocess import EncodedImage
+from .engine.preprocess import EncodedImage, image_from_array
 from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
-from .errors import ImageError
+from .errors import CompositeError, ImageError
 
 log = logging.getLogger("mps_cli.server")
+
+#: Images of one request decoded at once (in the request's thread pool), one per CPU.
+DECODE_THREADS = max(2, os.cpu_count() or 1)
 
 Conditions = tuple[tuple[str, str], ...]
 
@@ -157,10 +163,11 @@ class MicroBatcher:
             self._cond.notify_all()
 
     def submit(self, pixels: list, labels: list[str], prompts: list[str], conditions: Conditions,
-               threshold: float, expected: bool = False) -> list[Future]:
+               threshold: float, expected: bool = False, new_request: bool = True) -> list[Future]:
         """Queue preprocessed images (:func:`~mps_cli.engine.preprocess.pixels_from_image`) with their names and
         prompts; one future of a ScoreResult per image. ``expected``: this request called :meth:`expect`,
-        and no longer counts as on its way once this returns."""
+        and no longer counts as on its way once this returns. ``new_request``: False for a request's later
+        parts (a large request is queued in parts as its images are decoded)."""
         jobs = [_Job(px, label, p, conditions, threshold, Future())
                 for px, label, p in zip(pixels, labels, prompts, strict=True)]
         with self._cond:
@@ -172,7 +179,7 @@ class MicroBatcher:
             if expected:
                 self._incoming -= 1
             self._pending.extend((now, j) for j in jobs)
-            self._stats["requests"] += 1
+            self._stats["requests"] += new_request
             self._stats["images"] += len(jobs)
             self._cond.notify_all()
         return [j.future for j in jobs]
@@ -257,12 +264,14 @@ class _SlowBody(Exception):
 
 @dataclass
 class _Source:
-    """One image of a request before decoding: encoded bytes, base64 text, or a checked server path."""
+    """One image of a request before decoding: encoded bytes, base64 text, or a checked server path; with
+    ``shape``, the bytes are a raw uint8 array of that shape rather than an encoded file."""
 
     name: str
     data: bytes | None = None
     text: str | None = None
     path: Path | None = None
+    shape: Any = None
 
 
 @dataclass
@@ -271,6 +280,7 @@ class _Work:
     prompts: list[str | None]
     conditions: Conditions
     threshold: float
+    composite: Composite | None = None
 
 
 def _decode(src: _Source, max_pixels: int, scorer):
@@ -278,11 +288,12 @@ def _decode(src: _Source, max_pixels: int, scorer):
     cropped, normalised; for a panel, once per rule; on the tensor path, a JPEG checked for the batched decode on
     the device), or raises ImageError naming it. Runs in the request's thread, so the model's worker never
     waits for the host's part."""
-    return scorer.load_pixels(_open(src), max_pixels)
+    return scorer.load_pixels(_open(src, max_pixels), max_pixels)
 
 
-def _open(src: _Source):
-    """The image of a request as a path or encoded bytes (base64 decoded here, the image itself not yet)."""
+def _open(src: _Source, max_pixels: int):
+    """The image of a request as a path or encoded bytes (base64 decoded here, the image itself not yet), or
+    a raw array's pixels as an image (its shape checked against its bytes and ``max_pixels`` first)."""
     if src.path is not None:
         return src.path
     data = src.data
@@ -296,6 +307,8 @@ def _open(src: _Source):
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{src.name}: invalid base64 ({exc})") from None
+    if src.shape is not None:
+        return image_from_array(data, src.shape, src.name, max_pixels)
     return EncodedImage(data, src.name)
 
 
@@ -316,6 +329,8 @@ class ScoringService:
         if isinstance(entry, str):
             return _Source(name=name, text=entry)
         keys = set(entry) if isinstance(entry, dict) else set()
+        if "shape" in keys:
+            return self._array(entry, name)
         if keys and keys <= {"data", "path", "name"} and len(keys & {"data", "path"}) == 1:
             name = entry.get("name") if isinstance(entry.get("name"), str) else name
             if "data" in entry:
@@ -323,8 +338,23 @@ class ScoringService:
                     raise RequestError(422, f"{name}: 'data' must be a base64 string")
                 return _Source(name=name, text=entry["data"])
             return _Source(name=name, path=self._checked_path(entry["path"]))
-        raise RequestError(422, f"{name}: an image is a base64 string, a data URL, {{\"data\": ...}} "
-                                "or {\"path\": ...}")
+        raise RequestError(422, f"{name}: an image is a base64 string, a data URL, {{\"data\": ...}}, "
+                                "{\"path\": ...} or {\"shape\": [H, W, 3], \"dtype\": \"uint8\", \"data\": ...}")
+
+    @staticmethod
+    def _array(entry: dict, name: str) -> _Source:
+        """A raw uint8 array: ``{"shape": [H, W, C], "dtype": "uint8", "data": BASE64}``; the shape is checked
+        against the bytes when the image is decoded, with the other images' errors."""
+        name = entry.get("name") if isinstance(entry.get("name"), str) else name
+        extra = sorted(set(entry) - {"shape", "dtype", "data", "name"})
+        if extra or "data" not in entry or "dtype" not in entry:
+            raise RequestError(422, f"{name}: an array is {{\"shape\": [H, W, 3], \"dtype\": \"uint8\", "
+                                    "\"data\": BASE64}" + (f" (unknown: {', '.join(extra)})" if extra else ""))
+        if entry["dtype"] != "uint8":
+            raise RequestError(422, f"{name}: arrays must be uint8, got dtype {entry['dtype']!r}")
+        if not isinstance(entry["data"], str):
+            raise RequestError(422, f"{name}: 'data' must be a base64 string")
+        return _Source(name=name, text=entry["data"], shape=entry["shape"])
 
     def _checked_path(self, raw: Any) -> Path:
         if not isinstance(raw, str) or not raw:
@@ -349,13 +379,18 @@ class ScoringService:
             raise RequestError(422, f"{_short_text(raw)}: not a regular file (a folder, FIFO or device)")
         return resolved
 
-    def parse(self, body: dict, single: bool = False) -> _Work:
-        """Validate a score (or, with ``single``, compare) request into work; raises RequestError."""
+    def parse(self, body: dict, single: bool = False, batch: bool = False) -> _Work:
+        """Validate a score (with ``batch``, a /v1/batch; with ``single``, a compare) request into work;
+        raises RequestError."""
         if not isinstance(body, dict):
             raise RequestError(422, "the request body must be a JSON object")
-        known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names"}
+        known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names", "reward"}
         if single:
-            known = (known - {"images", "names", "prompts"}) | {"a", "b"}
+            known = (known - {"images", "names", "prompts", "reward"}) | {"a", "b"}
+        if batch:
+            known.add("schema")
+            if body.get("schema", BATCH_SCHEMA) != BATCH_SCHEMA:
+                raise RequestError(422, f"unsupported schema {body['schema']!r}: this server speaks {BATCH_SCHEMA}")
         unknown = sorted(set(body) - known)
         if unknown:
             raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
@@ -387,10 +422,13 @@ class ScoringService:
         condition = body.get("condition")
         if condition is not None and not isinstance(condition, str):
             raise RequestError(422, "'condition' must be a string")
+        composite, dims = self._composite(body.get("reward"), dims, condition)
         try:
             conditions = tuple(keyed_conditions(getattr(self.scorer, "models", None), dims, condition))
         except ValueError as exc:
             raise RequestError(422, str(exc)) from None
+        if composite is not None:
+            composite = composite.bind([k for k, _ in conditions])
         threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
         if isinstance(threshold, str):
             try:
@@ -401,7 +439,24 @@ class ScoringService:
             threshold = check_mask_threshold(threshold)
         except ValueError:
             raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
-        return _Work(sources, prompts, conditions, threshold)
+        return _Work(sources, prompts, conditions, threshold, composite)
+
+    def _composite(self, reward: Any, dims, condition: str | None) -> tuple[Composite | None, Any]:
+        """The request's ``reward`` expression, and the dimensions to score with the ones it names added."""
+        if reward is None:
+            return None, dims
+        if not isinstance(reward, str):
+            raise RequestError(422, "'reward' must be an expression such as \"overall+0.5*alignment\"")
+        models = getattr(self.scorer, "models", None)
+        try:
+            composite = parse_composite(reward)
+            wanted, dims = composite.request(list(models) if models else None, dims, condition)
+        except CompositeError as exc:
+            raise RequestError(422, str(exc)) from None
+        if wanted and not models:
+            raise RequestError(422, f"reward {reward!r} names a model this server does not load (it scores with "
+                                    "MPS alone: mps serve --model adds judges)")
+        return composite, dims
 
     @staticmethod
     def _prompts(body: dict, n: int, single: bool) -> list[str | None]:
@@ -423,9 +478,11 @@ class ScoringService:
 
     # ----------------------------------------------------------------------- scoring
     async def run(self, work: _Work) -> list[ScoreResult]:
-        """Decode (thread pool, the request's images in parallel), score (batcher), and return results
-        in request order."""
+        """Decode (thread pool, the request's images in parallel, about in order), score (batcher), and return
+        results in request order. A request larger than a model batch is queued a batch at a time as its images
+        are decoded, so the model scores its first images while the host decodes the rest."""
         max_px = self.options.max_image_pixels
+        decoding = asyncio.Semaphore(DECODE_THREADS)
 
         def decode(src: _Source, prompt: str | None):
             if prompt is None:
@@ -437,23 +494,38 @@ class ScoringService:
             except Exception as exc:  # whatever else one image does to a decoder, it fails alone
                 return f"{src.name}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
+        async def bounded(src: _Source, prompt: str | None):
+            async with decoding:  # first come, first decoded: a request's early images are ready first
+                return await run_in_threadpool(decode, src, prompt)
+
+        n, step = len(work.sources), self.batcher.max_batch
+        tasks = [asyncio.ensure_future(bounded(src, p)) for src, p in zip(work.sources, work.prompts, strict=True)]
+        decoded: list = [None] * n
+        futures: dict[int, Future] = {}
         self.batcher.expect()
         submitted = False
         try:
-            decoded = await asyncio.gather(*(run_in_threadpool(decode, src, prompt)
-                                             for src, prompt in zip(work.sources, work.prompts, strict=True)))
-            good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-            futures = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
+            for start in range(0, n, step):
+                part = range(start, min(start + step, n))
+                for i in part:
+                    decoded[i] = await tasks[i]
+                good = [i for i in part if not isinstance(decoded[i], str)]
+                got = self.batcher.submit([decoded[i] for i in good], [work.sources[i].name for i in good],
                                           [work.prompts[i] for i in good], work.conditions, work.threshold,
-                                          expected=True)
+                                          expected=part.stop == n, new_request=start == 0)
+                futures.update(zip(good, got, strict=True))
             submitted = True
         except QueueFull as exc:
+            for f in futures.values():  # the parts already queued are not scored for nobody
+                f.cancel()
             raise RequestError(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
         finally:
             if not submitted:
                 self.batcher.unexpect()
-        scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        by_index = dict(zip(good, scored, strict=True))
+                for t in tasks:
+                    t.cancel()
+        scored = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures.values()))
+        by_index = dict(zip(futures, scored, strict=True))
         return [by_index[i] if i in by_index else ScoreResult(image=src.name, prompt=prompt, error=decoded[i])
                 for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True))]
 
@@ -466,16 +538,27 @@ class ScoringService:
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,
                        "server_paths": self.allow_dir is not None},
-            "batching": self.batcher.stats(),
+            "batching": self.batcher.stats(), "schemas": [BATCH_SCHEMA],
         }
 
 
 def result_row(r: ScoreResult) -> dict:
-    """The JSON of one result, as the CLI writes it plus kept tokens and truncation."""
+    """The JSON of one result, as the CLI writes it plus kept tokens and truncation (and a composite reward's
+    value and terms, where one was asked for)."""
     if r.error is not None:
         return {"image": r.image, "prompt": r.prompt, "error": r.error}
-    return {"image": r.image, "prompt": r.prompt, "scores": dict(r.scores), "kept_tokens": dict(r.kept_tokens),
-            "prompt_truncated": r.prompt_truncated}
+    row = {"image": r.image, "prompt": r.prompt, "scores": dict(r.scores), "kept_tokens": dict(r.kept_tokens),
+           "prompt_truncated": r.prompt_truncated}
+    if r.composite is not None:
+        row.update(composite=r.composite, terms=dict(r.terms))
+    return row
+
+
+def batch_reward(r: ScoreResult, work: _Work) -> float | None:
+    """A /v1/batch row's reward: the composite where one was asked for, else the first key's score."""
+    if r.error is not None:
+        return None
+    return r.composite if work.composite is not None else r.scores[work.conditions[0][0]]
 
 
 def _error(status: int, message: str, extra: dict | None = None, headers: dict | None = None) -> JSONResponse:
@@ -539,8 +622,12 @@ async def _read_form(request: Request, max_part: int) -> dict:
                     out[key] = src
                 elif key in ("image", "images"):
                     images.append(src)
+                elif key == "array":
+                    src.shape = _declared_shape(value.content_type, src.name)
+                    images.append(src)
                 else:
-                    raise RequestError(422, f"unexpected file field {key!r}: upload images as 'image' (or 'a' and 'b')")
+                    raise RequestError(422, f"unexpected file field {key!r}: upload images as 'image' (encoded) or "
+                                            "'array' (raw uint8), or 'a' and 'b'")
             elif key in ("prompts", "names", "dims", "dim"):
                 out.setdefault("dims" if key == "dim" else key, []).append(value)
             else:
@@ -553,22 +640,46 @@ async def _read_form(request: Request, max_part: int) -> dict:
         await form.close()
 
 
+def _declared_shape(content_type: str | None, name: str) -> list[int]:
+    """The shape an ``array`` part declares in its type: ``application/octet-stream; dtype=uint8; shape="H,W,C"``."""
+    params = {}
+    for item in (content_type or "").split(";")[1:]:
+        key, _, value = item.partition("=")
+        params[key.strip().lower()] = value.strip().strip('"')
+    if params.get("dtype", "uint8") != "uint8":
+        raise RequestError(422, f"{name}: arrays must be uint8, got dtype {params['dtype']!r}")
+    try:
+        return [int(n) for n in params["shape"].replace("x", ",").split(",")]
+    except (KeyError, ValueError):
+        raise RequestError(422, f"{name}: an 'array' part declares its shape in its type: Content-Type: "
+                                'application/octet-stream; dtype=uint8; shape="H,W,3"') from None
+
+
 def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
     """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
     options = options or ServeOptions()
     service = ScoringService(scorer, options)
 
-    async def score(request: Request) -> JSONResponse:
+    async def scored(request: Request, batch: bool) -> tuple[_Work, list[ScoreResult], dict]:
         body = await _read_body(request, options.max_body_bytes)
-        work = service.parse(body)
+        work = service.parse(body, batch=batch)
         request.state.images = len(work.sources)
-        results = await service.run(work)
-        rows = [result_row(r) for r in results]
-        failed = sum(r.error is not None for r in results)
-        if failed == len(results):
-            raise RequestError(422, "no image could be scored" + (f": {results[0].error}" if failed == 1 else ""),
-                               {"results": rows})
-        return JSONResponse({"results": rows, "failed": failed})
+        results = apply_composite(work.composite, await service.run(work))
+        doc = {"results": [result_row(r) for r in results], "failed": sum(r.error is not None for r in results)}
+        if batch:
+            doc = {"schema": BATCH_SCHEMA, "keys": [k for k, _ in work.conditions],
+                   "reward": work.composite.spelling if work.composite else None, **doc,
+                   "rewards": [batch_reward(r, work) for r in results]}
+        if doc["failed"] == len(results):
+            raise RequestError(422, "no image could be scored" + (f": {results[0].error}" if len(results) == 1
+                                                                  else ""), doc)
+        return work, results, doc
+
+    async def score(request: Request) -> JSONResponse:
+        return JSONResponse((await scored(request, batch=False))[2])
+
+    async def batch(request: Request) -> JSONResponse:
+        return JSONResponse((await scored(request, batch=True))[2])
 
     async def compare(request: Request) -> JSONResponse:
         body = await _read_body(request, options.max_body_bytes)
@@ -623,6 +734,7 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/score", guarded(score), methods=["POST"]),
+            Route("/v1/batch", guarded(batch), methods=["POST"]),
             Route("/v1/compare", guarded(compare), methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/info", info, methods=["GET"]),

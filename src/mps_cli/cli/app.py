@@ -143,6 +143,9 @@ FLAG_HINTS = {
     "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
+    "reward": " (--reward)",
+    "model": " (add them with --model)",
+    "condition": " (give one with --condition)",
     "compile": " (--compile off runs without it)",
     "panel-decode": " (drop --decode and --compile, or --model)",
 }

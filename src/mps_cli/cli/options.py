@@ -143,6 +143,26 @@ MaskThreshold = Annotated[float, typer.Option(
     help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
 
 
+def _check_reward(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from ..composite import parse_composite
+    from ..errors import CompositeError
+
+    try:
+        parse_composite(value)
+    except CompositeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+Reward = Annotated[str | None, typer.Option(
+    "--reward", callback=_check_reward, rich_help_panel="Scoring",
+    help="A composite reward: a weighted sum of scores, e.g. 'overall+0.5*alignment' or "
+    "'0.7*mps.overall+0.3*hpsv2.1' (+ - * / by numbers, parentheses). The dimensions and judges it names are "
+    "scored too; each result carries 'composite' and its 'terms' (docs/reward.md).")]
+
+
 def _check_models(values: list[str] | None) -> list[str] | None:
     if not values:
         return None

@@ -268,6 +268,6 @@ class Progress:
         if self.bar is None:
             return
         if name not in self._tasks:
-            labels = {"hash": "reading images", "score": "scoring"}
+            labels = {"hash": "reading images", "score": "scoring", "stats": "measuring images"}
             self._tasks[name] = self.bar.add_task(labels.get(name, name), total=total)
         self.bar.update(self._tasks[name], completed=done, total=total)

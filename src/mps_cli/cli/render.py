@@ -27,11 +27,15 @@ class Row:
     error: str | None = None
     rank: int | None = None
     group: int | None = None
+    composite: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict:
         if self.error is not None:
             return {"image": self.image, "error": self.error}
         out: dict = {"image": self.image, "prompt": self.prompt, "scores": dict(self.scores)}
+        if self.composite is not None:
+            out.update(composite=self.composite, terms=dict(self.terms))
         if self.rank is not None:
             out["rank"] = self.rank
         if self.group is not None:
@@ -51,8 +55,10 @@ def finite_or_error(row: Row) -> Row:
 class ResultWriter:
     """Writes rows in the chosen format; JSONL and CSV stream, JSON and the table wait for the end."""
 
-    def __init__(self, mode: str, keys: Sequence[str], rank: bool = False, grouped: bool = False):
+    def __init__(self, mode: str, keys: Sequence[str], rank: bool = False, grouped: bool = False,
+                 composite: bool = False):
         self.mode, self.keys, self.rank, self.grouped = mode, list(keys), rank, grouped
+        self.composite = composite
         self.rows: list[Row] = []
         self._csv_header_done = False
 
@@ -69,11 +75,13 @@ class ResultWriter:
         w = csv.writer(buf, lineterminator="\n")
         lead = (["rank"] if self.rank else []) + (["group"] if self.grouped else [])
         if not self._csv_header_done:
-            w.writerow(lead + ["image", "prompt", *self.keys, "error"])
+            w.writerow(lead + ["image", "prompt", *self.keys, *(["composite"] if self.composite else []), "error"])
             self._csv_header_done = True
         cells = ([row.rank if row.rank is not None else ""] if self.rank else []) + (
             [row.group if row.group is not None else ""] if self.grouped else [])
         scores = ["" if row.error else f"{row.scores[k]:.6f}" for k in self.keys]
+        if self.composite:
+            scores.append("" if row.error else f"{row.composite:.6f}")
         w.writerow([clean(str(c)) for c in cells + [row.image, row.prompt or "", *scores, row.error or ""]])
         emit(buf.getvalue())
 
@@ -106,6 +114,8 @@ class ResultWriter:
                 table.add_column("prompt", overflow="ellipsis", max_width=40)
             for k in self.keys:
                 table.add_column(k, justify="right")
+            if self.composite:
+                table.add_column("composite", justify="right")
             for r in rows:
                 # Text, not strings: a "[...]" in a file name or prompt is not markup.
                 cells = ([str(r.rank) if r.rank is not None else ""] if self.rank else []) + [Text(clean(r.image))]
@@ -113,8 +123,9 @@ class ResultWriter:
                     cells.append(Text(clean(r.prompt or "")))
                 if r.error is None:
                     cells += [f"{r.scores[k]:.3f}" for k in self.keys]
+                    cells += [f"{r.composite:.3f}"] if self.composite else []
                 else:
-                    cells += [Text("failed", style="red")] + [""] * (len(self.keys) - 1)
+                    cells += [Text("failed", style="red")] + [""] * (len(self.keys) - 1 + self.composite)
                 table.add_row(*cells)
             console.print(table)
             if len(prompts) == 1:
@@ -302,6 +313,39 @@ def _versus_many(report, details: bool) -> None:
     if details:
         for m in report.matchups:
             _versus_prompts(console, m)
+
+
+def render_series(series) -> None:
+    """The tables of ``mps versus --series``: each checkpoint's mean scores and image statistics, then the flags."""
+    from rich.table import Table
+
+    console = stdout_console()
+    keys = list(series.checkpoints[0].scores)
+    table = Table(title="score trend: mean per checkpoint (95% interval)", title_justify="left")
+    table.add_column("checkpoint")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for c in series.checkpoints:
+        table.add_row(c.side, *(f"{t.mean:.3f} ({t.ci95[0]:.3f}–{t.ci95[1]:.3f})" if t.n else "—"
+                                for t in c.scores.values()))
+    console.print(table)
+    stats = list(dict.fromkeys(s for c in series.checkpoints for s in c.stats))
+    if stats:
+        table = Table(title="image statistics: median (5th–95th percentile) per checkpoint", title_justify="left")
+        table.add_column("checkpoint")
+        for s in stats:
+            table.add_column(s.replace("_", " "), justify="right")
+        table.add_column("near-duplicates", justify="right")
+        for c in series.checkpoints:
+            cells = [f"{r.median:.3g} ({r.low:.3g}–{r.high:.3g})" if (r := c.stats.get(s)) else "—" for s in stats]
+            table.add_row(c.side, *cells, "—" if c.duplicate_rate is None else f"{c.duplicate_rate:.0%}")
+        console.print(table)
+    watched = f"watching {series.rising} against {', '.join(series.falling) or 'nothing'}" if series.rising else ""
+    console.print(f"{counted(len(series.flags), 'flag')}" + (f"; {watched}" if watched else "") + ".", soft_wrap=True)
+    for f in series.flags:
+        console.print(f"flag ({f.kind}): {clean(f.message)}", markup=False, soft_wrap=True)
+    for note in series.notes:
+        console.print(f"note: {clean(note)}", markup=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- the end of a run

@@ -13,9 +13,10 @@ from typing import Annotated
 
 import typer
 
+from ..composite import COMPOSITE_KEY, Composite
 from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
 from ..engine.options import ModelOptions
-from ..errors import ImageError, PromptError
+from ..errors import CompositeError, ImageError, PromptError
 from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import INPUT_HINTS, Exit, exit_help, fail, handle_errors
 from .options import (
@@ -29,6 +30,7 @@ from .options import (
     Dims,
     MaskThreshold,
     Remote,
+    Reward,
     RunOptions,
     open_scorer,
     takes,
@@ -59,28 +61,48 @@ EXITS = exit_help({Exit.OK: "all scored", Exit.PARTIAL: "some inputs failed (the
 
 @dataclass(frozen=True)
 class Scoring:
-    """What to score: dimensions, a custom condition, the mask threshold, and the result keys they give."""
+    """What to score: dimensions, a custom condition, the mask threshold, and the result keys they give; with
+    ``--reward``, the composite (bound to those keys) and the models it needs (``models``)."""
 
     dims: list[str] | None
     condition: str | None
     mask_threshold: float
     keys: tuple[str, ...]
+    composite: Composite | None = None
+    models: str | None = None
+
+    def model_for(self, model: ModelOptions) -> ModelOptions:
+        """``model`` with the models the composite needs (``--reward`` naming a judge loads it)."""
+        from dataclasses import replace
+
+        return model if self.models == model.model else replace(model, model=self.models)
 
 
 def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float,
-            models: str | None = None) -> Scoring:
-    """What to score; with ``models`` (``--model``) the keys are the panel's (``mps.overall``, ``hpsv2.1``, ...)."""
+            models: str | None = None, reward: str | None = None) -> Scoring:
+    """What to score; with ``models`` (``--model``) the keys are the panel's (``mps.overall``, ``hpsv2.1``, ...);
+    ``reward`` adds the dimensions (and judges) it names."""
+    from ..composite import parse_composite
     from ..engine.panel import parse_models, result_keys
     from ..engine.scorer import resolve_conditions
+    from .app import describe
 
+    composite = None
     try:
+        if reward is not None:
+            composite = parse_composite(reward)
+            wanted, dims = composite.request(models.split(",") if models else None, dims, condition)
+            models = ",".join(wanted) if wanted else models
         if models:
             keys = result_keys(parse_models(models), dims, condition)
         else:
             keys = tuple(k for k, _ in resolve_conditions(dims, condition))
+        composite = composite.bind(keys) if composite is not None else None
+    except CompositeError as exc:
+        raise fail(describe(exc), Exit.USAGE) from None
     except ValueError as exc:
         raise fail(str(exc), Exit.USAGE) from None
-    return Scoring(dims, condition, mask_threshold, keys)
+    return Scoring(dims, condition, mask_threshold, keys, composite, models)
 
 
 def output_mode(as_json: bool, as_jsonl: bool, as_csv: bool) -> str:
@@ -141,6 +163,8 @@ def _rows(scorer, items: list[Item], how: Scoring, batch_size: int | None, progr
         else:
             r = next(stream)
             row = finite_or_error(Row(image=it.label, prompt=r.prompt, scores=dict(r.scores), error=r.error))
+            if how.composite is not None and row.error is None:
+                row.composite, row.terms = float(how.composite.value(row.scores)), how.composite.terms(row.scores)
             report.result(row, truncated=r.prompt_truncated)
         yield row
 
@@ -153,7 +177,7 @@ def _ranked(rows: list[Row], by: str, top: int | None, grouped: bool) -> list[Ro
             groups.setdefault(r.prompt if grouped else None, []).append(r)
     out = []
     for n, members in enumerate(groups.values(), 1):
-        members.sort(key=lambda r: -r.scores[by])
+        members.sort(key=lambda r: -(r.composite if by == COMPOSITE_KEY else r.scores[by]))
         for i, r in enumerate(members[:top] if top else members, 1):
             r.rank, r.group = i, (n if grouped else None)
             out.append(r)
@@ -183,7 +207,7 @@ def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: Re
     """
     report = Report(INPUT_HINTS)
     written: list[Row] = []
-    scorer = open_scorer(model, remote, run) if any(it.ok for it in items) else None
+    scorer = open_scorer(how.model_for(model), remote, run) if any(it.ok for it in items) else None
     with handle_errors("scoring"):
         batch = run.batch_for(scorer)
         with Progress(len(items), batch or len(items)) as progress:
@@ -205,15 +229,16 @@ def score(
         help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    recursive: Recursive = False, null: Null = False,
+    reward: Reward = None, recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
     """Score images for their prompts: one result per image."""
     mode = output_mode(as_json, as_jsonl, as_csv)
-    how = scoring(dim, condition, mask_threshold, model.model)
+    how = scoring(dim, condition, mask_threshold, model.model, reward)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
-    failed = score_items(items, how, model, ResultWriter(mode, how.keys), run=run, remote=remote, html=html)
+    failed = score_items(items, how, model, ResultWriter(mode, how.keys, composite=reward is not None), run=run,
+                         remote=remote, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 
@@ -223,11 +248,12 @@ def rank(
         help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
     by: Annotated[str | None, typer.Option(
-        "--by", rich_help_panel="Scoring", help="Dimension to order by (default: the first requested).")] = None,
+        "--by", rich_help_panel="Scoring",
+        help="Dimension to order by (default: the first requested; with --reward, composite).")] = None,
     top: Annotated[int | None, typer.Option(
         "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K (of each prompt group).")] = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
-    recursive: Recursive = False, null: Null = False,
+    reward: Reward = None, recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
     *, model: ModelOptions, run: RunOptions, remote: Remote,
 ) -> None:
@@ -239,6 +265,10 @@ def rank(
     """
     mode = output_mode(as_json, as_jsonl, as_csv)
     by_key = None
+    if by == COMPOSITE_KEY or (by is None and reward is not None):
+        if reward is None:
+            raise typer.BadParameter("--by composite needs --reward", param_hint="--by")
+        by, by_key = None, COMPOSITE_KEY
     if by is not None and model.model:
         by, by_key = _model_by(by, model.model)
     if by is not None:
@@ -248,12 +278,12 @@ def rank(
             raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
-    how = scoring(dim, condition, mask_threshold, model.model)
+    how = scoring(dim, condition, mask_threshold, model.model, reward)
     items = collect(images or [], prompt, prompts, prompt_from, recursive, null)
     grouped = prompt is None
-    rank_by = by_key or (f"mps.{by}" if model.model and by else by) or how.keys[0]
-    failed = score_items(items, how, model, ResultWriter(mode, how.keys, rank=True, grouped=grouped), run=run,
-                         remote=remote, rank_by=rank_by, top=top, html=html)
+    rank_by = by_key or (f"mps.{by}" if how.models and by else by) or how.keys[0]
+    writer = ResultWriter(mode, how.keys, rank=True, grouped=grouped, composite=reward is not None)
+    failed = score_items(items, how, model, writer, run=run, remote=remote, rank_by=rank_by, top=top, html=html)
     raise typer.Exit(int(Exit.PARTIAL if failed else Exit.OK))
 
 

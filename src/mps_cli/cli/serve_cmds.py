@@ -70,7 +70,7 @@ def serve(
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
     *, model: ModelOptions, run: RunOptions,
 ) -> None:
-    """Serve the scorer over HTTP: POST /v1/score, POST /v1/compare, GET /v1/info, GET /healthz.
+    """Serve the scorer over HTTP: POST /v1/score, POST /v1/batch, POST /v1/compare, GET /v1/info, GET /healthz.
 
     The model loads once; images from concurrent requests share model batches.
     SIGTERM or Ctrl-C stops taking requests, finishes those in flight, and exits 0.

@@ -13,10 +13,23 @@ from ..errors import PromptError
 from ..inputs.items import PromptSource
 from . import output
 from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
-from .options import MODEL, RUN, SCORE_CACHE, AsJson, CacheChoice, Condition, Dims, MaskThreshold, RunOptions, takes
+from .options import (
+    MODEL,
+    RUN,
+    SCORE_CACHE,
+    AsJson,
+    CacheChoice,
+    Condition,
+    Dims,
+    MaskThreshold,
+    Reward,
+    RunOptions,
+    takes,
+)
 from .output import Progress, emit_json
-from .render import render_versus
+from .render import render_series, render_versus
 from .report_cmds import Html, write_html
+from .scoring_cmds import scoring
 
 MAX_PROBLEM_LINES = 20
 
@@ -27,7 +40,10 @@ VERSUS_HELP = "\n\n".join([
     "are not scored again). Images pair by their path relative to the side without extension "
     "(a/cat_01.png ~ b/cat_01.jpg). With --prompts, the file names images by that relative path (with or "
     "without extension) and every A image of a prompt meets every B image of it (seeds).",
-    "More than two sides: the pairwise matrix and a Bradley-Terry ranking.",
+    "More than two sides: the pairwise matrix and a Bradley-Terry ranking. --series: the sides are checkpoints in "
+    "training order, watched for reward hacking: per dimension the score trend, image statistics on the same "
+    "images (colourfulness, saturation, high-frequency energy, brightness, near-duplicates) and flags where the "
+    "reward rises while alignment or detail falls or the images leave the first checkpoint's range.",
     exit_help({Exit.OK: "every image compared",
                Exit.PARTIAL: "some images unpaired, missing or failed (listed; the rest are compared)",
                Exit.USAGE: "bad usage or an unreadable side or prompts file",
@@ -67,24 +83,35 @@ def versus_command(
                                       help="Seed of the bootstrap, so reruns print the same interval.")] = 0,
     samples: Annotated[int, typer.Option("--bootstrap", min=1, rich_help_panel="Output",
                                          help="Bootstrap resamples.")] = 1000,
+    series: Annotated[bool, typer.Option(
+        "--series", rich_help_panel="Output",
+        help="The sides are checkpoints in training order: watch them for reward hacking (default --dim all).")]
+    = False,
     as_json: AsJson = False,
     html: Html = None,
     dims: Dims = None,
     condition: Condition = None,
     mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
+    reward: Reward = None,
     *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
     from ..versus import SideError, compare_sides
 
+    if series and dims is None and condition is None:
+        dims = ["all"]  # the monitor watches alignment and detail beside overall
+    how = scoring(dims, condition, mask_threshold, model.model, reward)
+    model, dims = how.model_for(model), how.dims
     with handle_errors():
         lineup = _line_up(sides, prompt, prompts, prompt_from, dims, condition, model.model)
-        store = scores.open() if lineup.needs_scoring else None
+        need_store = lineup.needs_scoring or series
+        store = scores.open() if need_store else None
         scorer = load_model(model) if lineup.needs_scoring else None
         try:
             with Progress(force=True) as progress:
                 report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
                                        cache=store, batch_size=run.batch_for(scorer), samples=samples, seed=seed,
-                                       progress=progress.stage_callback, models=model.model)
+                                       progress=progress.stage_callback, models=model.model, reward=reward,
+                                       series=series)
         except SideError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         finally:
@@ -94,10 +121,15 @@ def versus_command(
     _warn(report)
     if not any(m.pairs for m in report.matchups):
         output.error("no pairs to compare: no image of one side has a counterpart on another under the same prompt")
+    if report.series is not None:
+        for f in report.series.flags:
+            output.warning(f"reward hacking? {f.message}")
     if as_json:
         emit_json(report.to_dict(details=details))
     else:
         render_versus(report, details, DIMENSION_NOTE)
+        if report.series is not None:
+            render_series(report.series)
     write_html(html, [report.to_dict(details=True)])
     if not report.ok or not any(m.pairs for m in report.matchups):
         raise typer.Exit(int(Exit.PARTIAL))

@@ -80,6 +80,28 @@ def open_image_bytes(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS
     return open_image(EncodedImage(data, label), max_pixels)
 
 
+#: Raw pixel arrays: channels (the last axis) to the PIL mode they are.
+ARRAY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def image_from_array(data: bytes, shape, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A raw uint8 array, H x W x C (C 1, 3 or 4) in row-major order, as the PIL image it is; raises
+    :class:`ImageError` for a shape that does not fit the bytes or is over the pixel limit (checked before
+    any pixel is copied). Scored as the same pixels saved losslessly and decoded would be."""
+    if (not isinstance(shape, (list, tuple)) or len(shape) not in (2, 3)
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+        raise ImageError(f"{label}: an array's shape is [height, width, channels], got {shape!r}")
+    h, w, c = (*shape, 1) if len(shape) == 2 else shape
+    if c not in ARRAY_MODES or h <= 0 or w <= 0:
+        raise ImageError(f"{label}: an array's shape is [height, width, 1|3|4], got {list(shape)}")
+    if h * w > max_pixels:
+        limit = f"{max_pixels // 1_000_000} Mpx" if max_pixels >= 1_000_000 else f"{max_pixels} pixel"
+        raise ImageError(f"{label}: {w}x{h} pixels is over the {limit} limit")
+    if len(data) != h * w * c:
+        raise ImageError(f"{label}: shape {list(shape)} needs {h * w * c} bytes of uint8, got {len(data)}")
+    return Image.frombytes(ARRAY_MODES[c], (w, h), bytes(data))
+
+
 def _decode(img: Image.Image, label: str, max_pixels: int, keep_mode: bool = False,
             draft: int | None = None) -> Image.Image:
     with img:

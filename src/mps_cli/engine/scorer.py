@@ -43,7 +43,8 @@ class ScoreResult:
 
     A failed input has ``error`` set (one line naming the culprit) and no scores.
     ``kept_tokens`` says, per dimension, how many of the prompt's 77 positions the condition
-    mask kept.
+    mask kept. ``composite`` and ``terms``: a composite reward's value and each of its terms' scores,
+    where one was asked for (:mod:`mps_cli.composite`).
     """
 
     image: str
@@ -52,6 +53,8 @@ class ScoreResult:
     kept_tokens: dict[str, int] = field(default_factory=dict)
     prompt_truncated: bool = False
     error: str | None = None
+    composite: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -138,4 +138,69 @@ def winrate_chart(results: dict[str, dict]) -> WinRateChart | None:
                         value_x=_LABEL_W + _PLOT_W + 12)
 
 
-__all__ = ["GridLine", "Histogram", "HistogramBar", "WinRateChart", "WinRateRow", "histogram", "winrate_chart"]
+@dataclass(frozen=True)
+class TrendPoint:
+    """One checkpoint on a trend panel: where its value and interval go, and whether it was flagged."""
+
+    x: float
+    y: float
+    lo_y: float
+    hi_y: float
+    label: str  # the checkpoint's number, 1 first
+    text: str  # the hover text: checkpoint, value, interval
+    flagged: bool
+
+
+@dataclass(frozen=True)
+class TrendPanel:
+    """One key's or statistic's value per checkpoint, in order, on a ``width`` x ``height`` canvas; ``band`` is
+    the first checkpoint's range (top and bottom y) where there is one."""
+
+    title: str
+    points: tuple[TrendPoint, ...]
+    band: tuple[float, float] | None
+    y_top: str  # the axis' labels: the largest and the smallest value drawn
+    y_bottom: str
+    width: int = 260
+    height: int = 132
+    left: int = 54
+    right: int = 252
+    top: int = 10
+    base: int = 108
+
+    @property
+    def line(self) -> str:
+        return " ".join(f"{p.x:.1f},{p.y:.1f}" for p in self.points)
+
+    @property
+    def band_height(self) -> float:
+        return max(self.band[1] - self.band[0], 1.0) if self.band else 0.0
+
+
+def trend_panel(title: str, sides: list[str], values: list[tuple[float, float, float] | None],
+                band: tuple[float, float] | None = None, flagged: frozenset[int] = frozenset()) -> TrendPanel | None:
+    """The panel of ``values`` ((value, low, high) per checkpoint, None where there is none), with the first
+    checkpoint's ``band`` (low, high) shaded; None when no checkpoint has a value."""
+    frame = TrendPanel(title, (), None, "", "")
+    drawn = [(i, v) for i, v in enumerate(values) if v is not None and all(math.isfinite(x) for x in v)]
+    if not drawn:
+        return None
+    span = [x for _, v in drawn for x in v] + (list(band) if band else [])
+    lo, hi = min(span), max(span)
+    pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 0.5)
+    lo, hi = lo - pad, hi + pad
+
+    def y(v: float) -> float:
+        return frame.base - (frame.base - frame.top) * (v - lo) / (hi - lo)
+
+    n = len(values)
+    step = (frame.right - frame.left - 16) / max(n - 1, 1)
+    points = tuple(TrendPoint(x=frame.left + 8 + step * i if n > 1 else (frame.left + frame.right) / 2, y=y(v[0]),
+                              lo_y=y(v[1]), hi_y=y(v[2]), label=str(i + 1),
+                              text=f"{i + 1}. {sides[i]}: {v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]", flagged=i in flagged)
+                   for i, v in drawn)
+    return TrendPanel(title, points, (y(band[1]), y(band[0])) if band else None, f"{hi - pad:.3g}", f"{lo + pad:.3g}")
+
+
+__all__ = ["GridLine", "Histogram", "HistogramBar", "TrendPanel", "TrendPoint", "WinRateChart", "WinRateRow",
+           "histogram", "trend_panel", "winrate_chart"]

@@ -22,9 +22,20 @@ import numpy as np
 
 from .. import __version__
 from ..constants import DISTRIBUTION
-from .charts import Histogram, WinRateChart, histogram, winrate_chart
+from .charts import Histogram, TrendPanel, WinRateChart, histogram, trend_panel, winrate_chart
 from .images import PageImages
-from .results import Dataset, Entry, Pair, ReportSummary, Results, Versus, VersusPrompt, is_number, order_dims
+from .results import (
+    Dataset,
+    Entry,
+    Pair,
+    ReportSummary,
+    Results,
+    Series,
+    Versus,
+    VersusPrompt,
+    is_number,
+    order_dims,
+)
 
 #: Scored images from which a page also shows a histogram per dimension.
 HISTOGRAM_MIN = 30
@@ -169,6 +180,19 @@ class VersusView:
 
 
 @dataclass(frozen=True)
+class SeriesView:
+    """A ``versus --series``: the checkpoints, the flags, and a trend panel per score and per statistic."""
+
+    sides: tuple[str, ...]
+    watched: str
+    flags: tuple[tuple[str, str], ...]  # (kind, message)
+    scores: tuple[TrendPanel, ...]
+    stats: tuple[TrendPanel, ...]
+    notes: tuple[str, ...]
+    kind: str = "series"
+
+
+@dataclass(frozen=True)
 class DatasetView:
     name: str
     folder: str
@@ -288,7 +312,8 @@ class Page:
         return html, summary
 
     def _sections(self, entries, scored, gallery, sampled, extremes, ds_extremes) -> list:
-        sections: list = [self._versus(v) for v in self.r.versus]
+        sections: list = [self._series(s) for s in self.r.series]
+        sections += [self._versus(v) for v in self.r.versus]
         if self.r.pairs:
             sections.append(self._pairs())
         sections += [self._dataset(ds, ext) for ds, ext in zip(self.r.datasets, ds_extremes, strict=True)]
@@ -336,6 +361,8 @@ class Page:
                          + (f" · {failed:,} failed" if failed else ""))
         if self.r.pairs:
             parts.append(f"{len(self.r.pairs):,} comparison{_s(len(self.r.pairs))}")
+        parts += [f"series of {len(s.points)} checkpoints · {len(s.flags)} flag{_s(len(s.flags))}"
+                  for s in self.r.series]
         parts += [f"versus: {v.a} vs {v.b}" for v in self.r.versus]
         parts += [f"dataset: {ds.rows:,} rows" for ds in self.r.datasets]
         if self.dims:
@@ -445,6 +472,34 @@ class Page:
     def _disagree(self, v: Versus) -> list[VersusPrompt]:
         dim = self._disagree_dim(v)
         return sorted((x for x in v.details if dim in x.diffs), key=lambda x: -abs(x.diffs[dim]))[:DISAGREE_TOP]
+
+    # ----------------------------------------------------------------- series
+
+    def _series(self, s: Series) -> SeriesView:
+        sides = [p.side for p in s.points]
+        flagged: dict[str, set[int]] = {}
+        for side, kind, key, _ in s.flags:
+            at = sides.index(side) if side in sides else None
+            if at is not None:
+                flagged.setdefault(key, set()).add(at)
+                if kind == "score" and s.rising:
+                    flagged.setdefault(s.rising, set()).add(at)
+        keys = list(order_dims(dict.fromkeys(k for p in s.points for k in p.scores)))
+        scores = [trend_panel(k, sides, [p.scores.get(k) for p in s.points], flagged=frozenset(flagged.get(k, ())))
+                  for k in keys]
+        stats = []
+        for name in dict.fromkeys(k for p in s.points for k in p.stats):
+            first = s.points[0].stats.get(name)
+            stats.append(trend_panel(name.replace("_", " "), sides, [p.stats.get(name) for p in s.points],
+                                     band=(first[1], first[2]) if first else None,
+                                     flagged=frozenset(flagged.get(name, ()))))
+        rates = [p.duplicate_rate for p in s.points]
+        stats.append(trend_panel("near-duplicate rate", sides, [None if r is None else (r, r, r) for r in rates],
+                                 flagged=frozenset(flagged.get("near_duplicates", ()))))
+        watched = f"{s.rising} against {', '.join(s.falling)}" if s.rising and s.falling else ""
+        return SeriesView(sides=tuple(sides), watched=watched, flags=tuple((k, m) for _, k, _, m in s.flags),
+                          scores=tuple(p for p in scores if p), stats=tuple(p for p in stats if p),
+                          notes=tuple(s.notes))
 
     # ----------------------------------------------------------------- dataset
 

@@ -101,6 +101,27 @@ class Versus:
 
 
 @dataclass
+class SeriesPoint:
+    """One checkpoint of a ``versus --series``: mean score per key (with its interval), median statistics."""
+
+    side: str
+    scores: dict[str, tuple[float, float, float]]  # key -> (mean, ci low, ci high)
+    stats: dict[str, tuple[float, float, float]]  # statistic -> (median, 5th, 95th percentile)
+    duplicate_rate: float | None
+
+
+@dataclass
+class Series:
+    """``mps versus --series``: the checkpoints in order, what was watched, the flags and notes."""
+
+    points: list[SeriesPoint]
+    rising: str | None
+    falling: list[str]
+    flags: list[tuple[str, str, str, str]]  # (side, kind, key, message)
+    notes: list[str]
+
+
+@dataclass
 class Dataset:
     """An ``mps dataset`` output folder, kept as columns (it may hold millions of rows)."""
 
@@ -124,18 +145,20 @@ class Results:
     datasets: list[Dataset] = field(default_factory=list)
     meta: Meta = field(default_factory=Meta)
     sources: list[str] = field(default_factory=list)
+    series: list[Series] = field(default_factory=list)
 
     def extend(self, other: Results) -> None:
         self.entries += other.entries
         self.pairs += other.pairs
         self.versus += other.versus
+        self.series += other.series
         self.datasets += other.datasets
         self.sources += other.sources
         self.meta.update(other.meta)
 
     @property
     def empty(self) -> bool:
-        return not (self.entries or self.pairs or self.versus or self.datasets)
+        return not (self.entries or self.pairs or self.versus or self.datasets or self.series)
 
 
 @dataclass(frozen=True)
@@ -224,6 +247,9 @@ def results_from_records(records: Iterable[object], origin: Path | None = None, 
     for doc in records:
         if not isinstance(doc, dict):
             raise ResultsError(f"{name}: expected JSON objects, found {type(doc).__name__}")
+        if isinstance(doc.get("series"), dict):
+            series = _series(doc["series"])
+            out.series += [series] if series is not None else []
         if isinstance(doc.get("matrix"), dict) and isinstance(doc.get("sides"), list):
             out.versus += _versus_matrix(doc, origin)
             out.meta.update(_manifest_meta(doc))
@@ -306,6 +332,39 @@ def _versus_matrix(doc: dict, origin: Path | None) -> list[Versus]:
                               if isinstance(r, dict) and is_number(r.get("strength"))]
                           for k, v in _clean_dims(ranking).items() if isinstance(v, list)}
     return out
+
+
+def _series(doc: dict) -> Series | None:
+    """The ``series`` of a versus document, leniently: checkpoints without a side name, numbers that are not
+    numbers, flags without a message are left out."""
+    def numbers(*xs) -> tuple[float, ...] | None:
+        return tuple(float(x) for x in xs) if all(is_number(x) for x in xs) else None
+
+    def trend(v: object) -> tuple[float, ...] | None:
+        ci = v.get("ci95") if isinstance(v, dict) else None
+        return numbers(v.get("mean"), *ci) if isinstance(ci, list) and len(ci) == 2 else None
+
+    def spread(v: object) -> tuple[float, ...] | None:
+        return numbers(v.get("median"), v.get("p5"), v.get("p95")) if isinstance(v, dict) else None
+
+    points = []
+    for c in doc.get("checkpoints") or []:
+        if not isinstance(c, dict) or not isinstance(c.get("side"), str):
+            continue
+        scores = c.get("scores") if isinstance(c.get("scores"), dict) else {}
+        stats = c.get("stats") if isinstance(c.get("stats"), dict) else {}
+        dup = c.get("duplicate_rate")
+        points.append(SeriesPoint(c["side"], _clean_dims({k: t for k, v in scores.items() if (t := trend(v))}),
+                                  {str(k): t for k, v in stats.items() if (t := spread(v))},
+                                  float(dup) if is_number(dup) else None))
+    if not points:
+        return None
+    watch = doc.get("watch") if isinstance(doc.get("watch"), dict) else {}
+    flags = [(str(f.get("side", "")), str(f.get("kind", "")), str(f.get("key", "")), str(f["message"]))
+             for f in doc.get("flags") or [] if isinstance(f, dict) and isinstance(f.get("message"), str)]
+    return Series(points=points, rising=watch.get("rising") if isinstance(watch.get("rising"), str) else None,
+                  falling=[str(x) for x in watch.get("falling") or [] if isinstance(x, str)], flags=flags,
+                  notes=[str(n) for n in doc.get("notes") or [] if isinstance(n, str)])
 
 
 def _versus_prompt(d: dict, origin: Path | None) -> VersusPrompt | None:
@@ -441,5 +500,6 @@ def _short(doc: dict) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-__all__ = ["Dataset", "Entry", "Meta", "Pair", "ReportSummary", "Results", "Versus", "VersusPrompt", "is_number",
+__all__ = ["Dataset", "Entry", "Meta", "Pair", "ReportSummary", "Results", "Series", "SeriesPoint", "Versus",
+           "VersusPrompt", "is_number",
            "order_dims", "parse_results", "read_dataset", "read_result_path", "read_results", "results_from_records"]

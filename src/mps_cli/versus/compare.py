@@ -13,7 +13,9 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from ..composite import COMPOSITE_KEY, Composite
 from ..constants import DEFAULT_MASK_THRESHOLD
+from .series import Series
 from .sides import Entry, Failure, Lineup, Side, SideError
 from .stats import DEFAULT_SAMPLES, DEFAULT_SEED, bootstrap_intervals, bradley_terry
 
@@ -104,6 +106,8 @@ class VersusReport:
     weights_identity: str | None
     dtype: str | None
     mask_threshold: float
+    reward: str | None = None  # the composite's spelling; its values are the key ``composite``
+    series: Series | None = None
 
     @property
     def ok(self) -> bool:
@@ -129,6 +133,8 @@ class VersusReport:
             "scored": self.scored, "cached": self.cached,
             "weights": self.weights, "weights_identity": self.weights_identity, "dtype": self.dtype,
             "mask_threshold": self.mask_threshold,
+            **({"reward": self.reward} if self.reward is not None else {}),
+            **({"series": self.series.to_dict()} if self.series is not None else {}),
         }
         if len(self.sides) == 2:
             m = self.matchups[0]
@@ -277,17 +283,30 @@ def _check_settings(sides: Sequence[Side], texts: dict[str, str], threshold: flo
 def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None, *, condition: str | None = None,
                   mask_threshold: float = DEFAULT_MASK_THRESHOLD, cache=None, batch_size: int | None = None,
                   samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
-                  progress: Callable[[str, int, int], None] | None = None, models=None) -> VersusReport:
+                  progress: Callable[[str, int, int], None] | None = None, models=None, reward: str | None = None,
+                  series: bool = False) -> VersusReport:
     """Score what needs scoring (through ``cache``, a :class:`~mps_cli.scorecache.ScoreCache`) and compare every
     two sides. ``scorer`` may be None when every side is pre-scored. ``models``: compare by the keys of
-    several models (:func:`~mps_cli.engine.panel.keyed_conditions`)."""
+    several models (:func:`~mps_cli.engine.panel.keyed_conditions`). ``reward``: a composite expression
+    (:mod:`mps_cli.composite`), compared as the key ``composite`` beside the scores it names. ``series``: the
+    sides are checkpoints in training order; the report's ``series`` watches them for reward hacking
+    (:mod:`.series`)."""
+    from ..composite import parse_composite
     from ..engine.panel import keyed_conditions
     from ..engine.scorer import check_mask_threshold
     from ..scorecache import cache_identity
 
+    composite = None
+    if reward is not None:
+        composite = parse_composite(reward)
+        names = None if not models else [m.partition("=")[0] for m in
+                                         (models.split(",") if isinstance(models, str) else models)]
+        wanted, dims = composite.request(names, dims, condition)
+        models = models or wanted
     conditions = keyed_conditions(models, dims, condition)
     keys = [k for k, _ in conditions]
     texts = dict(conditions)
+    composite = composite.bind(keys) if composite is not None else None
     threshold = check_mask_threshold(mask_threshold)
     if len(lineup.sides) < 2:
         raise ValueError("versus needs at least two sides")
@@ -311,6 +330,9 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
     failed = list(lineup.failed)
     for side in sides:
         failed.extend(Failure(side.name, e.label, e.error) for e in side.entries if e.error is not None)
+    if composite is not None:
+        sides = [_with_composite(s, composite) for s in sides]
+        keys.append(COMPOSITE_KEY)
     matchups = [_pair_up(sides[i], sides[j], lineup.by_prompt, keys, keys[0], samples, seed)
                 for i in range(len(sides)) for j in range(i + 1, len(sides))]
     unpaired: dict[str, list[str]] = {}
@@ -319,12 +341,47 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
         for m in matchups:
             seen.extend(m.unpaired.get(side.name, []))
         unpaired[side.name] = list(dict.fromkeys(seen))
-    return VersusReport(
+    report = VersusReport(
         sides=tuple(s.name for s in sides), keys=tuple(keys), matchups=tuple(matchups), unpaired=unpaired,
         missing={s: list(v) for s, v in lineup.missing.items()}, failed=tuple(failed),
         ranking=_ranking(sides, matchups, keys) if len(sides) > 2 else {}, samples=samples, seed=seed,
         scored=scored, cached=cached, weights=weights, weights_identity=identity, dtype=dtype,
-        mask_threshold=threshold)
+        mask_threshold=threshold, reward=composite.spelling if composite is not None else None)
+    if series:
+        report = replace(report, series=_series(sides, keys, report, cache, progress))
+    return report
+
+
+def _with_composite(side: Side, composite: Composite) -> Side:
+    """The side with every scored entry's composite among its scores (key ``composite``)."""
+    def add(e: Entry) -> Entry:
+        if e.error is not None or e.scores is None:
+            return e
+        return replace(e, scores={**e.scores, COMPOSITE_KEY: float(composite.value(e.scores))})
+
+    return replace(side, entries=tuple(add(e) for e in side.entries))
+
+
+def _series(sides: list[Side], keys: list[str], report: VersusReport, cache, progress) -> Series:
+    """The sides as a series of checkpoints, their images measured through the cache (each file once ever)."""
+    import os
+
+    from ..scorecache import ScoreCache, hash_images, measure_cached
+    from .series import build_series, image_file
+
+    files = list(dict.fromkeys(f for s in sides for e in s.entries if e.error is None and e.scores is not None
+                               and (f := image_file(s, e)) is not None and os.path.isfile(f)))
+    own = cache is None
+    store = ScoreCache(None) if own else cache
+    try:
+        digests, _ = hash_images(store, files, progress)
+        by_digest = {d: p for p, d in digests.items()}
+        measured, _ = measure_cached(store, by_digest, progress)
+    finally:
+        if own:
+            store.close()
+    stats = {p: measured[d] for p, d in digests.items() if d in measured}
+    return build_series(sides, keys, report.matchup, stats)
 
 
 def _score_folders(sides: list[Side], scorer, keys, texts, condition, threshold, cache, batch_size, progress
