@@ -250,7 +250,7 @@ def test_a_truncated_file_without_a_checksum_is_named_before_use(hub, tmp_path):
 
 
 def test_two_processes_fetching_at_once_share_one_download(tmp_path):
-    server = HubServer(chunk_delay=0.01)  # ~250 chunks: seconds, so the two overlap
+    server = HubServer(chunk_delay=0.004)  # ~250 chunks: a second, so the two overlap
     server.add_file(REPO, FILE, WEIGHTS)
     with server:
         env = env_for(server.url, tmp_path)
