@@ -240,6 +240,50 @@ def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(
     assert not list((tmp_path / "out").glob("*.parquet"))
 
 
+def test_ray_scores_a_panel_of_models_as_the_local_engine_does(local_ray, data, judges, tmp_path):
+    """--model on Ray: each image decoded once on the CPU tasks into one column per preprocessing rule (the
+    three judges need all three rules), every model scored on the actors; rows equal the local engine's,
+    which tests/test_judges_cli.py holds to each model scored alone. A broken image stays one error row."""
+    from mps_cli.dataset import open_output, resolve_model
+    from mps_cli.engine.options import ModelOptions
+    from mps_cli.engine.panel import load_scorer
+    from mps_cli.ray_engine import score_dataset_ray
+
+    root, rows = data
+    bad = tmp_path / "bad" / "broken.tar"
+    bad.parent.mkdir()
+    with tarfile.open(bad, "w") as tar:
+        for name, payload in (("b0.jpg", b"\xff\xd8 not a jpeg"), ("b0.txt", b"a red fox")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    models = "mps," + ",".join(f"{name}={path}" for name, (path, _) in sorted(judges.items()))
+    options = ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32", model=models)
+    sources = (str(root / "wds"), str(root / "pq"), str(bad))
+    outs = {}
+    for engine in ("local", "ray"):
+        plan = plan_dataset(DatasetJob(sources, tmp_path / engine, dims=("overall", "detail"), models=models))
+        if engine == "local":
+            panel = load_scorer(options)
+            summary = score_dataset(plan, panel, output=open_output(plan, ModelSpec.from_scorer(panel)))
+        else:
+            spec = resolve_model(options, device_kind="cpu")
+            assert set(spec.rules) == {"clip", "open_clip", "letterbox"}
+            assert spec.identity == panel.identity
+            summary = score_dataset_ray(plan, spec)
+        assert (summary.images, summary.errors) == (len(rows), 1), summary
+        outs[engine] = read_out(tmp_path / engine)
+    keys = ["mps.overall", "mps.detail", *sorted(judges)]
+    assert set(outs["ray"]) == set(outs["local"]) and len(outs["ray"]) == len(rows) + 1
+    for where, row in outs["ray"].items():
+        want = outs["local"][where]
+        assert row["error"] == want["error"], where
+        for key in keys if want["error"] is None else ():
+            assert row[key] == pytest.approx(want[key], abs=1e-5), (where, key)
+    assert [r["error"] for r in outs["ray"].values() if r["error"]] == [
+        r["error"] for r in outs["local"].values() if r["error"]]
+
+
 def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
     """Ray passes batches zero-copy from its object store, read-only; a tensor sharing that memory would be
     undefined behaviour (torch warns once per process, so the warning is no test: the memory is)."""
@@ -252,7 +296,7 @@ def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
     from mps_cli.ray_engine import _ScoreActor
 
     spec = resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32"))
-    actor = _ScoreActor(spec, ("overall",), None, 0.3, batch_size=4)
+    actor = _ScoreActor(spec, ["overall"], ("overall",), None, 0.3, batch_size=4)
     names = image_names()[:3]
     pixels = np.stack([load_pixels(IMAGES / n, spec.image_size).numpy() for n in names])
     pixels.flags.writeable = False

@@ -43,6 +43,9 @@ class ModelSpec:
     identity: str
     dtype: str  # the resolved precision label: fp32, or IMAGE/TEXT such as bf16/fp32
     image_size: int = 224
+    #: A panel's preprocessing rules (``options.model`` given), each image decoded once for all of them;
+    #: None for MPS alone.
+    rules: tuple[str, ...] | None = None
 
     @classmethod
     def from_scorer(cls, scorer) -> ModelSpec:
@@ -62,14 +65,20 @@ def resolve_model(options: ModelOptions, *, device_kind: str | None = None) -> M
     from .devices import resolve_device, resolve_precision
     from .weights.sources import open_weights, weights_spec
 
-    opened = open_weights(options.weights, revision=options.revision, offline=options.offline, config=options.config)
     if device_kind is not None and options.device == "auto":
         dev = torch.device(device_kind)
     else:
         dev = resolve_device(options.device) if device_kind is None else torch.device(options.device)
+    dtype = resolve_precision(options.dtype, dev).label
+    if options.model:
+        from .engine.panel import plan_panel
+
+        panel = plan_panel(options)
+        return ModelSpec(options=replace(options, weights=weights_spec(options.weights)), identity=panel.identity,
+                         dtype=dtype, image_size=panel.image_size, rules=panel.rules)
+    opened = open_weights(options.weights, revision=options.revision, offline=options.offline, config=options.config)
     return ModelSpec(options=replace(options, weights=weights_spec(options.weights)),
-                     identity=opened.identity, dtype=resolve_precision(options.dtype, dev).label,
-                     image_size=opened.config.vision.image_size)
+                     identity=opened.identity, dtype=dtype, image_size=opened.config.vision.image_size)
 
 
 @dataclass(frozen=True)

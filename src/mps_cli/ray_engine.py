@@ -74,27 +74,57 @@ def _scorable(batch: dict, i: int) -> bool:
     return batch["index"][i] >= 0 and not batch["error"][i] and not batch["shard_error"][i]
 
 
-def _decode(batch: dict, image_size: int) -> dict:
-    """map_batches on CPU tasks: image bytes into normalised pixels, exactly as for image files."""
+def _decode(batch: dict, image_size: int, rules: tuple[str, ...] | None = None) -> dict:
+    """map_batches on CPU tasks: image bytes into normalised pixels, exactly as for image files; for a panel
+    (``rules``), decoded once and prepared by each rule, one column per rule."""
     import numpy as np
 
-    from .engine.preprocess import EncodedImage, load_pixels
+    from .engine.preprocess import EncodedImage, load_pixels, open_image
     from .errors import ImageError
 
     n = len(batch["index"])
-    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
     errors = np.array(batch["error"], dtype=object)
+    if rules is None:
+        columns = {_PIXELS: np.zeros((n, 3, image_size, image_size), dtype=np.float32)}
+    else:
+        from .engine.pixel_rules import LETTERBOX, pixels_by_rule
+
+        columns = {_rule_column(rule): _rgb_column(n) if rule == LETTERBOX
+                   else np.zeros((n, 3, image_size, image_size), dtype=np.float32) for rule in rules}
     for i in range(n):
-        if _scorable(batch, i):
-            try:
-                pixels[i] = load_pixels(EncodedImage(bytes(batch["image"][i]), str(batch["label"][i])),
-                                        image_size).numpy()
-            except ImageError as exc:
-                errors[i] = str(exc)
+        if not _scorable(batch, i):
+            continue
+        image = EncodedImage(bytes(batch["image"][i]), str(batch["label"][i]))
+        try:
+            if rules is None:
+                columns[_PIXELS][i] = load_pixels(image, image_size).numpy()
+                continue
+            for rule, px in pixels_by_rule(open_image(image, keep_mode=True), image_size, rules).items():
+                columns[_rule_column(rule)][i] = px if isinstance(px, np.ndarray) else px.numpy()
+        except ImageError as exc:
+            errors[i] = str(exc)
     out = {k: v for k, v in batch.items() if k != "image"}
     out["error"] = errors
-    out["pixels"] = pixels
-    return out
+    return {**out, **columns}
+
+
+def _rgb_column(n: int):
+    """The letterbox rule's column: each image's RGB bytes at its own size (the model's thread finishes
+    them), a 1 x 1 placeholder where a row has no image."""
+    import numpy as np
+
+    col = np.empty(n, dtype=object)
+    for i in range(n):
+        col[i] = np.zeros((1, 1, 3), dtype=np.uint8)
+    return col
+
+
+#: The decoded pixels' column; a panel has one per preprocessing rule (:func:`_rule_column`).
+_PIXELS = "pixels"
+
+
+def _rule_column(rule: str) -> str:
+    return f"{_PIXELS}:{rule}"
 
 
 #: Heap reserved per decode task: its batch's encoded images and pixels (a few MiB each) and one decoded
@@ -111,9 +141,7 @@ class _ScoreActor:
     actor returns the error as data instead (:data:`_FAILURE` columns), like a sample's error, and
     the driver raises it as the error it was."""
 
-    def __init__(self, spec: ModelSpec, dims, condition, mask_threshold: float, batch_size: int):
-        from .engine.scorer import resolve_conditions
-
+    def __init__(self, spec: ModelSpec, keys: list[str], dims, condition, mask_threshold: float, batch_size: int):
         self.failure: MPSError | None = None
         try:
             self.scorer = self._load(spec, batch_size)
@@ -124,11 +152,11 @@ class _ScoreActor:
             self.failure = EngineError(f"a scoring worker could not load the model: {type(exc).__name__}"
                                        + (f": {text[0]}" if text else ""))
         self.dims, self.condition, self.threshold = dims, condition, mask_threshold
-        self.keys = [k for k, _ in resolve_conditions(dims, condition)]
+        self.keys, self.rules = keys, spec.rules
 
     @staticmethod
     def _load(spec: ModelSpec, batch_size: int):
-        from .engine.scorer import load_scorer
+        from .engine.panel import load_scorer
 
         scorer = load_scorer(spec.options, batch_size=batch_size)
         got = ModelSpec.from_scorer(scorer)
@@ -139,7 +167,6 @@ class _ScoreActor:
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
-        import torch
 
         n = len(batch["index"])
         if self.failure is not None:
@@ -150,17 +177,32 @@ class _ScoreActor:
         ok = [i for i in range(n) if _scorable(batch, i)]
         # Ray hands the batch over read-only (zero-copy from its object store); indexing by a list copies
         # the kept rows into one writable array, which torch may then share.
-        pixels = list(torch.from_numpy(batch["pixels"][ok])) if ok else []
         results = self.scorer.score_pixels(
-            pixels, [str(batch["prompt"][i]) for i in ok], [str(batch["label"][i]) for i in ok],
+            self._pixels(batch, ok), [str(batch["prompt"][i]) for i in ok], [str(batch["label"][i]) for i in ok],
             dims=self.dims, condition=self.condition, mask_threshold=self.threshold) if ok else []
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if not k.startswith(_PIXELS)}
         for key in self.keys:
             col = np.full(n, np.nan, dtype=np.float64)
             for i, r in zip(ok, results, strict=True):
                 col[i] = r.scores[key]
             out[_SCORE_PREFIX + key] = col
         return out
+
+    def _pixels(self, batch: dict, ok: list[int]) -> list:
+        """The kept rows' pixels as the scorer takes them: tensors, or for a panel ``{rule: tensor}``."""
+        import numpy as np
+        import torch
+
+        if not ok:
+            return []
+        if self.rules is None:
+            return list(torch.from_numpy(batch[_PIXELS][ok]))
+        from .engine.pixel_rules import LETTERBOX
+
+        # The letterbox rule's arrays go to the judge as arrays (np.array copies: Ray's are read-only).
+        columns = {rule: [np.array(a) for a in batch[_rule_column(rule)][ok]] if rule == LETTERBOX
+                   else list(torch.from_numpy(batch[_rule_column(rule)][ok])) for rule in self.rules}
+        return [{rule: columns[rule][j] for rule in self.rules} for j in range(len(ok))]
 
 
 def _start(ray, address: str | None) -> bool:
@@ -247,11 +289,11 @@ def _pipeline(ray, todo: list[Shard], plan: DatasetPlan, spec: ModelSpec, batch_
                                             "image_ext": job.image_ext, "caption_ext": job.caption_ext})
     # Stages with equal resources are fused into one worker; the decode stage's own (a CPU and its
     # memory) keep it on CPU tasks that run beside the scoring actors instead of between their batches.
-    ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    ds = ds.map_batches(_decode, fn_kwargs={"image_size": spec.image_size, "rules": spec.rules},
+                        batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
     return ds.map_batches(_ScoreActor, fn_constructor_kwargs={
-        "spec": spec, "dims": job.dims, "condition": job.condition, "mask_threshold": job.mask_threshold,
-        "batch_size": batch_size},
+        "spec": spec, "keys": plan.keys, "dims": job.dims, "condition": job.condition,
+        "mask_threshold": job.mask_threshold, "batch_size": batch_size},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
 

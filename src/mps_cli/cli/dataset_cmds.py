@@ -132,8 +132,6 @@ def dataset_command(
 ) -> None:
     from ..dataset import DatasetJob
 
-    if model.model and engine is Engine.ray:
-        raise fail("--model runs on the local engine only for now: drop --engine ray or --model", Exit.USAGE)
     if engine is Engine.ray and (model.decode not in ("auto", "exact") or model.compile != "off"):
         raise fail("--decode and --compile apply to the local engine; Ray's workers decode the exact way "
                    "(drop them, or use --engine local)", Exit.USAGE)

@@ -144,7 +144,6 @@ def load_panel(options: ModelOptions, *, batch_size: int | None = None):
     architecture from the config.json beside its weights, else the built-in ViT-H-14.
     """
     from ..devices import resolve_device, resolve_precision
-    from ..weights.sources import open_weights
     from .judges import Judge
     from .scorer import dtypes_in_use
 
@@ -152,19 +151,47 @@ def load_panel(options: ModelOptions, *, batch_size: int | None = None):
     dev = resolve_device(options.device)
     precision = resolve_precision(options.dtype, dev)
     support = dtypes_in_use(dev, precision)
-    offline = options.offline
     members: list = []
     for req in requests:
+        opened = _open_member(req, options)
         if req.name == MPS_MODEL:
-            opened = open_weights(req.weights or options.weights, revision=options.revision, offline=offline,
-                                  config=options.config)
             members.append(_LazyMPS(opened, dev, precision, batch_size, support))
         else:
-            spec = JUDGES[req.name]
-            source = req.weights or f"hf://{spec.repo}/{spec.filename}"
-            pinned = spec.revision if req.weights is None else None
-            members.append(Judge(req.name, open_weights(source, revision=pinned, offline=offline), dev, precision))
+            members.append(Judge(req.name, opened, dev, precision))
     return Panel(members, dev, precision, batch_size=batch_size, dtype_support=support)
+
+
+def _open_member(req: ModelRequest, options: ModelOptions):
+    """One model's weights opened (fetched if needed): MPS's from ``options``, a judge's from its table row."""
+    from ..weights.sources import open_weights
+
+    if req.name == MPS_MODEL:
+        return open_weights(req.weights or options.weights, revision=options.revision, offline=options.offline,
+                            config=options.config)
+    spec = JUDGES[req.name]
+    source = req.weights or f"hf://{spec.repo}/{spec.filename}"
+    pinned = spec.revision if req.weights is None else None
+    return open_weights(source, revision=pinned, offline=options.offline)
+
+
+@dataclass(frozen=True)
+class PanelPlan:
+    """What a panel is without building it: for workers elsewhere that load it (Ray actors) and the output
+    folder that must match it. ``identity`` is :attr:`Panel.identity`; ``rules`` :attr:`Panel.rules`."""
+
+    identity: str
+    image_size: int
+    rules: tuple[str, ...]
+
+
+def plan_panel(options: ModelOptions) -> PanelPlan:
+    """Open every model's weights of ``options.model`` (fetching them if needed) and say what the panel
+    they make would be; builds no model and resolves no device."""
+    opened = [(req.name, _open_member(req, options)) for req in parse_models(options.model)]
+    rules = tuple(dict.fromkeys(_LazyMPS.rule if name == MPS_MODEL else JUDGES[name].preprocess
+                                for name, _ in opened))
+    return PanelPlan(identity=";".join(f"{name}={o.identity}" for name, o in opened),
+                     image_size=opened[0][1].config.vision.image_size, rules=rules)
 
 
 class _LazyMPS:
@@ -301,5 +328,5 @@ class Panel(Scorer):
         return scores, kept, truncated
 
 
-__all__ = ["ModelRequest", "Panel", "keyed_conditions", "load_panel", "load_scorer", "mps_dims", "mps_key",
-           "parse_models", "result_keys", "split_key"]
+__all__ = ["ModelRequest", "Panel", "PanelPlan", "keyed_conditions", "load_panel", "load_scorer", "mps_dims", "mps_key",
+           "parse_models", "plan_panel", "result_keys", "split_key"]
