@@ -382,46 +382,14 @@ class ScoringService:
     def parse(self, body: dict, single: bool = False, batch: bool = False) -> _Work:
         """Validate a score (with ``batch``, a /v1/batch; with ``single``, a compare) request into work;
         raises RequestError."""
-        if not isinstance(body, dict):
-            raise RequestError(422, "the request body must be a JSON object")
-        known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names", "reward"}
-        if single:
-            known = (known - {"images", "names", "prompts", "reward"}) | {"a", "b"}
-        if batch:
-            known.add("schema")
-            if body.get("schema", BATCH_SCHEMA) != BATCH_SCHEMA:
-                raise RequestError(422, f"unsupported schema {body['schema']!r}: this server speaks {BATCH_SCHEMA}")
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        if single:
-            for side in ("a", "b"):
-                if side not in body:
-                    raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
-            images = [body["a"], body["b"]]
-            names = [body[side].name if isinstance(body[side], _Source) else side for side in ("a", "b")]
-        else:
-            images = body.get("images")
-            if not isinstance(images, list) or not images:
-                raise RequestError(422, "no images: 'images' must be a non-empty list")
-            names = body.get("names")
-            if names is None:
-                names = [f"image {i}" for i in range(len(images))]
-            elif (not isinstance(names, list) or len(names) != len(images)
-                  or not all(isinstance(n, str) for n in names)):
-                raise RequestError(422, "'names' must be a list of strings, one per image")
+        _check_fields(body, single, batch)
+        images, names = _images_and_names(body) if not single else _compared(body)
         if len(images) > self.options.max_queue:
             raise RequestError(413, f"{len(images)} images in one request; this server takes at most "
                                     f"{self.options.max_queue}")
         prompts = self._prompts(body, len(images), single)
         sources = [self._source(e, n) for e, n in zip(images, names, strict=True)]
-        dims = body.get("dims", body.get("dim"))
-        if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
-                                                               and all(isinstance(d, str) for d in dims))):
-            raise RequestError(422, "'dims' must be a dimension name or a list of them")
-        condition = body.get("condition")
-        if condition is not None and not isinstance(condition, str):
-            raise RequestError(422, "'condition' must be a string")
+        dims, condition = _dims_and_condition(body)
         composite, dims = self._composite(body.get("reward"), dims, condition)
         try:
             conditions = tuple(keyed_conditions(getattr(self.scorer, "models", None), dims, condition))
@@ -429,17 +397,7 @@ class ScoringService:
             raise RequestError(422, str(exc)) from None
         if composite is not None:
             composite = composite.bind([k for k, _ in conditions])
-        threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
-        if isinstance(threshold, str):
-            try:
-                threshold = float(threshold)
-            except ValueError:
-                pass
-        try:
-            threshold = check_mask_threshold(threshold)
-        except ValueError:
-            raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
-        return _Work(sources, prompts, conditions, threshold, composite)
+        return _Work(sources, prompts, conditions, _threshold(body), composite)
 
     def _composite(self, reward: Any, dims, condition: str | None) -> tuple[Composite | None, Any]:
         """The request's ``reward`` expression, and the dimensions to score with the ones it names added."""
@@ -540,6 +498,70 @@ class ScoringService:
                        "server_paths": self.allow_dir is not None},
             "batching": self.batcher.stats(), "schemas": [BATCH_SCHEMA],
         }
+
+
+def _check_fields(body: Any, single: bool, batch: bool) -> None:
+    """A JSON object with only the fields this route knows (and, for a batch, the schema it speaks)."""
+    if not isinstance(body, dict):
+        raise RequestError(422, "the request body must be a JSON object")
+    known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names", "reward"}
+    if single:
+        known = (known - {"images", "names", "prompts", "reward"}) | {"a", "b"}
+    if batch:
+        known.add("schema")
+        if body.get("schema", BATCH_SCHEMA) != BATCH_SCHEMA:
+            raise RequestError(422, f"unsupported schema {body['schema']!r}: this server speaks {BATCH_SCHEMA}")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+
+
+def _compared(body: dict) -> tuple[list, list[str]]:
+    """A compare request's two images and their names."""
+    for side in ("a", "b"):
+        if side not in body:
+            raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
+    return [body["a"], body["b"]], [body[side].name if isinstance(body[side], _Source) else side
+                                    for side in ("a", "b")]
+
+
+def _images_and_names(body: dict) -> tuple[list, list[str]]:
+    """A score or batch request's images and their names (given, or ``image N``)."""
+    images = body.get("images")
+    if not isinstance(images, list) or not images:
+        raise RequestError(422, "no images: 'images' must be a non-empty list")
+    names = body.get("names")
+    if names is None:
+        return images, [f"image {i}" for i in range(len(images))]
+    if not isinstance(names, list) or len(names) != len(images) or not all(isinstance(n, str) for n in names):
+        raise RequestError(422, "'names' must be a list of strings, one per image")
+    return images, names
+
+
+def _dims_and_condition(body: dict) -> tuple[Any, str | None]:
+    """The request's dimensions (``dims`` or ``dim``) and custom condition, their types checked."""
+    dims = body.get("dims", body.get("dim"))
+    if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
+                                                           and all(isinstance(d, str) for d in dims))):
+        raise RequestError(422, "'dims' must be a dimension name or a list of them")
+    condition = body.get("condition")
+    if condition is not None and not isinstance(condition, str):
+        raise RequestError(422, "'condition' must be a string")
+    return dims, condition
+
+
+def _threshold(body: dict) -> float:
+    """The request's mask threshold; a form field arrives as text, so a number in text is taken too."""
+    threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
+    if isinstance(threshold, str):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass
+    try:
+        return check_mask_threshold(threshold)
+    except ValueError:
+        raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
 
 
 def result_row(r: ScoreResult) -> dict:
@@ -655,16 +677,18 @@ def _declared_shape(content_type: str | None, name: str) -> list[int]:
                                 'application/octet-stream; dtype=uint8; shape="H,W,3"') from None
 
 
-def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
-    options = options or ServeOptions()
-    service = ScoringService(scorer, options)
+class _Endpoints:
+    """The routes' handlers over one :class:`ScoringService`."""
 
-    async def scored(request: Request, batch: bool) -> tuple[_Work, list[ScoreResult], dict]:
-        body = await _read_body(request, options.max_body_bytes)
-        work = service.parse(body, batch=batch)
+    def __init__(self, service: ScoringService):
+        self.service = service
+        self.options = service.options
+
+    async def _scored(self, request: Request, batch: bool) -> dict:
+        body = await _read_body(request, self.options.max_body_bytes)
+        work = self.service.parse(body, batch=batch)
         request.state.images = len(work.sources)
-        results = apply_composite(work.composite, await service.run(work))
+        results = apply_composite(work.composite, await self.service.run(work))
         doc = {"results": [result_row(r) for r in results], "failed": sum(r.error is not None for r in results)}
         if batch:
             doc = {"schema": BATCH_SCHEMA, "keys": [k for k, _ in work.conditions],
@@ -673,19 +697,19 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
         if doc["failed"] == len(results):
             raise RequestError(422, "no image could be scored" + (f": {results[0].error}" if len(results) == 1
                                                                   else ""), doc)
-        return work, results, doc
+        return doc
 
-    async def score(request: Request) -> JSONResponse:
-        return JSONResponse((await scored(request, batch=False))[2])
+    async def score(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self._scored(request, batch=False))
 
-    async def batch(request: Request) -> JSONResponse:
-        return JSONResponse((await scored(request, batch=True))[2])
+    async def batch(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self._scored(request, batch=True))
 
-    async def compare(request: Request) -> JSONResponse:
-        body = await _read_body(request, options.max_body_bytes)
-        work = service.parse(body, single=True)
+    async def compare(self, request: Request) -> JSONResponse:
+        body = await _read_body(request, self.options.max_body_bytes)
+        work = self.service.parse(body, single=True)
         request.state.images = 2
-        ra, rb = await service.run(work)
+        ra, rb = await self.service.run(work)
         bad = [r for r in (ra, rb) if r.error is not None]
         if bad:
             raise RequestError(422, "; ".join(r.error for r in bad), {"results": [result_row(ra), result_row(rb)]})
@@ -695,13 +719,16 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
                                          for k, v in results.items()},
                              "prompt_truncated": ra.prompt_truncated})
 
-    async def healthz(request: Request) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def info(request: Request) -> JSONResponse:
-        return JSONResponse(service.info())
+    async def info(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.service.info())
 
-    def guarded(endpoint):
+    def guarded(self, endpoint):
+        """``endpoint`` with the request's own errors answered as JSON with their status."""
+        options = self.options
+
         async def run(request: Request) -> JSONResponse:
             try:
                 return await endpoint(request)
@@ -714,14 +741,23 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
                               headers={"Connection": "close"})
         return run
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
     from contextlib import asynccontextmanager
+
+    service = ScoringService(scorer, options or ServeOptions())
+    options = service.options
+    ep = _Endpoints(service)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -733,13 +769,13 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/score", guarded(score), methods=["POST"]),
-            Route("/v1/batch", guarded(batch), methods=["POST"]),
-            Route("/v1/compare", guarded(compare), methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/v1/info", info, methods=["GET"]),
+            Route("/v1/score", ep.guarded(ep.score), methods=["POST"]),
+            Route("/v1/batch", ep.guarded(ep.batch), methods=["POST"]),
+            Route("/v1/compare", ep.guarded(ep.compare), methods=["POST"]),
+            Route("/healthz", ep.healthz, methods=["GET"]),
+            Route("/v1/info", ep.info, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
     app.state.service = service
