@@ -23,7 +23,7 @@ FENCE = re.compile(r"^```(bash|sh|console|shell|python)\s*$")
 SKIP = re.compile(r"^<!-- doc-test: skip(?: \((?P<why>[^)]*)\))? -->$")
 SERVER = "<!-- doc-test: server -->"  # the block talks to `mps serve` on the docs' address; the test starts one
 DOCS_URL = "http://127.0.0.1:8000"
-MAX_SKIPPED = 8  # install commands, the test suite, clusters, the judges' Hub weights; lower it, never raise it
+MAX_SKIPPED = 7  # install commands, the test suite, clusters, the judges' Hub weights; lower it, never raise it
 
 
 def blocks() -> list[tuple[str, int, str, str, str | None, bool]]:
@@ -78,6 +78,43 @@ def _png(src: Path, dst: Path, text: dict | None = None) -> None:
         im.convert("RGB").resize((48, 48)).save(dst, pnginfo=info)
 
 
+def _shards(root: Path, pngs: list[Path]) -> None:
+    """The datasets page's sources: webdataset tars (KEY.jpg or KEY.seg.png, KEY.txt) and parquet files
+    (image bytes in a column, or in Hugging Face's image struct)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def encoded(src: Path, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        with Image.open(src) as im:
+            im.convert("RGB").resize((48, 48)).save(buf, fmt)
+        return buf.getvalue()
+
+    def tar(path: Path, ext: str, fmt: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tf:
+            for i, src in enumerate(pngs[:2]):
+                for name, data in ((f"{i:04d}.{ext}", encoded(src, fmt)), (f"{i:04d}.txt", b"a red fox")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+
+    for n in range(4):
+        tar(root / "shards" / f"{n:05d}.tar", "jpg", "JPEG")
+    tar(root / "wds" / "00000.tar", "seg.png", "PNG")
+    (root / "data").mkdir()
+    pq.write_table(pa.table({"text": ["a red fox", "a castle"], "jpg": [encoded(p, "JPEG") for p in pngs[:2]]}),
+                   root / "data" / "part-0.parquet")
+    (root / "hf-parquet").mkdir()
+    images = [{"bytes": encoded(p, "PNG"), "path": f"{i}.png"} for i, p in enumerate(pngs[:2])]
+    pq.write_table(pa.table({"caption": ["a red fox", "a castle"], "image": images}),
+                   root / "hf-parquet" / "train-0.parquet")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A folder holding every file the examples name."""
@@ -98,6 +135,7 @@ def workspace(tmp_path_factory) -> Path:
         for i, src in enumerate(pngs):
             _png(src, root / "ckpt" / step / f"{i}.png")
             (root / "ckpt" / step / f"{i}.txt").write_text(f"a red fox, take {i}\n")
+    _shards(root, pngs)
     rows = [{"image": f"{i}.png", "prompt": f"a red fox, take {i}"} for i in range(len(pngs))]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "prompts.csv").write_text("image,prompt\n" + "".join(f"{r['image']},{r['prompt']}\n" for r in rows))
