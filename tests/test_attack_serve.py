@@ -214,7 +214,7 @@ def test_missing_and_wrong_tokens_are_401_on_every_route_but_healthz(server):
 
 def test_the_token_is_compared_in_constant_time(monkeypatch):
     """The check goes through hmac.compare_digest (a spy around the real function, in-process)."""
-    from mps_cli import server as srv
+    from mps_cli import serve_http as srv
 
     calls = []
     real = srv.hmac.compare_digest

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import ipaddress
 import json
 import logging
@@ -30,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse as _StarletteJSON
 from starlette.routing import Route
 
 from . import __version__
@@ -50,6 +48,7 @@ from .engine.panel import keyed_conditions, mps_dims, split_key
 from .engine.preprocess import EncodedImage, image_from_array
 from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
 from .errors import CompositeError, ImageError
+from .serve_http import JSONResponse, _BodyTooLarge, _bounded_protocol, _error, _Guard, _short_text, _SlowBody
 
 log = logging.getLogger("mps_cli.server")
 
@@ -81,17 +80,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class JSONResponse(_StarletteJSON):
-    """JSON as UTF-8, except that a text holding a lone surrogate (a file name's undecodable byte, as
-    Python spells it) is sent escaped, ``\\udcff``, rather than failing the response."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except UnicodeEncodeError:
-            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class QueueFull(Exception):
@@ -254,14 +242,6 @@ class RequestError(Exception):
         self.status, self.message, self.extra, self.headers = status, message, extra or {}, headers
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _SlowBody(Exception):
-    pass
-
-
 @dataclass
 class _Source:
     """One image of a request before decoding: encoded bytes, base64 text, or a checked server path; with
@@ -382,46 +362,14 @@ class ScoringService:
     def parse(self, body: dict, single: bool = False, batch: bool = False) -> _Work:
         """Validate a score (with ``batch``, a /v1/batch; with ``single``, a compare) request into work;
         raises RequestError."""
-        if not isinstance(body, dict):
-            raise RequestError(422, "the request body must be a JSON object")
-        known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names", "reward"}
-        if single:
-            known = (known - {"images", "names", "prompts", "reward"}) | {"a", "b"}
-        if batch:
-            known.add("schema")
-            if body.get("schema", BATCH_SCHEMA) != BATCH_SCHEMA:
-                raise RequestError(422, f"unsupported schema {body['schema']!r}: this server speaks {BATCH_SCHEMA}")
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        if single:
-            for side in ("a", "b"):
-                if side not in body:
-                    raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
-            images = [body["a"], body["b"]]
-            names = [body[side].name if isinstance(body[side], _Source) else side for side in ("a", "b")]
-        else:
-            images = body.get("images")
-            if not isinstance(images, list) or not images:
-                raise RequestError(422, "no images: 'images' must be a non-empty list")
-            names = body.get("names")
-            if names is None:
-                names = [f"image {i}" for i in range(len(images))]
-            elif (not isinstance(names, list) or len(names) != len(images)
-                  or not all(isinstance(n, str) for n in names)):
-                raise RequestError(422, "'names' must be a list of strings, one per image")
+        _check_fields(body, single, batch)
+        images, names = _images_and_names(body) if not single else _compared(body)
         if len(images) > self.options.max_queue:
             raise RequestError(413, f"{len(images)} images in one request; this server takes at most "
                                     f"{self.options.max_queue}")
         prompts = self._prompts(body, len(images), single)
         sources = [self._source(e, n) for e, n in zip(images, names, strict=True)]
-        dims = body.get("dims", body.get("dim"))
-        if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
-                                                               and all(isinstance(d, str) for d in dims))):
-            raise RequestError(422, "'dims' must be a dimension name or a list of them")
-        condition = body.get("condition")
-        if condition is not None and not isinstance(condition, str):
-            raise RequestError(422, "'condition' must be a string")
+        dims, condition = _dims_and_condition(body)
         composite, dims = self._composite(body.get("reward"), dims, condition)
         try:
             conditions = tuple(keyed_conditions(getattr(self.scorer, "models", None), dims, condition))
@@ -429,17 +377,7 @@ class ScoringService:
             raise RequestError(422, str(exc)) from None
         if composite is not None:
             composite = composite.bind([k for k, _ in conditions])
-        threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
-        if isinstance(threshold, str):
-            try:
-                threshold = float(threshold)
-            except ValueError:
-                pass
-        try:
-            threshold = check_mask_threshold(threshold)
-        except ValueError:
-            raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
-        return _Work(sources, prompts, conditions, threshold, composite)
+        return _Work(sources, prompts, conditions, _threshold(body), composite)
 
     def _composite(self, reward: Any, dims, condition: str | None) -> tuple[Composite | None, Any]:
         """The request's ``reward`` expression, and the dimensions to score with the ones it names added."""
@@ -542,6 +480,70 @@ class ScoringService:
         }
 
 
+def _check_fields(body: Any, single: bool, batch: bool) -> None:
+    """A JSON object with only the fields this route knows (and, for a batch, the schema it speaks)."""
+    if not isinstance(body, dict):
+        raise RequestError(422, "the request body must be a JSON object")
+    known = {"images", "prompts", "prompt", "dims", "dim", "condition", "mask_threshold", "names", "reward"}
+    if single:
+        known = (known - {"images", "names", "prompts", "reward"}) | {"a", "b"}
+    if batch:
+        known.add("schema")
+        if body.get("schema", BATCH_SCHEMA) != BATCH_SCHEMA:
+            raise RequestError(422, f"unsupported schema {body['schema']!r}: this server speaks {BATCH_SCHEMA}")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(422, f"unknown field(s): {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+
+
+def _compared(body: dict) -> tuple[list, list[str]]:
+    """A compare request's two images and their names."""
+    for side in ("a", "b"):
+        if side not in body:
+            raise RequestError(422, f"no image '{side}': compare takes images 'a' and 'b'")
+    return [body["a"], body["b"]], [body[side].name if isinstance(body[side], _Source) else side
+                                    for side in ("a", "b")]
+
+
+def _images_and_names(body: dict) -> tuple[list, list[str]]:
+    """A score or batch request's images and their names (given, or ``image N``)."""
+    images = body.get("images")
+    if not isinstance(images, list) or not images:
+        raise RequestError(422, "no images: 'images' must be a non-empty list")
+    names = body.get("names")
+    if names is None:
+        return images, [f"image {i}" for i in range(len(images))]
+    if not isinstance(names, list) or len(names) != len(images) or not all(isinstance(n, str) for n in names):
+        raise RequestError(422, "'names' must be a list of strings, one per image")
+    return images, names
+
+
+def _dims_and_condition(body: dict) -> tuple[Any, str | None]:
+    """The request's dimensions (``dims`` or ``dim``) and custom condition, their types checked."""
+    dims = body.get("dims", body.get("dim"))
+    if dims is not None and not (isinstance(dims, str) or (isinstance(dims, list)
+                                                           and all(isinstance(d, str) for d in dims))):
+        raise RequestError(422, "'dims' must be a dimension name or a list of them")
+    condition = body.get("condition")
+    if condition is not None and not isinstance(condition, str):
+        raise RequestError(422, "'condition' must be a string")
+    return dims, condition
+
+
+def _threshold(body: dict) -> float:
+    """The request's mask threshold; a form field arrives as text, so a number in text is taken too."""
+    threshold = body.get("mask_threshold", DEFAULT_MASK_THRESHOLD)
+    if isinstance(threshold, str):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass
+    try:
+        return check_mask_threshold(threshold)
+    except ValueError:
+        raise RequestError(422, f"'mask_threshold' must be a number in [0, 1), got {threshold!r}") from None
+
+
 def result_row(r: ScoreResult) -> dict:
     """The JSON of one result, as the CLI writes it plus kept tokens and truncation (and a composite reward's
     value and terms, where one was asked for)."""
@@ -560,9 +562,6 @@ def batch_reward(r: ScoreResult, work: _Work) -> float | None:
         return None
     return r.composite if work.composite is not None else r.scores[work.conditions[0][0]]
 
-
-def _error(status: int, message: str, extra: dict | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, max_part: int) -> dict:
@@ -655,16 +654,18 @@ def _declared_shape(content_type: str | None, name: str) -> list[int]:
                                 'application/octet-stream; dtype=uint8; shape="H,W,3"') from None
 
 
-def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
-    options = options or ServeOptions()
-    service = ScoringService(scorer, options)
+class _Endpoints:
+    """The routes' handlers over one :class:`ScoringService`."""
 
-    async def scored(request: Request, batch: bool) -> tuple[_Work, list[ScoreResult], dict]:
-        body = await _read_body(request, options.max_body_bytes)
-        work = service.parse(body, batch=batch)
+    def __init__(self, service: ScoringService):
+        self.service = service
+        self.options = service.options
+
+    async def _scored(self, request: Request, batch: bool) -> dict:
+        body = await _read_body(request, self.options.max_body_bytes)
+        work = self.service.parse(body, batch=batch)
         request.state.images = len(work.sources)
-        results = apply_composite(work.composite, await service.run(work))
+        results = apply_composite(work.composite, await self.service.run(work))
         doc = {"results": [result_row(r) for r in results], "failed": sum(r.error is not None for r in results)}
         if batch:
             doc = {"schema": BATCH_SCHEMA, "keys": [k for k, _ in work.conditions],
@@ -673,19 +674,19 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
         if doc["failed"] == len(results):
             raise RequestError(422, "no image could be scored" + (f": {results[0].error}" if len(results) == 1
                                                                   else ""), doc)
-        return work, results, doc
+        return doc
 
-    async def score(request: Request) -> JSONResponse:
-        return JSONResponse((await scored(request, batch=False))[2])
+    async def score(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self._scored(request, batch=False))
 
-    async def batch(request: Request) -> JSONResponse:
-        return JSONResponse((await scored(request, batch=True))[2])
+    async def batch(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self._scored(request, batch=True))
 
-    async def compare(request: Request) -> JSONResponse:
-        body = await _read_body(request, options.max_body_bytes)
-        work = service.parse(body, single=True)
+    async def compare(self, request: Request) -> JSONResponse:
+        body = await _read_body(request, self.options.max_body_bytes)
+        work = self.service.parse(body, single=True)
         request.state.images = 2
-        ra, rb = await service.run(work)
+        ra, rb = await self.service.run(work)
         bad = [r for r in (ra, rb) if r.error is not None]
         if bad:
             raise RequestError(422, "; ".join(r.error for r in bad), {"results": [result_row(ra), result_row(rb)]})
@@ -695,13 +696,16 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
                                          for k, v in results.items()},
                              "prompt_truncated": ra.prompt_truncated})
 
-    async def healthz(request: Request) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def info(request: Request) -> JSONResponse:
-        return JSONResponse(service.info())
+    async def info(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.service.info())
 
-    def guarded(endpoint):
+    def guarded(self, endpoint):
+        """``endpoint`` with the request's own errors answered as JSON with their status."""
+        options = self.options
+
         async def run(request: Request) -> JSONResponse:
             try:
                 return await endpoint(request)
@@ -714,14 +718,23 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
                               headers={"Connection": "close"})
         return run
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, exc.detail, headers=getattr(exc, "headers", None))
 
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
+    """The ASGI app serving ``scorer``; the batcher's worker runs for the app's lifespan."""
     from contextlib import asynccontextmanager
+
+    service = ScoringService(scorer, options or ServeOptions())
+    options = service.options
+    ep = _Endpoints(service)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -733,173 +746,19 @@ def create_app(scorer, options: ServeOptions | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/score", guarded(score), methods=["POST"]),
-            Route("/v1/batch", guarded(batch), methods=["POST"]),
-            Route("/v1/compare", guarded(compare), methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/v1/info", info, methods=["GET"]),
+            Route("/v1/score", ep.guarded(ep.score), methods=["POST"]),
+            Route("/v1/batch", ep.guarded(ep.batch), methods=["POST"]),
+            Route("/v1/compare", ep.guarded(ep.compare), methods=["POST"]),
+            Route("/healthz", ep.healthz, methods=["GET"]),
+            Route("/v1/info", ep.info, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
     app.state.service = service
     app.add_middleware(_Guard, token=options.token, max_body=options.max_body_bytes,
                        read_timeout=options.read_timeout)
     return app
-
-
-class _Guard:
-    """Pure ASGI middleware: the bearer token, the body limit and deadline, and one log line per request."""
-
-    def __init__(self, app, token: str | None, max_body: int, read_timeout: float = SERVE_READ_TIMEOUT_S):
-        self.app, self.token, self.max_body, self.read_timeout = app, token, max_body, read_timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = {"code": 0}
-        scope.setdefault("state", {})
-
-        async def logged_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        deadline = time.monotonic() + self.read_timeout
-        body_done = False
-
-        async def timed_receive():
-            """The next message; while the body is still coming, only until the deadline."""
-            nonlocal body_done
-            if body_done:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise _SlowBody() from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        try:
-            refusal = self._refuse(scope)
-            if refusal is not None:
-                try:
-                    await self._drain(timed_receive, 0)
-                except _SlowBody:
-                    pass  # answered anyway; the connection closes with it
-                await refusal(scope, receive, logged_send)
-                return
-            seen = 0
-
-            async def limited_receive():
-                nonlocal seen
-                message = await timed_receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.max_body:
-                        if message.get("more_body", False):
-                            try:
-                                await self._drain(timed_receive, seen)
-                            except _SlowBody:
-                                pass
-                        raise _BodyTooLarge()
-                return message
-
-            await self.app(scope, limited_receive, logged_send)
-        finally:
-            images = scope["state"].get("images")
-            log.info("%s %s %d%s %.1f ms", scope["method"], scope["path"], status["code"],
-                     f" {images} image{'s' if images != 1 else ''}" if images else "",
-                     (time.perf_counter() - start) * 1000.0)
-
-    async def _drain(self, receive, seen: int) -> None:
-        """Read and drop the rest of a refused body (up to a bound), so the client gets to read the answer
-        instead of a connection reset while it is still sending."""
-        cap = max(4 * self.max_body, 64 * 2**20)
-        while seen <= cap:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
-
-    def _refuse(self, scope):
-        if self.token is not None and scope["path"] != "/healthz":
-            headers = dict(scope["headers"])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                what = "missing" if not auth else "wrong"
-                return _error(401, f"{what} token: send 'Authorization: Bearer TOKEN'",
-                              headers={"WWW-Authenticate": "Bearer"})
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body
-            except ValueError:
-                return _error(400, "invalid Content-Length")
-            if too_big:
-                return _error(413, f"request body of {int(length)} bytes is over the {self.max_body} byte limit")
-        return None
-
-
-def _short_text(text: str, n: int = 200) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _bounded_protocol(read_timeout: float):
-    """uvicorn's HTTP protocol (httptools' when installed, as uvicorn picks), with a deadline on each
-    request's headers: a connection that has not sent them ``read_timeout`` seconds after it opened
-    (or after its first byte, on a kept-alive connection) is answered 408 and closed. uvicorn has
-    no such limit, so a client trickling a byte at a time would hold its connection for ever; the
-    body's deadline is the middleware's."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-
-    refusal = json.dumps({"error": f"request headers not received within {read_timeout:g} s"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              + f"content-length: {len(refusal)}\r\n\r\n".encode() + refusal)
-
-    class Bounded(base):
-        _timer = None
-        _timed_cycle = None  # the request cycle current when the timer was armed: a new one means headers came
-
-        def _arm(self) -> None:
-            self._timed_cycle = self.cycle
-            self._timer = self.loop.call_later(read_timeout, self._expire)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expire(self) -> None:
-            self._timer = None
-            if not self.transport.is_closing():
-                log.info("closed a connection that sent no complete request headers in %g s", read_timeout)
-                self.transport.write(answer)
-                self.transport.close()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            if self._timer is None and (self.cycle is None or self.cycle.response_complete):
-                self._arm()  # the first bytes of the next request on a kept-alive connection
-            super().data_received(data)
-            if self._timer is not None and self.cycle is not self._timed_cycle:
-                self._disarm()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return Bounded
 
 
 def warm_up(scorer) -> None:

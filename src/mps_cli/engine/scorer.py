@@ -435,76 +435,32 @@ class Scorer:
         before it.
         """
         images = list(images)
-        if isinstance(prompts, str):
-            prompt_list: list[str | None] = [prompts] * len(images)
-        else:
-            prompt_list = list(prompts)
-            if len(prompt_list) != len(images):
-                raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
-        conditions = resolve_conditions(dims, condition)
-        threshold = check_mask_threshold(mask_threshold)
+        prompt_list = _prompt_per_image(prompts, len(images))
         batch_size = batch_of(self, batch_size)
         labels = [image_label(img, i) for i, img in enumerate(images)]
-
-        def prepare(i: int):
-            if prompt_list[i] is None:
-                return None, f"{labels[i]}: no prompt for this image"
-            try:
-                return self.load_pixels(images[i]), None
-            except ImageError as exc:
-                return None, str(exc)
-            except Exception as exc:  # whatever else one file does to a decoder, it fails alone
-                return None, f"{labels[i]}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
-
-        ready: dict[int, ScoreResult] = {}
-        next_out = 0
-        batch: list[tuple[int, object]] = []
-        ahead: deque = deque()  # (future of a prepared batch, its input positions), at most one
-
-        def finish() -> None:
-            future, idx = ahead.popleft()
-            results = self._results(self._take_ahead(future), [prompt_list[i] for i in idx],
-                                    [labels[i] for i in idx], conditions, threshold)
-            ready.update(zip(idx, results, strict=True))
-
-        def flush(feeder) -> None:
-            idx = [i for i, _ in batch]
-            items = [px for _, px in batch]
-            batch.clear()
-            if feeder is None:
-                with _inference():
-                    prepared = self._model_input(items)
-                ready.update(zip(idx, self._results(prepared, [prompt_list[i] for i in idx], [labels[i] for i in idx],
-                                                    conditions, threshold), strict=True))
-                return
-            ahead.append((feeder.submit(self._model_input_ahead, items), idx))
-            if len(ahead) > 1:
-                finish()
-
-        def drain() -> Iterator[ScoreResult]:
-            nonlocal next_out
-            while next_out in ready:
-                if progress:
-                    progress(1)
-                yield ready.pop(next_out)
-                next_out += 1
-
         with _feeder(self._feeds_ahead) as feeder:
-            decoded = _prefetch(range(len(images)), prepare, decode_workers(self.device), 2 * batch_size)
+            run = _InOrder(self, prompt_list, labels, resolve_conditions(dims, condition),
+                           check_mask_threshold(mask_threshold), feeder, progress)
+            decoded = _prefetch(range(len(images)), lambda i: self._prepare_one(images[i], prompt_list[i], labels[i]),
+                                decode_workers(self.device), 2 * batch_size)
             for i, (pixels, error) in enumerate(decoded):
                 if error is not None:
-                    ready[i] = ScoreResult(image=labels[i], prompt=prompt_list[i], error=error)
+                    run.fail(i, error)
                 else:
-                    batch.append((i, pixels))
-                    if len(batch) >= batch_size:
-                        flush(feeder)
-                yield from drain()
-            if batch:
-                flush(feeder)
-            while ahead:
-                finish()
-                yield from drain()
-        yield from drain()
+                    run.add(i, pixels, batch_size)
+                yield from run.drain()
+            yield from run.close()
+
+    def _prepare_one(self, image: ImageInput, prompt: str | None, label: str) -> tuple[object | None, str | None]:
+        """One input's pixels, or why it cannot be scored: (pixels, None) or (None, message)."""
+        if prompt is None:
+            return None, f"{label}: no prompt for this image"
+        try:
+            return self.load_pixels(image), None
+        except ImageError as exc:
+            return None, str(exc)
+        except Exception as exc:  # whatever else one file does to a decoder, it fails alone
+            return None, f"{label}: cannot read image ({type(exc).__name__}: {' '.join(str(exc).split())})"
 
     def score(self, images: Sequence[ImageInput], prompts: PromptInput, dims: Iterable[str] | None = None,
               condition: str | None = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
@@ -532,6 +488,84 @@ def _inference():
     import torch
 
     return torch.inference_mode()
+
+
+def _prompt_per_image(prompts: PromptInput, n: int) -> list[str | None]:
+    """One prompt for every image, or a list that must have one per image."""
+    if isinstance(prompts, str):
+        return [prompts] * n
+    prompt_list = list(prompts)
+    if len(prompt_list) != n:
+        raise ValueError(f"{n} images but {len(prompt_list)} prompts")
+    return prompt_list
+
+
+class _InOrder:
+    """One :meth:`Scorer.iter_score` run: inputs gathered into batches, results filled in as they come
+    (a failed input at once, a batch when the model has run it) and released in input order.
+
+    With a feeder, a full batch is made model input on the feeder thread; at most one such batch waits
+    ahead, so the model runs one batch while the next is prepared.
+    """
+
+    def __init__(self, scorer: Scorer, prompts: list, labels: list[str], conditions, threshold: float,
+                 feeder: ThreadPoolExecutor | None, progress: Callable[[int], None] | None):
+        self.scorer, self.prompts, self.labels = scorer, prompts, labels
+        self.conditions, self.threshold = conditions, threshold
+        self.feeder, self.progress = feeder, progress
+        self.ready: dict[int, ScoreResult] = {}
+        self.next_out = 0
+        self.batch: list[tuple[int, object]] = []
+        self.ahead: deque = deque()  # (future of a prepared batch, its input positions)
+
+    def fail(self, i: int, error: str) -> None:
+        """Input ``i`` could not be scored: its result carries ``error``."""
+        self.ready[i] = ScoreResult(image=self.labels[i], prompt=self.prompts[i], error=error)
+
+    def add(self, i: int, pixels, batch_size: int) -> None:
+        """Input ``i``'s pixels join the batch, which runs once it is full."""
+        self.batch.append((i, pixels))
+        if len(self.batch) >= batch_size:
+            self._flush()
+
+    def drain(self) -> Iterator[ScoreResult]:
+        """The results ready from the next one in input order on."""
+        while self.next_out in self.ready:
+            if self.progress:
+                self.progress(1)
+            yield self.ready.pop(self.next_out)
+            self.next_out += 1
+
+    def close(self) -> Iterator[ScoreResult]:
+        """Run what is left (a partial batch, the one waiting ahead) and release every result."""
+        if self.batch:
+            self._flush()
+        while self.ahead:
+            self._finish()
+            yield from self.drain()
+        yield from self.drain()
+
+    def _store(self, idx: list[int], prepared) -> None:
+        results = self.scorer._results(prepared, [self.prompts[i] for i in idx], [self.labels[i] for i in idx],
+                                       self.conditions, self.threshold)
+        self.ready.update(zip(idx, results, strict=True))
+
+    def _finish(self) -> None:
+        future, idx = self.ahead.popleft()
+        self._store(idx, self.scorer._take_ahead(future))
+
+    def _flush(self) -> None:
+        idx = [i for i, _ in self.batch]
+        items = [px for _, px in self.batch]
+        self.batch.clear()
+        if self.feeder is None:
+            with _inference():
+                prepared = self.scorer._model_input(items)
+            self._store(idx, prepared)
+            return
+        self.ahead.append((self.feeder.submit(self.scorer._model_input_ahead, items), idx))
+        if len(self.ahead) > 1:
+            self._finish()
 
 
 @contextmanager
