@@ -3,7 +3,8 @@
 A block that cannot run here (the Hub, a GPU, a cluster, the network) carries ``<!-- doc-test: skip (why) -->``
 on the line above it. The examples name files (gen.png, samples/, prompts.jsonl, runs/v1, ...): the workspace
 below holds them, built from the fixture's images. ``MPS_WEIGHTS`` points every example at the fixture's
-checkpoint, and the real ``mps`` console script is first on PATH.
+checkpoint. ``mps`` on PATH forks a process that has imported torch already (tests/forkserver.py: the examples
+are about what the commands do; tests/test_cli*.py start the console script itself).
 """
 
 from __future__ import annotations
@@ -144,12 +145,32 @@ def workspace(tmp_path_factory) -> Path:
 
 def _env(workspace: Path) -> dict:
     bindir = workspace / ".bin"
-    bindir.mkdir(exist_ok=True)
-    mps = bindir / "mps"
-    if not mps.exists():
-        mps.symlink_to(mps_executable()[0])
     return {**os.environ, "PATH": f"{bindir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "MPS_WEIGHTS": str(WEIGHTS), "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="module")
+def forks(workspace):
+    """tests/forkserver.py for this module: ``mps`` and ``mps-python`` on the examples' PATH fork a process
+    that has imported torch already, instead of importing it once per command."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mps-docs-")  # a short path: Unix socket names have a ~100-byte limit
+    path = os.path.join(folder, "fork.sock")
+    env = _env(workspace)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), path], env=env,
+                            cwd=workspace, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the fork server did not start"
+        from forkserver import write_shims
+
+        write_shims(workspace / ".bin", path)
+        yield env
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +206,24 @@ def server(workspace):
 def test_example_runs(doc, line, lang, code, why, needs_server, workspace, request):
     if why is not None:
         pytest.skip(f"{doc}:{line}: {why}")
+    env = request.getfixturevalue("forks")
     if needs_server:
         code = code.replace(DOCS_URL, request.getfixturevalue("server"))
     if lang == "python":
-        cmd = [sys.executable, "-c", code]
+        cmd = [str(workspace / ".bin" / "mps-python"), "-c", code]
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-c", code]
-    res = subprocess.run(cmd, cwd=workspace, env=_env(workspace), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"{doc}:{line} exited {res.returncode}\n{code}\n--- stderr:\n{res.stderr[-3000:]}"
 
+
+
+def test_the_fork_server_runs_mps_as_the_console_script_does(workspace, forks):
+    """The examples' ``mps`` gives what the console script gives: exit status, stdout and stderr, stdin read."""
+    listing = "gen.png\nmissing.png\n"
+    args = ["score", "-", "--prompt", "a red fox", "--json", "--device", "cpu", "--dtype", "fp32"]
+    shim, real = (subprocess.run([exe, *args], cwd=workspace, env=forks, input=listing, capture_output=True,
+                                 text=True, timeout=120)
+                  for exe in (str(workspace / ".bin" / "mps"), mps_executable()[0]))
+    assert real.returncode == 1 and "missing.png" in real.stderr
+    assert (shim.returncode, shim.stdout, shim.stderr) == (real.returncode, real.stdout, real.stderr)

@@ -1,0 +1,109 @@
+"""A fork server for the docs' examples: ``mps`` (and Python snippets) without paying ``import torch`` each time.
+
+The docs' examples are about what the commands do, not about starting a process (tests/test_cli*.py run the
+real console script for that), yet each ``mps`` in an example costs a second and a half of importing torch,
+and the examples run about 25 of them. The server imports torch and the CLI once; for every command the
+``mps`` shim on the examples' PATH hands over its argv, working folder, environment and its stdin, stdout and
+stderr (as file descriptors, over a Unix socket); the server forks, the child takes those descriptors as its
+own 0, 1 and 2 and runs :func:`mps_cli.cli.main` (or the snippet) exactly as the console script would, and the
+shim exits with the child's exit status. Every command is a fresh fork, so nothing carries over between them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+#: The shim: a Python without site-packages (fast to start) that forwards to the server.
+SHIM = '''#!{python} -S
+import json, os, socket, struct, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+    s.connect({path!r})
+    request = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ), "python": {python_mode}}}
+    socket.send_fds(s, [json.dumps(request).encode()], [0, 1, 2])
+    status = s.recv(4)
+sys.exit(struct.unpack("i", status)[0] if len(status) == 4 else 70)
+'''
+
+
+def write_shims(bindir: Path, path: str) -> None:
+    """``mps`` and ``mps-python`` (``mps-python -c CODE``) in ``bindir``, talking to the server at ``path``."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name, python_mode in (("mps", "False"), ("mps-python", "True")):
+        shim = bindir / name
+        shim.write_text(SHIM.format(python=sys.executable, path=path, python_mode=python_mode))
+        shim.chmod(0o755)
+
+
+def _run_child(request: dict) -> int:
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    try:
+        if request["python"]:
+            argv = request["argv"]
+            assert argv[:1] == ["-c"], argv
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<doc example>", "exec"), {"__name__": "__main__"})
+        else:
+            from mps_cli.cli import main
+
+            sys.argv = ["mps", *request["argv"]]
+            main()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+
+def serve(path: str) -> None:
+    """Accept commands on the Unix socket ``path`` until killed; one fork per command."""
+    import torch  # noqa: F401 (the import every command would otherwise pay)
+
+    import mps_cli.cli  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.bind(path)
+        sock.listen(64)
+        print("ready", flush=True)
+        while True:
+            conn, _ = sock.accept()
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            if os.fork() == 0:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                code = _run_child(json.loads(msg))
+                try:
+                    conn.sendall(struct.pack("i", code))
+                finally:
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+
+if __name__ == "__main__":
+    # The server reads nothing: fd 0 on /dev/null until a child takes the shim's stdin as its fd 0.
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    serve(sys.argv[1])
