@@ -452,6 +452,8 @@ class Page:
             facts.append(f"{v.prompts:,} prompts")
         if v.pairs is not None:
             facts.append(f"{v.pairs:,} pairs")
+        if v.pairing is not None:
+            facts.append(f"pairing: {v.pairing}")
         unpaired = _unpaired_text(v.unpaired)
         if unpaired:
             facts.append(f"unpaired: {unpaired}")
