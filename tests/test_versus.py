@@ -98,6 +98,11 @@ def two(tmp_path_factory):
     return root
 
 
+def seeded(two: Path) -> dict:
+    """The prompts file of ``two``, every seed of a prompt meeting every seed of the other side."""
+    return {"prompts_file": two / "prompts.jsonl", "pairing": SEEDS}
+
+
 def two_pairs() -> dict[str, list[tuple[str, str]]]:
     return {p: [(a, b) for a in a_files.values() for b in b_files.values()] for p, (_, a_files, b_files) in TWO.items()}
 
@@ -128,7 +133,7 @@ def cli(*args: str):
 # ---------------------------------------------------------------- two models
 
 def test_win_rates_ties_and_mean_differences_match_the_hand_computed_ones(two, scorer, golden, store):
-    report = versus([two / "a", two / "b"], scorer, prompts_file=two / "prompts.jsonl", pairing=SEEDS, store=store)
+    report = versus([two / "a", two / "b"], scorer, **seeded(two), store=store)
     m = report.matchups[0]
     assert report.ok, (report.unpaired, report.missing, report.failed)
     assert (m.prompts, m.pairs, m.unit) == (4, 7, "prompt")
@@ -217,11 +222,11 @@ def test_no_name_in_common_is_a_usage_error_that_names_the_other_pairing(tmp_pat
 def test_bootstrap_is_seeded_contains_the_estimate_and_narrows_with_prompts(two, scorer, store):
     from mps_cli.versus import bootstrap_interval
 
-    first = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", pairing=SEEDS, seed=7,
+    first = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=7,
                    store=store)
-    again = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", pairing=SEEDS, seed=7,
+    again = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=7,
                    store=store)
-    other = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", pairing=SEEDS, seed=8,
+    other = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=8,
                    samples=200, store=store)
     r = first.matchups[0].results["overall"]
     assert r.ci95 == again.matchups[0].results["overall"].ci95
@@ -405,14 +410,14 @@ def test_cache_is_shared_and_a_new_side_costs_only_its_images(two, tmp_path, sco
     place(c, "sub/fisher.png", "gray.png")
     place(c, "cafe.png", "wide.webp")
     with ScoreCache(tmp_path / "scores.sqlite") as cache:
-        first = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, prompts_file=two / "prompts.jsonl", pairing=SEEDS)
+        first = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, **seeded(two))
         assert (first.scored, first.cached) == (9, 0)  # 10 images, one content shared (cubes)
     with ScoreCache(tmp_path / "scores.sqlite") as cache:
-        again = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, prompts_file=two / "prompts.jsonl", pairing=SEEDS)
+        again = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, **seeded(two))
         assert (again.scored, again.cached) == (0, 9)
         assert again.matchups[0].results == first.matchups[0].results
         three = versus([two / "a", two / "b", c], scorer, ["overall"], cache=cache,
-                       prompts_file=two / "prompts.jsonl", pairing=SEEDS)
+                       **seeded(two))
         assert (three.scored, three.cached) == (3, 9)
         assert three.matchup(str(two / "a"), str(two / "b")).results == first.matchups[0].results
     assert math.isclose(sum(s.strength for s in three.ranking["overall"]), 1.0)
