@@ -169,6 +169,9 @@ def test_cli_json_has_the_documented_shape_and_details(two, store):
     assert [p["prompt"] for p in doc["per_prompt"]][0] == FOX
     fox = doc["per_prompt"][0]
     assert fox["pairs"] == 4 and len(fox["a_images"]) == 2 and len(fox["b_images"]) == 2
+    # each image's own scores, so the HTML page's cards can show them
+    assert [set(x) for x in fox["a_scores"] + fox["b_scores"]] == [{"overall"}] * 4
+    assert fox["a_scores"][0]["overall"] != fox["b_scores"][0]["overall"]
 
 
 def test_pairing_by_relative_path_with_one_prompt_bootstraps_pairs(two, scorer, golden, store):

@@ -378,11 +378,14 @@ def _versus_prompt(d: dict, origin: Path | None) -> VersusPrompt | None:
         side_scores = d.get(f"{side}_scores") or d.get(f"scores_{side}")
         items = raw if isinstance(raw, list) else [raw] if raw is not None else []
         entries = []
-        for it in items:
+        # mps versus writes a list of per-image scores beside the images; other tools one dict for the side.
+        per_image = side_scores if isinstance(side_scores, list) and len(side_scores) == len(items) else None
+        for i, it in enumerate(items):
             if isinstance(it, dict) and it.get("image") is not None:
                 entries.append(_entry({"prompt": prompt, **it}, origin))
             elif isinstance(it, str):
-                sc = side_scores if isinstance(side_scores, dict) else {}
+                sc = per_image[i] if per_image is not None else side_scores
+                sc = sc if isinstance(sc, dict) else {}
                 entries.append(_entry({"image": it, "prompt": prompt, "scores": sc}, origin))
         sides[side] = entries
     diffs: dict[str, float] = {}

@@ -56,10 +56,13 @@ class PromptResult:
     b_images: tuple[str, ...]
     win_rate: dict[str, float]
     mean_diff: dict[str, float]
+    a_scores: tuple[dict[str, float], ...] = ()  # per image of a_images, its scores
+    b_scores: tuple[dict[str, float], ...] = ()
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "pairs": self.pairs, "a_images": list(self.a_images),
-                "b_images": list(self.b_images),
+                "b_images": list(self.b_images), "a_scores": [dict(x) for x in self.a_scores],
+                "b_scores": [dict(x) for x in self.b_scores],
                 "results": {k: {"win_rate": self.win_rate[k], "mean_diff": self.mean_diff[k]} for k in self.win_rate}}
 
 
@@ -214,12 +217,13 @@ def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
             wins=sum(o == 1.0 for o in flat), ties=sum(o == 0.5 for o in flat), losses=sum(o == 0.0 for o in flat))
     per_prompt = []
     for prompt, pairs in groups:
+        xs, ys = dict((x.label, x.scores) for x, _ in pairs), dict((y.label, y.scores) for _, y in pairs)
         per_prompt.append(PromptResult(
-            prompt=prompt, pairs=len(pairs),
-            a_images=tuple(dict.fromkeys(x.label for x, _ in pairs)),
-            b_images=tuple(dict.fromkeys(y.label for _, y in pairs)),
+            prompt=prompt, pairs=len(pairs), a_images=tuple(xs), b_images=tuple(ys),
             win_rate={k: math.fsum(outcome(x.scores[k], y.scores[k]) for x, y in pairs) / len(pairs) for k in keys},
-            mean_diff={k: math.fsum(x.scores[k] - y.scores[k] for x, y in pairs) / len(pairs) for k in keys}))
+            mean_diff={k: math.fsum(x.scores[k] - y.scores[k] for x, y in pairs) / len(pairs) for k in keys},
+            a_scores=tuple({k: v[k] for k in keys} for v in xs.values()),
+            b_scores=tuple({k: v[k] for k in keys} for v in ys.values())))
     per_prompt.sort(key=lambda p: -p.mean_diff[first])
     return Matchup(a.name, b.name, len(groups), len(all_pairs), unpaired, results, tuple(per_prompt), unit)
 
@@ -227,7 +231,8 @@ def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
 def _mirror(m: Matchup) -> Matchup:
     per_prompt = tuple(PromptResult(p.prompt, p.pairs, p.b_images, p.a_images,
                                     {k: 1.0 - v for k, v in p.win_rate.items()},
-                                    {k: -v for k, v in p.mean_diff.items()}) for p in reversed(m.per_prompt))
+                                    {k: -v for k, v in p.mean_diff.items()}, p.b_scores, p.a_scores)
+                       for p in reversed(m.per_prompt))
     return Matchup(m.b, m.a, m.prompts, m.pairs, m.unpaired, {k: r.mirrored() for k, r in m.results.items()},
                    per_prompt, m.unit)
 
