@@ -49,9 +49,14 @@ def clean(tmp_path):
     return a, b, json.loads(res.stdout)
 
 
-def test_sides_with_no_common_names_exit_1_with_one_line_and_null_statistics(tmp_path):
+def test_sides_with_no_common_names_exit_2_or_1_with_one_line_and_null_statistics(tmp_path):
     a = side(tmp_path / "a.jsonl", grid(1.0))
     b = side(tmp_path / "b.jsonl", [(f"other{i}.png", p, s) for i, (_, p, s) in enumerate(grid(1.0))])
+    res = versus(str(a), str(b))
+    # They share prompts, so pairing by name comparing nothing is a mistake the other pairing would fix.
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "--pairing all-pairs-per-prompt" in res.stderr
+    b = side(tmp_path / "b.jsonl", [(f"other{i}.png", f"another {p}", s) for i, (_, p, s) in enumerate(grid(1.0))])
     res = versus(str(a), str(b))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("mps: error:")]

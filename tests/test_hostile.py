@@ -399,14 +399,31 @@ def test_info_verify_finds_and_deletes_a_damaged_copy(cache, tmp_path):
     weights = _fp16(tmp_path / "w.safetensors")
     _scores(weights)
     written = _only(cache)
-    ok = json.loads(run_cli("info", "--json", "--verify").stdout)["prepared"]["verified"]
+    ok = json.loads(run_cli("info", "--json", "--verify", "--all").stdout)["prepared"]["verified"]
     assert ok == [{"path": str(written), "ok": True, "error": None}]
     at = _data_offset(written, "logit_scale")
     with open(written, "r+b") as f:
         f.seek(at)
         f.write(b"\x7f\xc0\x00\x00")
-    bad = json.loads(run_cli("info", "--json", "--verify").stdout)["prepared"]["verified"]
+    bad = json.loads(run_cli("info", "--json", "--verify", "--all").stdout)["prepared"]["verified"]
     assert bad[0]["ok"] is False and "seal" in bad[0]["error"] and not written.exists()
+
+
+def test_info_verify_reads_only_the_current_weights_copies_unless_all(cache, tmp_path, monkeypatch):
+    first, second = _fp16(tmp_path / "a" / "w.safetensors"), _fp16(tmp_path / "b" / "w.safetensors", 0.5)
+    _scores(first)
+    _scores(second)
+    copies = sorted(cache.glob("*.safetensors"))
+    assert len(copies) == 2
+    monkeypatch.setenv("MPS_WEIGHTS", str(first))
+    mine = json.loads(run_cli("info", "--json", "--verify").stdout)
+    [only] = mine["prepared"]["verified"]
+    from mps_cli.weights.sealed import metadata as sealed_metadata
+
+    assert only["ok"] and sealed_metadata(Path(only["path"]))["source"] == os.path.realpath(first)
+    every = json.loads(run_cli("info", "--json", "--verify", "--all").stdout)
+    assert sorted(v["path"] for v in every["prepared"]["verified"]) == [str(p) for p in copies]
+    one_line_error(run_cli("info", "--all"), 2, "--verify")
 
 
 # ------------------------------------------------------------------------- weights that are not files, NaN

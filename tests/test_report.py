@@ -323,6 +323,7 @@ def test_versus_report_chart_and_most_disagreeing_prompts(browser, tmp_path, exp
     images = sorted({i for i, _ in rows})
     pick = {p: (images[k], images[k + 3]) for k, p in enumerate(prompts)}
     per_prompt = [{"prompt": p, "pairs": 1, "a_images": [str(IMAGES / a)], "b_images": [str(IMAGES / b)],
+                   "a_scores": [{d: rows[(a, p)][d] for d in DIMS}], "b_scores": [{d: rows[(b, p)][d] for d in DIMS}],
                    "results": {d: {"win_rate": float(rows[(a, p)][d] > rows[(b, p)][d]),
                                    "mean_diff": rows[(a, p)][d] - rows[(b, p)][d]} for d in DIMS}}
                   for p, (a, b) in pick.items()]
@@ -330,8 +331,8 @@ def test_versus_report_chart_and_most_disagreeing_prompts(browser, tmp_path, exp
                "aesthetics": {"win_rate": 0.4, "ci95": [0.31, 0.47], "mean_diff": -0.3},
                "detail": {"win_rate": 0.52, "ci95": [0.44, 0.6], "mean_diff": 0.1},
                "alignment": {"win_rate": 0.5, "ci95": [0.42, 0.58], "mean_diff": 0.0}}
-    doc = {"a": "runs/base", "b": "runs/lora", "prompts": 4, "pairs": 4, "unpaired": {"runs/base": ["x.png"],
-                                                                                     "runs/lora": []},
+    doc = {"a": "runs/base", "b": "runs/lora", "prompts": 4, "pairs": 4, "pairing": "by-name",
+           "unpaired": {"runs/base": ["x.png"], "runs/lora": []},
            "missing": {},
            "failed": [{"side": "runs/lora", "image": "runs/lora/bad.png", "error": "bad.png: empty file"}],
            "bootstrap": {"samples": 2000, "seed": 0, "unit": "prompt"}, "scored": 8, "cached": 0,
@@ -355,7 +356,14 @@ def test_versus_report_chart_and_most_disagreeing_prompts(browser, tmp_path, exp
     cards = loaded.cards()
     assert [c["image"] for c in cards][:2] == [str(IMAGES / x) for x in pick[shown[0]]]
     assert len(cards) == 2 * len(per_prompt) and all(c["loaded"] > 0 for c in cards)
-    assert "unpaired: runs/base: 1, runs/lora: 0" in page.inner_text("section.versus .lead")
+    lead = page.inner_text("section.versus .lead")
+    assert "unpaired: runs/base: 1" in lead and "runs/lora: 0" not in lead and "pairing: by-name" in lead
+    # every card carries each side's own scores for its image, so the sort select has the dimensions
+    for i, p in enumerate(shown):
+        for k, name in enumerate(pick[p]):
+            assert cards[2 * i + k]["scores"] == pytest.approx({d: rows[(name, p)][d] for d in DIMS}, abs=1e-3)
+    options = page.eval_on_selector_all("#mps-sort option", "os => os.map(o => o.value)")
+    assert sorted(options) == sorted(DIMS)
     assert "bad.png: empty file" in page.inner_text("section.failed")
     footer = page.inner_text("footer")
     assert "mps-overall" in footer and "0123abcd" in footer and "fp32" in footer

@@ -23,6 +23,7 @@ CUBES = "three blue cubes stacked on top of a wooden table"
 CAFE = "A cozy café interior — warm light, plants & books"
 ALL_DIMS = ("overall", "aesthetics", "detail", "alignment")
 MODEL = ["--weights", str(WEIGHTS), "--device", "cpu", "--dtype", "fp32"]
+SEEDS = "all-pairs-per-prompt"  # fox's two seeds per side meet all four ways
 
 # Two "models": prompt -> (name in the prompts file, {file in A: fixture image}, {file in B: fixture image}).
 # Names are given with and without extension and differ in extension between the sides; fox has
@@ -97,6 +98,11 @@ def two(tmp_path_factory):
     return root
 
 
+def seeded(two: Path) -> dict:
+    """The prompts file of ``two``, every seed of a prompt meeting every seed of the other side."""
+    return {"prompts_file": two / "prompts.jsonl", "pairing": SEEDS}
+
+
 def two_pairs() -> dict[str, list[tuple[str, str]]]:
     return {p: [(a, b) for a in a_files.values() for b in b_files.values()] for p, (_, a_files, b_files) in TWO.items()}
 
@@ -127,7 +133,7 @@ def cli(*args: str):
 # ---------------------------------------------------------------- two models
 
 def test_win_rates_ties_and_mean_differences_match_the_hand_computed_ones(two, scorer, golden, store):
-    report = versus([two / "a", two / "b"], scorer, prompts_file=two / "prompts.jsonl", store=store)
+    report = versus([two / "a", two / "b"], scorer, **seeded(two), store=store)
     m = report.matchups[0]
     assert report.ok, (report.unpaired, report.missing, report.failed)
     assert (m.prompts, m.pairs, m.unit) == (4, 7, "prompt")
@@ -148,7 +154,8 @@ def test_win_rates_ties_and_mean_differences_match_the_hand_computed_ones(two, s
 
 
 def test_cli_json_has_the_documented_shape_and_details(two, store):
-    out = cli(str(two / "a"), str(two / "b"), "--prompts", str(two / "prompts.jsonl"), "--json", "--details",
+    out = cli(str(two / "a"), str(two / "b"), "--prompts", str(two / "prompts.jsonl"), "--pairing", SEEDS, "--json",
+              "--details",
               "--cache", str(store), "--dim", "overall", *MODEL)
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
@@ -162,6 +169,9 @@ def test_cli_json_has_the_documented_shape_and_details(two, store):
     assert [p["prompt"] for p in doc["per_prompt"]][0] == FOX
     fox = doc["per_prompt"][0]
     assert fox["pairs"] == 4 and len(fox["a_images"]) == 2 and len(fox["b_images"]) == 2
+    # each image's own scores, so the HTML page's cards can show them
+    assert [set(x) for x in fox["a_scores"] + fox["b_scores"]] == [{"overall"}] * 4
+    assert fox["a_scores"][0]["overall"] != fox["b_scores"][0]["overall"]
 
 
 def test_pairing_by_relative_path_with_one_prompt_bootstraps_pairs(two, scorer, golden, store):
@@ -179,16 +189,47 @@ def test_pairing_by_relative_path_with_one_prompt_bootstraps_pairs(two, scorer, 
         assert m.results[dim].mean_diff == pytest.approx(diff, abs=1e-4)
 
 
+def test_every_prompt_source_pairs_by_name_by_default_and_says_so(two, store):
+    """--prompts and --prompt pair the same folders the same way (5 name-matched pairs) unless --pairing says
+    otherwise; the pairing is in the JSON and under the table."""
+    def run(*args):
+        out = cli(str(two / "a"), str(two / "b"), *args, "--cache", str(store), "--dim", "overall", *MODEL)
+        assert out.exit_code == 0, out.output
+        return out
+
+    from_file = json.loads(run("--prompts", str(two / "prompts.jsonl"), "--json").stdout)
+    one_prompt = json.loads(run("--prompt", FOX, "--json").stdout)
+    assert (from_file["pairs"], from_file["pairing"]) == (5, "by-name")
+    assert (one_prompt["pairs"], one_prompt["pairing"]) == (5, "by-name")
+    seeds = json.loads(run("--prompts", str(two / "prompts.jsonl"), "--pairing", SEEDS, "--json").stdout)
+    assert (seeds["pairs"], seeds["pairing"]) == (7, SEEDS)
+    crossed = json.loads(run("--prompt", FOX, "--pairing", SEEDS, "--json").stdout)
+    assert crossed["pairs"] == 5 * 5  # five images a side, one prompt: every image of A meets every image of B
+    assert "pairing: by-name" in run("--prompt", FOX).stdout
+
+
+def test_no_name_in_common_is_a_usage_error_that_names_the_other_pairing(tmp_path, store):
+    a, b = tmp_path / "v1", tmp_path / "v2"
+    place(a, "fox_seed1.png", "sunset.png")
+    place(b, "render_0001.png", "gray.png")
+    out = cli(str(a), str(b), "--prompt", FOX, "--cache", str(store), "--dim", "overall", *MODEL)
+    assert out.exit_code == 2
+    assert "--pairing all-pairs-per-prompt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = cli(str(a), str(b), "--prompt", FOX, "--pairing", SEEDS, "--json", "--cache", str(store),
+              "--dim", "overall", *MODEL)
+    assert out.exit_code == 0 and json.loads(out.stdout)["pairs"] == 1
+
+
 # ---------------------------------------------------------------- the bootstrap interval
 
 def test_bootstrap_is_seeded_contains_the_estimate_and_narrows_with_prompts(two, scorer, store):
     from mps_cli.versus import bootstrap_interval
 
-    first = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", seed=7,
+    first = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=7,
                    store=store)
-    again = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", seed=7,
+    again = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=7,
                    store=store)
-    other = versus([two / "a", two / "b"], scorer, ["overall"], prompts_file=two / "prompts.jsonl", seed=8,
+    other = versus([two / "a", two / "b"], scorer, ["overall"], **seeded(two), seed=8,
                    samples=200, store=store)
     r = first.matchups[0].results["overall"]
     assert r.ci95 == again.matchups[0].results["overall"].ci95
@@ -244,7 +285,8 @@ def test_a_prompt_missing_on_one_side_is_counted_and_exits_1(two, tmp_path, stor
     lines = ["image,prompt"] + [f'{n},"{p}"' for p, (names, _, _) in TWO.items() for n in names]
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("\n".join(lines + ["cafe_2,a lighthouse at night", "ghost.png,nowhere"]) + "\n")
-    out = cli(str(a), str(two / "b"), "--prompts", str(prompts), "--json", "--cache", str(store), "--dim", "overall",
+    out = cli(str(a), str(two / "b"), "--prompts", str(prompts), "--pairing", SEEDS, "--json", "--cache", str(store),
+              "--dim", "overall",
               *MODEL)
     assert out.exit_code == 1
     doc = json.loads(out.stdout)
@@ -371,14 +413,14 @@ def test_cache_is_shared_and_a_new_side_costs_only_its_images(two, tmp_path, sco
     place(c, "sub/fisher.png", "gray.png")
     place(c, "cafe.png", "wide.webp")
     with ScoreCache(tmp_path / "scores.sqlite") as cache:
-        first = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, prompts_file=two / "prompts.jsonl")
+        first = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, **seeded(two))
         assert (first.scored, first.cached) == (9, 0)  # 10 images, one content shared (cubes)
     with ScoreCache(tmp_path / "scores.sqlite") as cache:
-        again = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, prompts_file=two / "prompts.jsonl")
+        again = versus([two / "a", two / "b"], scorer, ["overall"], cache=cache, **seeded(two))
         assert (again.scored, again.cached) == (0, 9)
         assert again.matchups[0].results == first.matchups[0].results
         three = versus([two / "a", two / "b", c], scorer, ["overall"], cache=cache,
-                       prompts_file=two / "prompts.jsonl")
+                       **seeded(two))
         assert (three.scored, three.cached) == (3, 9)
         assert three.matchup(str(two / "a"), str(two / "b")).results == first.matchups[0].results
     assert math.isclose(sum(s.strength for s in three.ranking["overall"]), 1.0)

@@ -35,9 +35,11 @@ class EnvironmentInfo:
         return asdict(self)
 
 
-def environment_info(*, probe: bool = False, verify: bool = False) -> EnvironmentInfo:
+def environment_info(*, probe: bool = False, verify: bool = False, verify_all: bool = False,
+                     progress=None) -> EnvironmentInfo:
     """The installation as it is now. ``probe`` also times a small matmul per dtype on the CPU (well under a
-    second); ``verify`` checks every prepared-weights file in full and deletes the damaged."""
+    second); ``verify`` checks the prepared copies of the current weights in full and deletes the damaged
+    (``verify_all``: every copy); ``progress(what, done, total)`` follows the MiB read."""
     from . import __version__
     from .constants import DISTRIBUTION
     from .devices import list_devices, resolve_device, resolve_precision
@@ -50,7 +52,8 @@ def environment_info(*, probe: bool = False, verify: bool = False) -> Environmen
         endpoint=endpoint(),
         offline=is_offline(None), weights=default_weights(), devices=list_devices(probe=probe),
         default_device=str(device), default_dtype=precision.image, default_text_dtype=precision.text,
-        versions={d: distribution_version(d) for d in DISTRIBUTIONS}, prepared=prepared_weights(verify=verify))
+        versions={d: distribution_version(d) for d in DISTRIBUTIONS},
+        prepared=prepared_weights(verify=verify, verify_all=verify_all, progress=progress))
 
 
 def default_weights() -> dict:
@@ -70,16 +73,19 @@ def default_weights() -> dict:
             "path": str(path) if path else None, "config": str(config) if config else None}
 
 
-def prepared_weights(verify: bool = False) -> dict:
+def prepared_weights(verify: bool = False, verify_all: bool = False, progress=None) -> dict:
     """The prepared-weights folder: whether it is used, its files and their size (``verified``: each file's
-    check, with ``verify``)."""
-    from .weights.prepared import SWITCH_ENV, enabled, summary, verify_all
+    check, with ``verify``: the copies of the current weights, or all with ``verify_all``)."""
+    from .weights.prepared import SWITCH_ENV, enabled, summary
+    from .weights.prepared import verify_all as verify_files
 
     found = summary()
     doc = {"dir": str(found.folder), "enabled": enabled(), "switch": f"{SWITCH_ENV}=0", "files": found.files,
            "bytes": found.bytes}
     if verify:
-        doc["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in verify_all()]
+        source = None if verify_all else default_weights().get("path")
+        checked = verify_files(source, progress) if verify_all or source is not None else []
+        doc["verified"] = [{"path": str(p), "ok": why is None, "error": why} for p, why in checked]
     return doc
 
 

@@ -243,7 +243,8 @@ def _versus_two(report, details: bool, note: str) -> None:
 
     m = report.matchups[0]
     console = stdout_console()
-    table = Table(title=f"A: {m.a}  vs  B: {m.b}", title_justify="left")
+    table = Table(title=f"A: {m.a}  vs  B: {m.b}", title_justify="left", caption=f"pairing: {report.pairing}",
+                  caption_justify="left")
     for col in ("dimension", "A wins %", "95% CI", "mean A − B", "A / tie / B"):
         table.add_column(col, justify="left" if col == "dimension" else "right")
     for k, r in m.results.items():
@@ -287,7 +288,8 @@ def _versus_many(report, details: bool) -> None:
 
     console = stdout_console()
     for k in report.keys:
-        table = Table(title=f"{k}: % of pairs the row side wins against the column side", title_justify="left")
+        table = Table(title=f"{k}: % of pairs the row side wins against the column side", title_justify="left",
+                      caption=f"pairing: {report.pairing}", caption_justify="left")
         table.add_column("")
         for s in report.sides:
             table.add_column(s, justify="right")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -38,8 +39,9 @@ VERSUS_HELP = "\n\n".join([
     "prompt (ties count half), the mean score difference, and a 95% bootstrap interval over prompts.",
     "A side is a folder of images, an `mps dataset` output folder, or a JSON/JSONL from `mps score` (these "
     "are not scored again). Images pair by their path relative to the side without extension "
-    "(a/cat_01.png ~ b/cat_01.jpg). With --prompts, the file names images by that relative path (with or "
-    "without extension) and every A image of a prompt meets every B image of it (seeds).",
+    "(a/cat_01.png ~ b/cat_01.jpg), under the same prompt, whatever the prompt source; with --pairing "
+    "all-pairs-per-prompt every A image of a prompt meets every B image of it (seeds). --prompts names images "
+    "by that relative path (with or without extension).",
     "More than two sides: the pairwise matrix and a Bradley-Terry ranking. --series: the sides are checkpoints in "
     "training order, watched for reward hacking: per dimension the score trend, image statistics on the same "
     "images (colourfulness, saturation, high-frequency energy, brightness, near-duplicates) and flags where the "
@@ -49,6 +51,13 @@ VERSUS_HELP = "\n\n".join([
                Exit.USAGE: "bad usage or an unreadable side or prompts file",
                Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
 ])
+
+
+class Pairing(str, Enum):
+    """How images of two sides pair (the values of :data:`mps_cli.versus.PAIRINGS`)."""
+
+    by_name = "by-name"
+    all_pairs = "all-pairs-per-prompt"
 
 
 def _warn(report) -> None:
@@ -77,6 +86,10 @@ def versus_command(
     prompt_from: Annotated[PromptSource | None, typer.Option(
         "--prompt-from", rich_help_panel="Prompts",
         help="sidecar: the caption file beside each image; metadata: the prompt generators embed.")] = None,
+    pairing: Annotated[Pairing, typer.Option(
+        "--pairing", rich_help_panel="Prompts",
+        help="by-name: A's cat_01.png meets B's cat_01.jpg under the same prompt; all-pairs-per-prompt: every A "
+        "image of a prompt meets every B image of it (seeds, or names that differ).")] = Pairing.by_name,
     details: Annotated[bool, typer.Option(
         "--details", rich_help_panel="Output", help="Per-prompt results, best prompts for A first.")] = False,
     seed: Annotated[int, typer.Option("--seed", rich_help_panel="Output",
@@ -95,29 +108,40 @@ def versus_command(
     reward: Reward = None,
     *, model: ModelOptions, run: RunOptions, scores: CacheChoice,
 ) -> None:
-    from ..versus import SideError, compare_sides
-
     if series and dims is None and condition is None:
         dims = ["all"]  # the monitor watches alignment and detail beside overall
     how = scoring(dims, condition, mask_threshold, model.model, reward)
     model, dims = how.model_for(model), how.dims
     with handle_errors():
-        lineup = _line_up(sides, prompt, prompts, prompt_from, dims, condition, model.model)
-        need_store = lineup.needs_scoring or series
-        store = scores.open() if need_store else None
-        scorer = load_model(model) if lineup.needs_scoring else None
-        try:
-            with Progress(force=True) as progress:
-                report = compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
-                                       cache=store, batch_size=run.batch_for(scorer), samples=samples, seed=seed,
-                                       progress=progress.stage_callback, models=model.model, reward=reward,
-                                       series=series)
-        except SideError as exc:
-            raise fail(str(exc), Exit.USAGE) from None
-        finally:
-            if store is not None:
-                store.close()
+        lineup = _line_up(sides, prompt, prompts, prompt_from, pairing, dims, condition, model.model)
+        report = _compare(lineup, dims, condition, mask_threshold, reward, series, samples, seed,
+                          model=model, run=run, scores=scores)
+    _emit(report, details, as_json, html)
 
+
+def _compare(lineup, dims, condition, mask_threshold, reward, series, samples, seed, *, model, run, scores):
+    """The lineup scored (through the score cache) and compared; a side that cannot be compared is a usage error."""
+    from ..versus import NoNamesMatch, SideError, compare_sides
+
+    store = scores.open() if lineup.needs_scoring or series else None
+    scorer = load_model(model) if lineup.needs_scoring else None
+    try:
+        with Progress(force=True) as progress:
+            return compare_sides(lineup, scorer, dims, condition=condition, mask_threshold=mask_threshold,
+                                 cache=store, batch_size=run.batch_for(scorer), samples=samples, seed=seed,
+                                 progress=progress.stage_callback, models=model.model, reward=reward,
+                                 series=series)
+    except NoNamesMatch as exc:
+        raise fail(f"{exc.what}: nothing pairs by name; try --pairing all-pairs-per-prompt", Exit.USAGE) from None
+    except SideError as exc:
+        raise fail(str(exc), Exit.USAGE) from None
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _emit(report, details: bool, as_json: bool, html) -> None:
+    """Problems and flags on stderr, the results on stdout (JSON or tables), the HTML page; exit 1 when partial."""
     _warn(report)
     if not any(m.pairs for m in report.matchups):
         output.error("no pairs to compare: no image of one side has a counterpart on another under the same prompt")
@@ -135,7 +159,7 @@ def versus_command(
         raise typer.Exit(int(Exit.PARTIAL))
 
 
-def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition, models):
+def _line_up(sides: list[str], prompt, prompts, prompt_from, pairing: Pairing, dims, condition, models):
     """The sides read and every image given its prompt; anything wrong with them is a usage error."""
     from ..engine.panel import keyed_conditions
     from ..versus import SideError, line_up, read_side
@@ -158,6 +182,6 @@ def _line_up(sides: list[str], prompt, prompts, prompt_from, dims, condition, mo
                    "--prompt-from sidecar|metadata", Exit.USAGE)
     try:
         return line_up(read, prompt=prompt, prompts_file=prompts,
-                       prompt_from=prompt_from.value if prompt_from else None)
+                       prompt_from=prompt_from.value if prompt_from else None, pairing=pairing.value)
     except (ValueError, PromptError) as exc:
         raise fail(str(exc), Exit.USAGE) from None

@@ -85,7 +85,10 @@ def info(
     as_json: AsJson = False,
     verify: Annotated[bool, typer.Option(
         "--verify",
-        help="Check every prepared-weights file against its checksums in full; delete the damaged.")] = False,
+        help=f"Check the prepared copies of the current weights (${WEIGHTS_ENV}, else the default) against their "
+        "checksums in full; delete the damaged.")] = False,
+    verify_all: Annotated[bool, typer.Option(
+        "--all", help="With --verify: every prepared copy in the cache, whatever weights it came from.")] = False,
     probe: Annotated[bool, typer.Option(
         "--probe", help="Also time a small matmul per dtype on the CPU (well under a second) and show its "
         "speed relative to fp32.")] = False,
@@ -98,8 +101,11 @@ def info(
     """
     from ..environment import environment_info
 
-    with handle_errors():
-        doc = environment_info(probe=probe, verify=verify).to_dict()
+    if verify_all and not verify:
+        raise fail("--all goes with --verify: mps info --verify --all", Exit.USAGE)
+    with handle_errors(), output.Progress(force=True) as progress:
+        doc = environment_info(probe=probe, verify=verify, verify_all=verify_all,
+                               progress=progress.stage_callback).to_dict()
     if as_json:
         emit_json(doc)
         return

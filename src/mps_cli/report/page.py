@@ -452,6 +452,8 @@ class Page:
             facts.append(f"{v.prompts:,} prompts")
         if v.pairs is not None:
             facts.append(f"{v.pairs:,} pairs")
+        if v.pairing is not None:
+            facts.append(f"pairing: {v.pairing}")
         unpaired = _unpaired_text(v.unpaired)
         if unpaired:
             facts.append(f"unpaired: {unpaired}")
@@ -550,7 +552,9 @@ def _basename(label: str) -> str:
 
 def _unpaired_text(u: object) -> str:
     if isinstance(u, dict):
-        return ", ".join(f"{k}: {len(v) if isinstance(v, (list, dict)) else v}" for k, v in u.items())
+        # A side with nothing unpaired says nothing: the lead names the sides already.
+        counts = {k: len(v) if isinstance(v, (list, dict)) else v for k, v in u.items()}
+        return ", ".join(f"{k}: {n}" for k, n in counts.items() if n not in (0, None, ""))
     if isinstance(u, (list, tuple)):
         return f"{len(u):,}"
     return "" if u in (None, 0) else str(u)

@@ -98,6 +98,7 @@ class Versus:
     details: list[VersusPrompt] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image, error)
     ranking: dict[str, list] = field(default_factory=dict)  # 3+ sides: dim -> [(side, strength)], strongest first
+    pairing: str | None = None  # "by-name" or "all-pairs-per-prompt"; None in documents older than the field
 
 
 @dataclass
@@ -305,7 +306,8 @@ def _versus(doc: dict, origin: Path | None) -> Versus:
     return Versus(a=str(doc.get("a", "A")), b=str(doc.get("b", "B")),
                   prompts=doc["prompts"] if isinstance(doc.get("prompts"), int) else None,
                   pairs=doc.get("pairs") if isinstance(doc.get("pairs"), int) else None,
-                  unpaired=doc.get("unpaired"), results=results, details=details, failed=failed)
+                  unpaired=doc.get("unpaired"), results=results, details=details, failed=failed,
+                  pairing=doc["pairing"] if isinstance(doc.get("pairing"), str) else None)
 
 
 def _versus_matrix(doc: dict, origin: Path | None) -> list[Versus]:
@@ -323,7 +325,8 @@ def _versus_matrix(doc: dict, origin: Path | None) -> list[Versus]:
                 continue
             first = next(iter(cells.values()))
             out.append(_versus({"a": a, "b": b, "prompts": first.get("prompts"), "pairs": first.get("pairs"),
-                                "results": cells, "per_prompt": details.get((a, b), [])}, origin))
+                                "results": cells, "per_prompt": details.get((a, b), []),
+                                "pairing": doc.get("pairing")}, origin))
     if out:
         out[0].unpaired = doc.get("unpaired")
         out[0].failed = _versus({"results": {}, "failed": doc.get("failed")}, origin).failed
@@ -375,11 +378,14 @@ def _versus_prompt(d: dict, origin: Path | None) -> VersusPrompt | None:
         side_scores = d.get(f"{side}_scores") or d.get(f"scores_{side}")
         items = raw if isinstance(raw, list) else [raw] if raw is not None else []
         entries = []
-        for it in items:
+        # mps versus writes a list of per-image scores beside the images; other tools one dict for the side.
+        per_image = side_scores if isinstance(side_scores, list) and len(side_scores) == len(items) else None
+        for i, it in enumerate(items):
             if isinstance(it, dict) and it.get("image") is not None:
                 entries.append(_entry({"prompt": prompt, **it}, origin))
             elif isinstance(it, str):
-                sc = side_scores if isinstance(side_scores, dict) else {}
+                sc = per_image[i] if per_image is not None else side_scores
+                sc = sc if isinstance(sc, dict) else {}
                 entries.append(_entry({"image": it, "prompt": prompt, "scores": sc}, origin))
         sides[side] = entries
     diffs: dict[str, float] = {}

@@ -8,12 +8,13 @@ statistics of :mod:`.stats`. Nothing here prints.
 
 from __future__ import annotations
 
-from .compare import DimResult, Matchup, PromptResult, Strength, VersusReport, compare_sides
+from .compare import DimResult, Matchup, NoNamesMatch, PromptResult, Strength, VersusReport, compare_sides
 from .series import Series, build_series
-from .sides import Entry, Failure, Lineup, Side, SideError, line_up, read_side
+from .sides import ALL_PAIRS, BY_NAME, PAIRINGS, Entry, Failure, Lineup, Side, SideError, line_up, read_side
 from .stats import bootstrap_interval, bradley_terry
 
 __all__ = [
-    "DimResult", "Entry", "Failure", "Lineup", "Matchup", "PromptResult", "Series", "Side", "SideError", "Strength",
+    "ALL_PAIRS", "BY_NAME", "PAIRINGS", "DimResult", "Entry", "Failure", "Lineup", "Matchup", "NoNamesMatch",
+    "PromptResult", "Series", "Side", "SideError", "Strength",
     "VersusReport", "bootstrap_interval", "bradley_terry", "build_series", "compare_sides", "line_up", "read_side",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from ..composite import COMPOSITE_KEY, Composite
 from ..constants import DEFAULT_MASK_THRESHOLD
 from .series import Series
-from .sides import Entry, Failure, Lineup, Side, SideError
+from .sides import ALL_PAIRS, BY_NAME, Entry, Failure, Lineup, Side, SideError
 from .stats import DEFAULT_SAMPLES, DEFAULT_SEED, bootstrap_intervals, bradley_terry
 
 
@@ -56,10 +56,13 @@ class PromptResult:
     b_images: tuple[str, ...]
     win_rate: dict[str, float]
     mean_diff: dict[str, float]
+    a_scores: tuple[dict[str, float], ...] = ()  # per image of a_images, its scores
+    b_scores: tuple[dict[str, float], ...] = ()
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "pairs": self.pairs, "a_images": list(self.a_images),
-                "b_images": list(self.b_images),
+                "b_images": list(self.b_images), "a_scores": [dict(x) for x in self.a_scores],
+                "b_scores": [dict(x) for x in self.b_scores],
                 "results": {k: {"win_rate": self.win_rate[k], "mean_diff": self.mean_diff[k]} for k in self.win_rate}}
 
 
@@ -108,6 +111,7 @@ class VersusReport:
     mask_threshold: float
     reward: str | None = None  # the composite's spelling; its values are the key ``composite``
     series: Series | None = None
+    pairing: str = BY_NAME
 
     @property
     def ok(self) -> bool:
@@ -126,6 +130,7 @@ class VersusReport:
     def to_dict(self, details: bool = False) -> dict:
         """The ``mps versus --json`` document (see README); ``details`` adds the per-prompt results."""
         common = {
+            "pairing": self.pairing,
             "unpaired": {s: list(v) for s, v in self.unpaired.items()},
             "missing": {s: list(v) for s, v in self.missing.items()},
             "failed": [{"side": f.side, "image": f.image, "error": f.error} for f in self.failed],
@@ -156,6 +161,16 @@ class VersusReport:
             doc["per_prompt"] = [{"a": m.a, "b": m.b, "prompts": [p.to_dict() for p in m.per_prompt]}
                                  for m in self.matchups]
         return doc
+
+
+class NoNamesMatch(SideError):
+    """Pairing by name found no image of side ``a`` named like one of side ``b``, though they share prompts."""
+
+    def __init__(self, a: str, b: str) -> None:
+        self.a, self.b = a, b
+        self.what = f"{a} and {b} share prompts but no image name (path without extension)"
+        super().__init__(f"{self.what}: pairing {BY_NAME} compares nothing; pair every image of a prompt "
+                         f"with {ALL_PAIRS}")
 
 
 def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
@@ -202,12 +217,13 @@ def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
             wins=sum(o == 1.0 for o in flat), ties=sum(o == 0.5 for o in flat), losses=sum(o == 0.0 for o in flat))
     per_prompt = []
     for prompt, pairs in groups:
+        xs, ys = dict((x.label, x.scores) for x, _ in pairs), dict((y.label, y.scores) for _, y in pairs)
         per_prompt.append(PromptResult(
-            prompt=prompt, pairs=len(pairs),
-            a_images=tuple(dict.fromkeys(x.label for x, _ in pairs)),
-            b_images=tuple(dict.fromkeys(y.label for _, y in pairs)),
+            prompt=prompt, pairs=len(pairs), a_images=tuple(xs), b_images=tuple(ys),
             win_rate={k: math.fsum(outcome(x.scores[k], y.scores[k]) for x, y in pairs) / len(pairs) for k in keys},
-            mean_diff={k: math.fsum(x.scores[k] - y.scores[k] for x, y in pairs) / len(pairs) for k in keys}))
+            mean_diff={k: math.fsum(x.scores[k] - y.scores[k] for x, y in pairs) / len(pairs) for k in keys},
+            a_scores=tuple({k: v[k] for k in keys} for v in xs.values()),
+            b_scores=tuple({k: v[k] for k in keys} for v in ys.values())))
     per_prompt.sort(key=lambda p: -p.mean_diff[first])
     return Matchup(a.name, b.name, len(groups), len(all_pairs), unpaired, results, tuple(per_prompt), unit)
 
@@ -215,7 +231,8 @@ def _pair_up(a: Side, b: Side, by_prompt: bool, keys: Sequence[str], first: str,
 def _mirror(m: Matchup) -> Matchup:
     per_prompt = tuple(PromptResult(p.prompt, p.pairs, p.b_images, p.a_images,
                                     {k: 1.0 - v for k, v in p.win_rate.items()},
-                                    {k: -v for k, v in p.mean_diff.items()}) for p in reversed(m.per_prompt))
+                                    {k: -v for k, v in p.mean_diff.items()}, p.b_scores, p.a_scores)
+                       for p in reversed(m.per_prompt))
     return Matchup(m.b, m.a, m.prompts, m.pairs, m.unpaired, {k: r.mirrored() for k, r in m.results.items()},
                    per_prompt, m.unit)
 
@@ -291,10 +308,47 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
     (:mod:`mps_cli.composite`), compared as the key ``composite`` beside the scores it names. ``series``: the
     sides are checkpoints in training order; the report's ``series`` watches them for reward hacking
     (:mod:`.series`)."""
+    from ..engine.scorer import check_mask_threshold
+
+    keys, texts, composite = _keys(reward, models, dims, condition)
+    threshold = check_mask_threshold(mask_threshold)
+    if len(lineup.sides) < 2:
+        raise ValueError("versus needs at least two sides")
+    if samples < 1:
+        raise ValueError("the bootstrap needs at least one sample")
+    for side in lineup.sides:
+        if side.prescored:
+            _check_prescored(side, keys)
+    sides = [_flag_repeats(s, lineup.by_prompt) for s in lineup.sides]
+    sides, scored, cached, weights, identity, dtype = _scored(lineup, sides, scorer, keys, texts, condition,
+                                                              threshold, cache, batch_size, progress)
+    failed = list(lineup.failed)
+    for side in sides:
+        failed.extend(Failure(side.name, e.label, e.error) for e in side.entries if e.error is not None)
+    if composite is not None:
+        sides = [_with_composite(s, composite) for s in sides]
+        keys.append(COMPOSITE_KEY)
+    matchups = [_pair_up(sides[i], sides[j], lineup.by_prompt, keys, keys[0], samples, seed)
+                for i in range(len(sides)) for j in range(i + 1, len(sides))]
+    if not lineup.by_prompt:
+        _check_names_match(sides, matchups, keys)
+    report = VersusReport(
+        sides=tuple(s.name for s in sides), keys=tuple(keys), matchups=tuple(matchups),
+        unpaired=_unpaired(sides, lineup, matchups),
+        missing={s: list(v) for s, v in lineup.missing.items()}, failed=tuple(failed),
+        ranking=_ranking(sides, matchups, keys) if len(sides) > 2 else {}, samples=samples, seed=seed,
+        scored=scored, cached=cached, weights=weights, weights_identity=identity, dtype=dtype,
+        mask_threshold=threshold, reward=composite.spelling if composite is not None else None,
+        pairing=lineup.pairing)
+    if series:
+        report = replace(report, series=_series(sides, keys, report, cache, progress))
+    return report
+
+
+def _keys(reward: str | None, models, dims, condition) -> tuple[list[str], dict[str, str], Composite | None]:
+    """The keys compared, their condition texts, and the composite bound to them (None without ``reward``)."""
     from ..composite import parse_composite
     from ..engine.panel import keyed_conditions
-    from ..engine.scorer import check_mask_threshold
-    from ..scorecache import cache_identity
 
     composite = None
     if reward is not None:
@@ -305,18 +359,15 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
         models = models or wanted
     conditions = keyed_conditions(models, dims, condition)
     keys = [k for k, _ in conditions]
-    texts = dict(conditions)
-    composite = composite.bind(keys) if composite is not None else None
-    threshold = check_mask_threshold(mask_threshold)
-    if len(lineup.sides) < 2:
-        raise ValueError("versus needs at least two sides")
-    if samples < 1:
-        raise ValueError("the bootstrap needs at least one sample")
-    for side in lineup.sides:
-        if side.prescored:
-            _check_prescored(side, keys)
-    sides = [_flag_repeats(s, lineup.by_prompt) for s in lineup.sides]
-    scored = cached = 0
+    return keys, dict(conditions), composite.bind(keys) if composite is not None else None
+
+
+def _scored(lineup: Lineup, sides: list[Side], scorer, keys, texts, condition, threshold, cache, batch_size,
+            progress) -> tuple[list[Side], int, int, str | None, str | None, str | None]:
+    """The sides with folder images scored, after checking pre-scored settings against this run's; also how
+    many were scored and served from cache, and the weights, their identity and dtype (None when none scored)."""
+    from ..scorecache import cache_identity
+
     weights = identity = dtype = None
     if lineup.needs_scoring:
         if scorer is None:
@@ -324,32 +375,33 @@ def compare_sides(lineup: Lineup, scorer=None, dims: Iterable[str] | None = None
         weights = scorer.weights
         identity, dtype = cache_identity(scorer)
     _check_settings(sides, texts, threshold, identity, dtype)
-    if lineup.needs_scoring:
-        sides, scored, cached = _score_folders(sides, scorer, keys, texts, condition, threshold, cache, batch_size,
-                                               progress)
-    failed = list(lineup.failed)
-    for side in sides:
-        failed.extend(Failure(side.name, e.label, e.error) for e in side.entries if e.error is not None)
-    if composite is not None:
-        sides = [_with_composite(s, composite) for s in sides]
-        keys.append(COMPOSITE_KEY)
-    matchups = [_pair_up(sides[i], sides[j], lineup.by_prompt, keys, keys[0], samples, seed)
-                for i in range(len(sides)) for j in range(i + 1, len(sides))]
+    if not lineup.needs_scoring:
+        return sides, 0, 0, weights, identity, dtype
+    sides, scored, cached = _score_folders(sides, scorer, keys, texts, condition, threshold, cache, batch_size,
+                                           progress)
+    return sides, scored, cached, weights, identity, dtype
+
+
+def _check_names_match(sides: Sequence[Side], matchups: Sequence[Matchup], keys: Sequence[str]) -> None:
+    # Folders rendered with other file names share prompts but no names: by name that is "nothing to compare",
+    # which hides that the other pairing would compare them. One empty matchup among others is only reported.
+    if any(m.pairs for m in matchups):
+        return
+    index = {s.name: s for s in sides}
+    for m in matchups:
+        if _pair_up(index[m.a], index[m.b], True, keys, keys[0], 1, 0).pairs:
+            raise NoNamesMatch(m.a, m.b)
+
+
+def _unpaired(sides: Sequence[Side], lineup: Lineup, matchups: Sequence[Matchup]) -> dict[str, list[str]]:
+    """Per side, the images not compared: unlisted by the prompts file or without a counterpart somewhere."""
     unpaired: dict[str, list[str]] = {}
     for side in sides:
         seen = list(lineup.unlisted.get(side.name, []))
         for m in matchups:
             seen.extend(m.unpaired.get(side.name, []))
         unpaired[side.name] = list(dict.fromkeys(seen))
-    report = VersusReport(
-        sides=tuple(s.name for s in sides), keys=tuple(keys), matchups=tuple(matchups), unpaired=unpaired,
-        missing={s: list(v) for s, v in lineup.missing.items()}, failed=tuple(failed),
-        ranking=_ranking(sides, matchups, keys) if len(sides) > 2 else {}, samples=samples, seed=seed,
-        scored=scored, cached=cached, weights=weights, weights_identity=identity, dtype=dtype,
-        mask_threshold=threshold, reward=composite.spelling if composite is not None else None)
-    if series:
-        report = replace(report, series=_series(sides, keys, report, cache, progress))
-    return report
+    return unpaired
 
 
 def _with_composite(side: Side, composite: Composite) -> Side:
@@ -431,4 +483,4 @@ def _ranking(sides: Sequence[Side], matchups: Sequence[Matchup], keys: Sequence[
     return ranking
 
 
-__all__ = ["DimResult", "Matchup", "PromptResult", "Strength", "VersusReport", "compare_sides"]
+__all__ = ["DimResult", "Matchup", "NoNamesMatch", "PromptResult", "Strength", "VersusReport", "compare_sides"]

@@ -65,17 +65,23 @@ class Failure:
     error: str
 
 
+#: How images of two sides pair: by name under one prompt, or every A image of a prompt with every B image of it.
+BY_NAME, ALL_PAIRS = "by-name", "all-pairs-per-prompt"
+PAIRINGS = (BY_NAME, ALL_PAIRS)
+
+
 @dataclass(frozen=True)
 class Lineup:
     """Sides with a prompt on every entry, ready to score and pair.
 
-    ``by_prompt``: pairs form within a prompt, all A x B (a prompts file); otherwise by key.
+    ``pairing``: :data:`BY_NAME`, pairs form between images of one name (relative path without extension)
+    under one prompt; :data:`ALL_PAIRS`, every A image of a prompt meets every B image of it (seeds).
     ``unlisted`` and ``missing``: per side, images the prompts file does not list, and names it
     lists that the side lacks.
     """
 
     sides: tuple[Side, ...]
-    by_prompt: bool
+    pairing: str = BY_NAME
     unlisted: dict[str, list[str]] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     failed: tuple[Failure, ...] = ()
@@ -84,6 +90,11 @@ class Lineup:
     def needs_scoring(self) -> bool:
         """Whether any entry needs the model (so the caller knows whether to load it)."""
         return any(e.path is not None and e.error is None and e.scores is None for s in self.sides for e in s.entries)
+
+    @property
+    def by_prompt(self) -> bool:
+        """Whether pairs form within a prompt regardless of names."""
+        return self.pairing == ALL_PAIRS
 
 
 def _key_of(name: str) -> str:
@@ -220,13 +231,16 @@ def read_side(path: str | os.PathLike) -> Side:
 
 
 def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: str | os.PathLike | None = None,
-            prompt_from: str | None = None) -> Lineup:
+            prompt_from: str | None = None, pairing: str = BY_NAME) -> Lineup:
     """Give every folder image a prompt; pre-scored entries keep the prompt they were scored with.
 
     ``prompts_file`` (JSONL or CSV with image and prompt) names images by their path relative to
     a side, with or without extension, so one file serves every side. Raises :class:`PromptError`
     for a prompts file that cannot be read, ``ValueError`` when a folder side has no prompt source.
+    ``pairing`` (one of :data:`PAIRINGS`) is the same for every prompt source.
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown pairing {pairing!r}: use {' or '.join(PAIRINGS)}")
     names = [s.name for s in sides]
     if len(set(names)) != len(names) or len({os.path.realpath(n) for n in names}) != len(names):
         raise ValueError("the same side is given twice (" + ", ".join(names) + "): a side compared with "
@@ -239,7 +253,7 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
     if not given and any(not s.prescored for s in sides):
         raise ValueError("a folder side needs a prompt source")
     if prompts_file is not None:
-        return _line_up_file(sides, prompts_file)
+        return replace(_line_up_file(sides, prompts_file), pairing=pairing)
     out = []
     for side in sides:
         if side.prescored:
@@ -258,7 +272,7 @@ def line_up(sides: Sequence[Side], *, prompt: str | None = None, prompts_file: s
             except PromptError as exc:
                 entries.append(replace(e, error=str(exc)))
         out.append(replace(side, entries=tuple(entries)))
-    return Lineup(tuple(out), by_prompt=False)
+    return Lineup(tuple(out), pairing=pairing)
 
 
 def _line_up_file(sides: Sequence[Side], prompts_file: str | os.PathLike) -> Lineup:
@@ -306,8 +320,8 @@ def _line_up_file(sides: Sequence[Side], prompts_file: str | os.PathLike) -> Lin
                                                  f"not {text!r}"))
         unlisted[side.name] = [e.label for e in side.entries if id(e) not in used]
         out.append(replace(side, entries=tuple(entries)))
-    return Lineup(tuple(out), by_prompt=True, unlisted=unlisted, missing=missing, failed=tuple(failed))
+    return Lineup(tuple(out), unlisted=unlisted, missing=missing, failed=tuple(failed))
 
 
-__all__ = ["DATASET_META_COLUMNS", "MANIFEST_NAME", "PROMPT_SOURCES", "Entry", "Failure", "Lineup", "Side", "SideError",
-           "line_up", "read_side"]
+__all__ = ["ALL_PAIRS", "BY_NAME", "DATASET_META_COLUMNS", "MANIFEST_NAME", "PAIRINGS", "PROMPT_SOURCES", "Entry",
+           "Failure", "Lineup", "Side", "SideError", "line_up", "read_side"]

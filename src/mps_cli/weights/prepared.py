@@ -176,23 +176,51 @@ def summary() -> Summary:
     return Summary(folder, files, total)
 
 
-def verify_all() -> list[tuple[Path, str | None]]:
-    """Check every prepared file against its seal in full; delete those that fail.
+def verify_all(source: str | os.PathLike | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> list[tuple[Path, str | None]]:
+    """Check prepared files against their seals in full; delete those that fail.
 
-    Returns ``(path, None)`` for a good file and ``(path, why)`` for one deleted.
+    ``source``: only the copies prepared from that weights file (the others are not read); None: every copy.
+    ``progress(what, done, total)`` counts MiB read. Returns ``(path, None)`` for a good file and
+    ``(path, why)`` for one deleted.
     """
     folder = cache_dir()
     out: list[tuple[Path, str | None]] = []
     if not folder.is_dir():
         return out
-    for p in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if source is not None:
+        files = [p for p in files if _source_of(p) == os.path.realpath(source)]
+    sizes = {p: _size(p) for p in files}
+    total, done = sum(sizes.values()), 0
+    what = f"verifying {len(files)} prepared cop{'y' if len(files) == 1 else 'ies'}, {total / 2**30:.1f} GiB"
+    for p in files:
+        if progress is not None:
+            progress(what, done // 2**20, total // 2**20)
         try:
             verify_file(p)
             out.append((p, None))
         except (CheckpointError, OSError, ValueError) as exc:
             discard(p, str(exc))
             out.append((p, str(exc)))
+        done += sizes[p]
+    if progress is not None and files:
+        progress(what, total // 2**20, total // 2**20)
     return out
+
+
+def _source_of(path: Path) -> str | None:
+    try:
+        return metadata(path).get("source")
+    except (OSError, ValueError, CheckpointError):
+        return None  # unreadable: only a full verify looks at it
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 __all__ = ["CACHE_ENV", "FORMAT", "SWITCH_ENV", "PreparedWriter", "SourceIdentity", "Summary", "Unusable", "cache_dir",
