@@ -200,3 +200,41 @@ def test_mps_info_prints_what_the_library_says(monkeypatch):
     assert doc["versions"]["torch"] and doc["prepared"]["enabled"] is True
     text = run_cli("info").stdout
     assert f"weights: {WEIGHTS}\n  cached at {WEIGHTS}\n" in text and "devices:\n  cpu" in text
+
+
+# --------------------------------------------------------------------------- dimensions and prompt counts
+
+
+def test_every_entry_point_raises_one_typed_error_for_a_bad_dimension_or_prompt_count(scorer, tmp_path):
+    import torch
+
+    from mps_cli import DIMENSIONS, DimensionError, InputError, PromptCountError, load_reward, load_scorer
+    from mps_cli.client import Client
+
+    sunset = IMAGES / "sunset.png"
+    reward = load_reward(WEIGHTS, device="cpu")
+    panel = load_scorer(WEIGHTS, device="cpu", model=("mps",))
+    client = Client("http://127.0.0.1:9")  # refused before any request is sent
+    dimension_calls = {
+        "Scorer": lambda: scorer.score([sunset], PROMPT, dims=["beauty"]),
+        "Panel": lambda: panel.score([sunset], PROMPT, dims=["beauty"]),
+        "load_reward": lambda: load_reward(WEIGHTS, dims=("beauty",), device="cpu"),
+        "MPSReward.reward_fn": lambda: reward.reward_fn("beauty"),
+    }
+    for name, call in dimension_calls.items():
+        with pytest.raises(DimensionError) as info:
+            call()
+        assert "beauty" in str(info.value) and isinstance(info.value, InputError), name
+    with pytest.raises(DimensionError) as info:
+        scorer.score([sunset], PROMPT, dims=["beauty"])
+    assert all(dim in str(info.value) for dim in DIMENSIONS)
+    count_calls = {
+        "Scorer": lambda: scorer.score([sunset, sunset], ["a", "b", "c"]),
+        "Panel": lambda: panel.score([sunset, sunset], ["a", "b", "c"]),
+        "MPSReward": lambda: reward(torch.rand(2, 3, 32, 32), ["a", "b", "c"]),
+        "Client": lambda: client.score([sunset, sunset], ["a", "b", "c"]),
+    }
+    for name, call in count_calls.items():
+        with pytest.raises(PromptCountError, match="2 images but 3 prompts") as info:
+            call()
+        assert (info.value.images, info.value.prompts) == (2, 3), name

@@ -11,10 +11,12 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DeviceError,
+    DimensionError,
     FetchError,
     ImageError,
     InputError,
     MPSError,
+    PromptCountError,
     PromptError,
     UnsafePickleError,
 )
@@ -40,7 +42,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CONDITIONS", "DIMENSIONS", "CheckpointError", "ConfigError", "DeviceError", "FetchError",
-    "ImageError", "InputError", "MPSError", "PromptError", "UnsafePickleError", "__version__",
+    "CONDITIONS", "DIMENSIONS", "CheckpointError", "ConfigError", "DeviceError", "DimensionError",
+    "FetchError", "ImageError", "InputError", "MPSError", "PromptCountError", "PromptError",
+    "UnsafePickleError", "__version__",
     *_LAZY,
 ]

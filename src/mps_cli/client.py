@@ -33,7 +33,7 @@ from .constants import BATCH_SCHEMA, CLIENT_MAX_IN_FLIGHT, DEFAULT_MASK_THRESHOL
 from .devices import DEFAULT_BATCH
 from .engine.preprocess import file_error
 from .engine.scorer import Comparison, PairResult, PromptInput, ScoreResult, _prefetch, batch_of, image_label
-from .errors import ImageError, ServerError
+from .errors import ImageError, PromptCountError, ServerError
 
 #: How long a client keeps retrying a server that answers 503 (busy) before giving up.
 BUSY_RETRY_SECONDS = 60.0
@@ -172,7 +172,7 @@ class _Protocol:
         images = list(images)
         prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompt_list) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompt_list)} prompts")
+            raise PromptCountError(len(images), len(prompt_list))
         common: dict = {"condition": condition, "mask_threshold": float(mask_threshold)}
         if dims is not None:
             common["dims"] = [dims] if isinstance(dims, str) else list(dims)

@@ -37,6 +37,22 @@ class InputError(MPSError):
     """A bad image, prompt or prompt file: affects one input, not the run."""
 
 
+class DimensionError(InputError, ValueError):
+    """A dimension that is not one of MPS's (or not one this scorer or reward scores).
+
+    A ``ValueError`` too, so callers that caught the bare error before keep working.
+    """
+
+
+class PromptCountError(InputError, ValueError):
+    """The prompts given do not match the images one for one."""
+
+    def __init__(self, images: int, prompts: int):
+        super().__init__(f"{images} images but {prompts} prompts: give one prompt, or one per image")
+        self.images = images
+        self.prompts = prompts
+
+
 class ImageError(InputError):
     """An image could not be read."""
 

@@ -18,7 +18,7 @@ from .engine.model import judge_logits
 from .engine.options import ModelOptions
 from .engine.panel import keyed_conditions, load_panel, mps_key, parse_models
 from .engine.pixel_rules import letterbox_images
-from .errors import InputError
+from .errors import InputError, PromptCountError
 from .reward import MPSReward, preprocess_images
 from .reward import load_reward as load_mps_reward
 
@@ -84,6 +84,8 @@ class PanelReward(MPSReward):
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise InputError(f"images must be a float tensor B x 3 x H x W, got {got}")
         prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise PromptCountError(images.shape[0], len(prompts))
         span = input_range or self.input_range
         size = self.panel.config.vision.image_size
         out: dict[str, torch.Tensor] = {}

@@ -26,7 +26,7 @@ from .engine.scorer import (
     resolve_conditions,
     score_image_tokens,
 )
-from .errors import InputError
+from .errors import DimensionError, InputError, PromptCountError
 
 
 def preprocess_images(images: torch.Tensor, size: int, input_range: tuple[float, float] = (0.0, 1.0),
@@ -135,7 +135,7 @@ class MPSReward(nn.Module):
         else:
             prompts = list(prompts)
             if len(prompts) != b:
-                raise InputError(f"{b} images but {len(prompts)} prompts")
+                raise PromptCountError(b, len(prompts))
             bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
             if bad:
                 raise InputError(f"prompt {bad[0]} is {type(prompts[bad[0]]).__name__}, not a string")
@@ -175,7 +175,7 @@ class MPSReward(nn.Module):
         """
         key = dim or (COMPOSITE_KEY if self.composite is not None else self.dims[0])
         if key not in self.dims and not (key == COMPOSITE_KEY and self.composite is not None):
-            raise ValueError(f"dimension {key!r} is not one this reward scores ({', '.join(self.dims)})")
+            raise DimensionError(f"dimension {key!r} is not one this reward scores ({', '.join(self.dims)})")
 
         def fn(images: torch.Tensor, prompts: Sequence[str], metadata=None):
             scores = self.score(images, prompts, input_range=(0.0, 1.0))

@@ -47,7 +47,7 @@ from .constants import (
 from .engine.panel import keyed_conditions, mps_dims, split_key
 from .engine.preprocess import EncodedImage, image_from_array
 from .engine.scorer import ScoreResult, check_mask_threshold, compare_scores
-from .errors import CompositeError, ImageError
+from .errors import CompositeError, ImageError, PromptCountError
 from .serve_http import JSONResponse, _BodyTooLarge, _bounded_protocol, _error, _Guard, _short_text, _SlowBody
 
 log = logging.getLogger("mps_cli.server")
@@ -411,7 +411,7 @@ class ScoringService:
         if single or not isinstance(value, list) or not all(p is None or isinstance(p, str) for p in value):
             raise RequestError(422, "'prompt' must be a string" + ("" if single else "; 'prompts' a list of strings"))
         if len(value) != n:
-            raise RequestError(422, f"{n} images but {len(value)} prompts")
+            raise RequestError(422, str(PromptCountError(n, len(value))))
         return value
 
     # ----------------------------------------------------------------------- scoring

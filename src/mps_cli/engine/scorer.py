@@ -24,7 +24,7 @@ from ..devices import (
     resolve_device,
     resolve_precision,
 )
-from ..errors import DeviceError, ImageError
+from ..errors import DeviceError, DimensionError, ImageError, PromptCountError
 from ..weights.config import ModelConfig
 from .decode import EncodedJpeg, checked_jpeg, decode_jpegs, find_jpeg_decoder
 from .options import ModelOptions, model_options
@@ -107,7 +107,7 @@ def resolve_conditions(dims: Iterable[str] | None, condition: str | None) -> lis
         elif dim in CONDITIONS:
             out.append((dim, CONDITIONS[dim]))
         else:
-            raise ValueError(f"unknown dimension {dim!r}: expected one of {', '.join(DIMENSIONS)} or all")
+            raise DimensionError(f"unknown dimension {dim!r}: expected one of {', '.join(DIMENSIONS)} or all")
     if condition is not None:
         if not condition.strip():
             raise ValueError("the custom condition text is empty")
@@ -496,7 +496,7 @@ def _prompt_per_image(prompts: PromptInput, n: int) -> list[str | None]:
         return [prompts] * n
     prompt_list = list(prompts)
     if len(prompt_list) != n:
-        raise ValueError(f"{n} images but {len(prompt_list)} prompts")
+        raise PromptCountError(n, len(prompt_list))
     return prompt_list
 
 
