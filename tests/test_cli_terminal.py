@@ -8,12 +8,14 @@ import io
 import json
 import os
 import pty
+import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
+import pyte
 import pytest
 from conftest import IMAGES, WEIGHTS, messages, mps_executable, run_cli, run_mps, summary
 from PIL import Image
@@ -29,13 +31,33 @@ def _env() -> dict:
     return env
 
 
-def _run_with_tty_stderr(args: list[str], cwd, stdout_file=None) -> tuple[int, str, str]:
-    """Run mps with stderr on a pseudo-terminal and stdout on a pipe (or a file); returns (rc, stdout, tty)."""
+# One process runs many commands through the console script's entry point (`mps_cli.cli:main`), each
+# with the process's real stdout and stderr, a marker line on stdout after each: the model loads once,
+# so the whole matrix costs one start-up instead of one per command.
+DRIVER = """
+import json, sys
+from mps_cli.cli import main
+for i, args in enumerate(json.loads(sys.argv[1])):
+    sys.argv = ["mps", *args]
+    try:
+        main()
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code or 0
+    sys.stdout.write(f"@@case {i} rc={rc}@@\\n")
+    sys.stdout.flush()
+"""
+MARK = re.compile(r"@@case (\d+) rc=(\d+)@@")
+
+
+def _on_pty(argv: list[str], cwd, *, stdout_file=None, shell: str | None = None) -> tuple[str, bytes]:
+    """Run ``argv`` (or the ``shell`` line) with stderr, and stdout unless ``stdout_file``, on one
+    pseudo-terminal; returns (what the file got, the terminal's bytes)."""
     master, slave = pty.openpty()
     try:
-        out = open(stdout_file, "w") if stdout_file else subprocess.PIPE
-        proc = subprocess.Popen([*mps_executable(), *args], stdout=out, stderr=slave, stdin=subprocess.DEVNULL,
-                                cwd=cwd, env=_env(), text=True)
+        out = open(stdout_file, "w") if stdout_file else slave
+        cmd = ["bash", "-c", shell] if shell else argv
+        proc = subprocess.Popen(cmd, stdout=out, stderr=slave, stdin=subprocess.DEVNULL, cwd=cwd, env=_env())
         os.close(slave)
         slave = None
         tty = b""
@@ -47,16 +69,41 @@ def _run_with_tty_stderr(args: list[str], cwd, stdout_file=None) -> tuple[int, s
             if not chunk:
                 break
             tty += chunk
-        stdout = proc.stdout.read() if proc.stdout else ""
-        rc = proc.wait(timeout=300)
+        proc.wait(timeout=300)
         if stdout_file:
             out.close()
-            stdout = open(stdout_file).read()
-        return rc, stdout, tty.decode("utf-8", "replace")
+        return (open(stdout_file).read() if stdout_file else ""), tty
     finally:
         os.close(master)
         if slave is not None:
             os.close(slave)
+
+
+def _screen(tty: bytes) -> list[str]:
+    """The terminal's final lines, as a user sees them (a tall screen, so nothing scrolls away)."""
+    screen = pyte.Screen(1000, 1000)
+    stream = pyte.ByteStream(screen)
+    stream.feed(tty)
+    return [line.rstrip() for line in screen.display][:screen.cursor.y + 1]
+
+
+def _cases(images: list[str], commands=("score", "rank", "compare"), formats=("table", "json", "jsonl", "csv")):
+    runs = []
+    for cmd in commands:
+        for fmt in formats if cmd != "eval" else ("table", "json"):
+            flag = [] if fmt == "table" else [f"--{fmt}"]
+            if cmd == "compare":
+                args = ["compare", "img0.png", "img1.png", "--prompt", FOX]
+            elif cmd == "eval":
+                args = ["eval", "pairs", "pairs.jsonl", "--no-cache"]
+            else:
+                args = [cmd, *images, "--prompt", FOX]
+            runs.append((cmd, fmt, [*args, *flag, "--batch-size", "2", "-w", str(WEIGHTS)]))
+    return runs
+
+
+#: A progress bar's line: its count then its elapsed time (``━━━━ 2/6 0:00:01 eta 0:00:02``).
+BAR = re.compile(r"\d+/\d+ +\d+:\d\d:\d\d")
 
 
 @pytest.fixture(scope="module")
@@ -96,33 +143,61 @@ def _check(cmd: str, fmt: str, stdout: str) -> None:
 
 def test_results_reach_stdout_while_stderr_is_a_terminal(gallery, tmp_path):
     images = sorted(f for f in os.listdir(gallery) if f.startswith("img"))
-    runs = []
-    for cmd in ("score", "rank", "compare", "eval"):
-        for fmt in ("table", "json", "jsonl", "csv") if cmd != "eval" else ("table", "json"):
-            flag = [] if fmt == "table" else [f"--{fmt}"]
-            if cmd == "compare":
-                args = ["compare", "img0.png", "img1.png", "--prompt", FOX]
-            elif cmd == "eval":
-                args = ["eval", "pairs", "pairs.jsonl", "--no-cache"]
-            else:
-                args = [cmd, *images, "--prompt", FOX]
-            runs.append((cmd, fmt, [*args, *flag, "--batch-size", "2", "-w", str(WEIGHTS)]))
+    runs = _cases(images, ("score", "rank", "compare", "eval"))
+    stdout, tty = _on_pty([sys.executable, "-c", DRIVER, json.dumps([a for _, _, a in runs])], gallery,
+                          stdout_file=tmp_path / "out.txt")
+    parts = MARK.split(stdout)
+    assert len(parts) == 3 * len(runs) + 1, stdout[-2000:]
+    text = tty.decode("utf-8", "replace")
+    assert "Traceback" not in text
+    for i, (cmd, fmt, _) in enumerate(runs):
+        assert parts[3 * i + 2] == "0", (cmd, fmt, text)
+        _check(cmd, fmt, parts[3 * i].removeprefix("\n"))
+    # Nothing of the results leaked onto the terminal, and the bar really was drawn there
+    # (6 images are 3 batches of 2) while the results went, unseen, to the file.
+    assert "img1" not in text.replace("img1.png", "") and '"scores"' not in text, text
+    assert "━" in text and text.count(f"{N_IMAGES} scored, 0 failed") == 8, text
+    # Transient: the final screen holds only the message lines, no bar.
+    assert not [line for line in _screen(tty) if BAR.search(line)], _screen(tty)
 
-    def one(i_run):
-        i, (cmd, fmt, args) = i_run
-        # Alternate a pipe and a file for stdout.
-        return cmd, fmt, _run_with_tty_stderr(args, gallery, tmp_path / f"out{i}.txt" if i % 2 else None)
 
-    with ThreadPoolExecutor(3) as pool:
-        for cmd, fmt, (rc, stdout, tty) in pool.map(one, enumerate(runs)):
-            assert rc == 0, (cmd, fmt, tty)
-            assert "Traceback" not in tty
-            _check(cmd, fmt, stdout)
-            # Nothing of the results leaked onto the terminal.
-            assert "img1" not in tty.replace("img1.png", "") and '"scores"' not in tty, (cmd, fmt, tty)
-            if cmd == "score":
-                # The progress display really was drawn on the terminal (6 images are 3 batches of 2).
-                assert "scoring" in tty and f"{N_IMAGES} scored, 0 failed" in tty, (fmt, tty)
+def test_no_bar_is_left_glued_to_results_on_a_shared_terminal(gallery):
+    images = sorted(f for f in os.listdir(gallery) if f.startswith("img"))
+    runs = _cases(images)
+    _, tty = _on_pty([sys.executable, "-c", DRIVER, json.dumps([a for _, _, a in runs])], gallery)
+    assert b"\xe2\x94\x81" in tty  # the bar was drawn (and so could have been left behind)
+    lines = _screen(tty)
+    assert not [line for line in lines if BAR.search(line)], "\n".join(lines)
+    screen = "\n".join(lines)
+    blocks = MARK.split(screen)
+    assert len(blocks) == 3 * len(runs) + 1, screen
+    for i, (cmd, fmt, _) in enumerate(runs):
+        assert blocks[3 * i + 2] == "0", (cmd, fmt, screen)
+        # Every result reached the screen whole: the block, less the messages, is the command's output.
+        results = "\n".join(line for line in blocks[3 * i].split("\n") if line and not line.startswith("mps: "))
+        if fmt == "jsonl" or fmt == "json" or fmt == "csv":
+            _check(cmd, fmt, results + "\n")
+        else:
+            assert ("P(A preferred)" if cmd == "compare" else "img5") in results, (cmd, results)
+
+
+def test_no_bar_is_left_glued_to_what_head_prints():
+    """`mps score ... --jsonl | head`: head prints on the terminal the bar is drawn on, when it likes."""
+    gallery_dir = IMAGES
+    names = sorted(n for n in os.listdir(gallery_dir) if n.endswith(".png"))[:4] * 2
+    mps = mps_executable()[0]
+    for fmt, lines in (("--jsonl", 3), ("--csv", 4)):
+        line = (f"'{mps}' score {' '.join(names)} --prompt 'a fox' {fmt} --batch-size 2 -w '{WEIGHTS}' "
+                f"| head -n {lines}")
+        _, tty = _on_pty([], gallery_dir, shell=line)
+        screen = _screen(tty)
+        assert not [row for row in screen if BAR.search(row)], "\n".join(screen)
+        shown = [row for row in screen if row and not row.startswith("mps: ")]
+        assert len(shown) == lines, screen
+        if fmt == "--jsonl":
+            assert all(json.loads(row)["scores"] for row in shown), shown
+        else:
+            assert shown[0].startswith("image,prompt") and all(row.count(",") >= 2 for row in shown), shown
 
 
 # --------------------------------------------------------------------------- hostile inputs

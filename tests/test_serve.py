@@ -537,3 +537,48 @@ def test_serve_refuses_a_public_address_without_a_token_and_explains_a_missing_e
     r = CliRunner().invoke(app, ["serve"])
     assert r.exit_code == 2
     assert "pip install 'mps-score[serve]'" in r.output and "no_such_module_for_mps" in r.output
+
+
+def test_model_options_with_server_agree_silently_or_are_refused(server, tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import load_file, save_file
+
+    img = str(server.allowed / "sunset.png")
+    base = ["score", img, "--prompt", "a fox", "--jsonl", "--server", server.url, "--token", TOKEN]
+    same = tmp_path / "same-bytes.safetensors"  # another path, the same file: the same model
+    same.write_bytes(WEIGHTS.read_bytes())
+    tensors = load_file(WEIGHTS)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, other)
+    cfg = json.loads((WEIGHTS.parent / "config.json").read_text())
+    cfg["projection_dim"] = cfg["projection_dim"] * 2
+    (tmp_path / "wide.json").write_text(json.dumps(cfg))
+
+    for extra, env in ((["--weights", str(same), "--dtype", "fp32", "--device", "cpu"], None),
+                       (["--config", str(WEIGHTS.parent / "config.json"), "--decode", "exact"], None),
+                       ([], {"MPS_WEIGHTS": str(same)})):
+        proc = run_cli(*base, *extra, env=env)
+        assert proc.returncode == 0, (extra, proc.stderr)
+        assert "scores" in json.loads(proc.stdout) and "warning" not in proc.stderr, proc.stderr
+
+    refused = {
+        "--weights": (["--weights", str(other)], None),
+        "--weights (from $MPS_WEIGHTS)": ([], {"MPS_WEIGHTS": str(other)}),
+        "--dtype": (["--dtype", "bf16"], None),
+        "--device": (["--device", "cuda"], None),
+        "--config": (["--config", str(tmp_path / "wide.json")], None),
+        "--decode": (["--decode", "draft"], None),
+        "--compile": (["--compile", "on"], None),
+        "--revision": (["--revision", "v2"], None),
+    }
+    for flag, (extra, env) in refused.items():
+        proc = run_cli(*base, *extra, env=env)
+        assert proc.returncode == 2, (flag, proc.stderr)
+        assert proc.stdout == "" and "Traceback" not in proc.stderr
+        line, = proc.stderr.splitlines()
+        assert line.startswith(f"mps: error: {flag} ") and "drop " + flag.split()[0] in line, line
+    # The server's own answer names what it serves, so the refusal can say it.
+    line = run_cli(*base, "--dtype", "bf16").stderr
+    assert "dtype fp32" in line and server.url in line

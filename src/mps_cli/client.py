@@ -551,4 +551,79 @@ def _multipart(fields: list[tuple[str, str]], files: list[_Upload]) -> tuple[byt
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-__all__ = ["AsyncClient", "Client", "backoff_delay"]
+@dataclass(frozen=True)
+class Disagreement:
+    """A model option asked for here that the server does not serve: the option's field name (of
+    :class:`~mps_cli.engine.options.ModelOptions`), what was asked and what the server has."""
+
+    option: str
+    asked: str
+    served: str
+
+
+def disagreements(info: dict, options) -> list[Disagreement]:
+    """Where the model ``options`` asked for (a :class:`~mps_cli.engine.options.ModelOptions`) differ from
+    the model a server's ``/v1/info`` describes; options left at their defaults ask nothing.
+
+    Weights compare by identity: a local file by the SHA-256 of its bytes, a Hub file or known name by
+    repository, file and (if pinned) revision; never by how a path is spelled. ``offline`` is about this
+    machine's network, which a server run never uses, so it asks nothing of the server.
+    """
+    from .devices import AUTO_DTYPE, check_compile_spec, check_decode_spec, check_device_spec, parse_precision
+
+    out: list[Disagreement] = []
+    served_device = str(info.get("device", ""))
+    if options.weights is not None or options.revision:
+        out += _weights_disagree(info, options.weights, options.revision)
+    if options.config is not None:
+        from .weights.config import ModelConfig, config_digest, read_config
+
+        cfg = options.config if isinstance(options.config, ModelConfig) else read_config(options.config)
+        if info.get("config") is not None and config_digest(cfg) != info["config"]:
+            out.append(Disagreement("config", str(getattr(options.config, "source", options.config)),
+                                    f"another architecture ({info.get('weights')}'s)"))
+    device = check_device_spec(options.device)
+    if device != "auto" and device.partition(":")[0] != served_device.partition(":")[0]:
+        # The kind decides kernels and the automatic dtype, hence the numbers; which GPU index does not.
+        out.append(Disagreement("device", options.device, served_device))
+    image, text = parse_precision(options.dtype)
+    if (image, text) != ("auto", "auto"):
+        kind = "cpu" if served_device.startswith("cpu") else "accelerator"
+        served = str(info.get("dtype", ""))
+        served_image, _, served_text = served.partition("/")
+        want_image = AUTO_DTYPE[kind] if image == "auto" else image
+        want_text = "fp32" if text == "auto" else text
+        if (want_image, want_text) != (served_image, served_text or served_image):
+            out.append(Disagreement("dtype", options.dtype, served))
+    decode = check_decode_spec(options.decode)
+    if decode not in ("auto", "fast") and "decode" in info and decode != info["decode"]:
+        out.append(Disagreement("decode", options.decode, str(info["decode"])))
+    compiled = check_compile_spec(options.compile)
+    if compiled != "off" and compiled != info.get("compile", "off"):
+        out.append(Disagreement("compile", options.compile, str(info.get("compile", "off"))))
+    return out
+
+
+def _weights_disagree(info: dict, weights, revision: str | None) -> list[Disagreement]:
+    from .weights.cachedir import weights_sha256
+    from .weights.sources import hub_file_for, weights_spec
+
+    spec = weights_spec(weights)
+    served_label, served_id = str(info.get("weights", "")), str(info.get("identity", ""))
+    hub = hub_file_for(spec, revision)
+    if hub is not None:
+        served_hub = hub_file_for(served_label) if served_label.startswith("hf://") else None
+        same = (served_hub is not None and (served_hub.repo, served_hub.filename) == (hub.repo, hub.filename)
+                and (hub.revision is None or served_hub.revision == hub.revision))
+        return [] if same else [Disagreement("revision" if weights is None else "weights", hub.uri, served_label)]
+    if os.path.isfile(spec):
+        try:
+            same = "sha256:" + weights_sha256(spec) == served_id.split(";")[0].split("=")[-1]
+        except OSError:
+            same = False
+    else:  # not a file here: perhaps a path on the server's machine, as the server was told it
+        same = os.path.normpath(spec) == os.path.normpath(served_label)
+    return [] if same else [Disagreement("weights", spec, f"{served_label} ({served_id[:19]})")]
+
+
+__all__ = ["AsyncClient", "Client", "Disagreement", "backoff_delay", "disagreements"]

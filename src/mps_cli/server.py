@@ -468,10 +468,13 @@ class ScoringService:
                 for i, (src, prompt) in enumerate(zip(work.sources, work.prompts, strict=True))]
 
     def info(self) -> dict:
+        from .weights.config import config_digest
+
         s = self.scorer
         return {
             "version": __version__, "weights": s.weights, "identity": s.identity, "device": str(s.device),
-            "dtype": s.precision.label, "batch_size": s.batch_size,
+            "dtype": s.precision.label, "batch_size": s.batch_size, "config": config_digest(s.config),
+            "decode": getattr(s, "decode", "exact"), "compile": getattr(s, "compiled", "off"),
             **({"models": list(s.models)} if getattr(s, "models", None) else {}),
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,

@@ -344,5 +344,28 @@ def open_scorer(model: ModelOptions, remote: Remote, run: RunOptions):
         if model.model:
             raise fail("--model scores here; the server scores with its own models (mps serve --model): "
                        "drop --model or --server", Exit.USAGE)
-        return Client(remote.server, token=remote.token, batch_size=run.batch_size)
+        client = Client(remote.server, token=remote.token, batch_size=run.batch_size)
+        check_served_model(client, model)
+        return client
     return load_model(model)
+
+
+def check_served_model(client, model: ModelOptions) -> None:
+    """Refuse model options the server does not serve (its scores would be another model's, unsaid);
+    those that agree with its ``/v1/info`` go through silently."""
+    import os
+
+    from ..client import disagreements
+    from .app import handle_errors
+
+    if all(getattr(model, f) == d for f, (_, d) in MODEL.options.items() if f != "offline"):
+        return  # nothing asked: no round trip before the first batch
+    with handle_errors("asking the server for its model"):
+        found = disagreements(client.info(), model)
+    if found:
+        d = found[0]
+        flag = f"--{d.option}"
+        if d.option == "weights" and os.environ.get(WEIGHTS_ENV) and model.weights == os.environ[WEIGHTS_ENV]:
+            flag = f"--weights (from ${WEIGHTS_ENV})"
+        raise fail(f"{flag} {d.asked} is not what the server at {client.url} serves ({d.option} {d.served}): "
+                   f"drop {flag.split()[0]}, or drop --server to score with it here", Exit.USAGE)

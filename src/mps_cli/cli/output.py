@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 PROG = "mps"
 
 _live_console = None  # the stderr console of an active progress display: messages go above it
+_live_bar = None  # the active Progress, cleared before results reach a terminal
 _notes: set[str] = set()
 
 
@@ -126,6 +128,7 @@ def _clean_doc(value):
 
 def emit(text: str) -> None:
     """Write results to stdout and flush, so pipes see each line as it is ready."""
+    _results_coming()
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -179,11 +182,31 @@ def stdout_console():
     """A Rich console on stdout for result tables."""
     from rich.console import Console
 
+    _results_coming()
     # Plain text on pipes and files; the terminal's width (or 80) for a table.
     return Console(file=sys.stdout, soft_wrap=False, highlight=False)
 
 
 # --------------------------------------------------------------------------- stderr: status, progress
+
+
+def _results_coming() -> None:
+    """Clear the progress bar for good before results go where they may share its terminal.
+
+    A bar is drawn with the cursor at its end, so a result written to the same terminal (stdout a
+    terminal too) lands glued to it, and a later redraw erases lines that are now the results. A
+    pipe's reader (``| head``) may print on this terminal when it likes, beyond our control. From
+    the first result on, the results themselves show the progress; a file takes them unseen, and
+    the bar stays.
+    """
+    if _live_bar is None:
+        return
+    try:
+        shared = sys.stdout.isatty() or stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        shared = True  # not a real file (a test's capture): nothing to draw over, and stopping is harmless
+    if shared:
+        _live_bar.close()
 
 
 def _stderr_console():
@@ -239,17 +262,22 @@ class Progress:
                 self._tasks["score"] = self.bar.add_task("scoring", total=total)
 
     def __enter__(self) -> Progress:
-        global _live_console
+        global _live_console, _live_bar
         if self.bar is not None:
             self.bar.start()
-            _live_console = self.bar.console
+            _live_console, _live_bar = self.bar.console, self
         return self
 
     def __exit__(self, *exc) -> None:
-        global _live_console
+        self.close()
+
+    def close(self) -> None:
+        """Stop and clear the bar (it is transient); later counts are not drawn."""
+        global _live_console, _live_bar
         if self.bar is not None:
-            self.bar.stop()
-            _live_console = None
+            bar, self.bar = self.bar, None
+            bar.stop()
+            _live_console, _live_bar = None, None
 
     @property
     def callback(self):

@@ -77,6 +77,16 @@ class CrossConfig:
     parallel_ff: int
 
 
+def config_digest(config: ModelConfig) -> str:
+    """A short identity of an architecture (its towers and width, not where it was read from), so two
+    machines can tell whether they build the same model."""
+    import hashlib
+    from dataclasses import asdict
+
+    doc = {k: v for k, v in asdict(config).items() if k != "source"}
+    return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def builtin_config() -> ModelConfig:
     """The ViT-H-14 (laion2B-s32B-b79K) architecture the published MPS checkpoint uses."""
     return ModelConfig(
