@@ -110,11 +110,50 @@ def mps_executable() -> list[str]:
     return [exe]
 
 
-def run_mps(*args: str, env: dict | None = None, input: str | None = None, cwd=None, timeout: float = 300):
-    """Run the real console script in a subprocess; returns CompletedProcess with text output."""
+_fork_shim: list[str] = []
+
+
+def forked_mps() -> list[str]:
+    """``mps`` as a fresh fork of a process that imported torch and the CLI once (tests/forkserver.py), for
+    tests of what a command does in a process of its own (its environment, files, exit status, streams) where
+    starting the interpreter is not what is tested: 0.4 s a command instead of 2. One server per test process,
+    started on first use; tests/test_docs.py holds it to the console script."""
+    if not _fork_shim:
+        import atexit
+        import tempfile
+
+        from forkserver import write_shims
+
+        folder = tempfile.mkdtemp(prefix="mps-fork-")  # short: Unix socket paths have a ~100-byte limit
+        sock = os.path.join(folder, "fork.sock")
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), sock],
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=folder, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "ready", "the fork server did not start"
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait(timeout=30)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+        write_shims(Path(folder) / "bin", sock)
+        _fork_shim.append(str(Path(folder) / "bin" / "mps"))
+    return list(_fork_shim)
+
+
+def mps_env(env: dict | None = None) -> dict:
+    """The environment :func:`run_mps` gives the command: this one, warnings off, ``MPS_WEIGHTS`` only if given."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("MPS_WEIGHTS", None) if env is None or "MPS_WEIGHTS" not in env else None
+    return full_env
+
+
+def run_mps(*args: str, env: dict | None = None, input: str | None = None, cwd=None, timeout: float = 300,
+            fork: bool = False):
+    """Run the real console script in a subprocess (``fork``: as a fork of :func:`forked_mps`, for tests where
+    the interpreter's start is not under test); returns CompletedProcess with text output."""
     return subprocess.run(
-        [*mps_executable(), *args], capture_output=True, text=True, env=full_env, input=input,
-        cwd=cwd, timeout=timeout,
+        [*(forked_mps() if fork else mps_executable()), *args], capture_output=True, text=True,
+        env=mps_env(env), input=input, cwd=cwd, timeout=timeout,
     )

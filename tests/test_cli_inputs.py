@@ -136,7 +136,7 @@ def test_unknown_dim_bad_device_and_no_prompt_are_usage_errors():
         (["rank", img], "--prompt"),
     ]
     for args, culprit in cases:
-        proc = run_mps(*args, "-w", str(WEIGHTS))
+        proc = run_mps(*args, "-w", str(WEIGHTS), fork=True)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stdout == ""
         assert "Traceback" not in proc.stderr

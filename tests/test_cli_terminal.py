@@ -294,16 +294,16 @@ def test_prompts_file_with_nul_path_lone_surrogate_and_json_array(tmp_path):
 
 
 def test_download_of_a_malformed_source_is_one_line():
-    proc = run_mps("download", "hf://foo")
+    proc = run_mps("download", "hf://foo", fork=True)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1 and "hf://foo" in proc.stderr
-    proc = run_mps("download", "hf://a/b/c.safetensors@v1", "--revision", "v2")
+    proc = run_mps("download", "hf://a/b/c.safetensors@v1", "--revision", "v2", fork=True)
     assert proc.returncode == 2 and "v1" in proc.stderr and "v2" in proc.stderr
 
 
 def test_download_offline_names_no_flag_it_does_not_have(tmp_path):
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "2"}
-    proc = run_mps("download", "hf://a/b/c.safetensors", env=env)
+    proc = run_mps("download", "hf://a/b/c.safetensors", env=env, fork=True)
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "--weights" not in proc.stderr and "--offline" not in proc.stderr
@@ -317,7 +317,7 @@ def test_no_usable_input_never_touches_the_weights(tmp_path):
     for extra, env in ((["-w", str(tmp_path / "absent.safetensors")], None),
                        ([], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})):
         proc = run_mps("score", "missing.png", str(tmp_path), "--prompt", "x", "--json", *extra, env=env,
-                       cwd=tmp_path)
+                       cwd=tmp_path, fork=True)
         assert proc.returncode == 1, proc.stderr
         assert "Traceback" not in proc.stderr
         doc = json.loads(proc.stdout)
@@ -356,13 +356,13 @@ def test_closed_pipe_exits_0_for_every_command(tmp_path):
 
 
 def test_help_shows_rev_examples_version_and_no_bool_metavar():
-    proc = run_mps("score", "--help", env={"COLUMNS": "200"})
+    proc = run_mps("score", "--help", env={"COLUMNS": "200"}, fork=True)
     assert proc.returncode == 0
     assert "hf://OWNER/REPO/PATH[@REV]" in proc.stdout
     assert "<bool>" not in proc.stdout
     assert "Examples:" in proc.stdout and "mps score --prompts prompts.jsonl --csv > scores.csv" in proc.stdout
     assert "--null" in proc.stdout and "-0" in proc.stdout
-    proc = run_mps("download", "--help", env={"COLUMNS": "200"})
+    proc = run_mps("download", "--help", env={"COLUMNS": "200"}, fork=True)
     assert "[@REV]" in proc.stdout and "<bool>" not in proc.stdout
     proc = run_mps("--version")
     from mps_cli import __version__

@@ -1,22 +1,30 @@
 """Fetching weights from a Hub: a real HTTP server on 127.0.0.1 speaking the Hub's resolve protocol.
 
-``HF_ENDPOINT`` points the real ``mps`` console script at the server and ``HF_HOME`` puts the
-cache in tmp_path; the server's request log proves when the network was (not) touched.
+``HF_ENDPOINT`` points ``mps``, each command a process of its own, at the server and ``HF_HOME`` puts the
+cache in tmp_path; the server's request log proves when the network was (not) touched. The processes are forks
+of one that imported torch (tests/conftest.py ``forked_mps``): what is under test is the fetching, the cache and
+what the command says, not the interpreter's start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE, IMAGES, WEIGHTS, mps_executable, run_mps
+from conftest import FIXTURE, IMAGES, WEIGHTS, forked_mps, mps_env
+from conftest import run_mps as _run_mps
 from hubserver import COMMIT, HubServer, free_port
 
 from mps_cli.constants import DEFAULT_CONFIG_FILE, DEFAULT_REPO, DEFAULT_WEIGHTS_FILE
+
+
+def run_mps(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``mps ARGS`` in a process of its own, forked (see the module's docstring)."""
+    return _run_mps(*args, fork=True, **kwargs)
+
 
 REPO = "owner/repo"
 FILE = "path/mps-tiny.safetensors"
@@ -254,8 +262,7 @@ def test_two_processes_fetching_at_once_share_one_download(tmp_path):
     server.add_file(REPO, FILE, WEIGHTS)
     with server:
         env = env_for(server.url, tmp_path)
-        full_env = {**os.environ, **env}
-        procs = [subprocess.Popen([*mps_executable(), "download", URI, "--json"], env=full_env,
+        procs = [subprocess.Popen([*forked_mps(), "download", URI, "--json"], env=mps_env(env),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):

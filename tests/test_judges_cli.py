@@ -199,10 +199,10 @@ def test_judges_download_from_their_published_repositories_then_run_offline(judg
     args = ["score", str(IMAGES / "crop.png"), "--prompt", PROMPT, "--json", "--device", "cpu",
             "--model", "pickscore,hpsv2.1"]
     with server:
-        online = run_mps(*args, env={**env, "HF_ENDPOINT": server.url})
+        online = run_mps(*args, env={**env, "HF_ENDPOINT": server.url}, fork=True)
         assert online.returncode == 0, online.stderr
         assert {r.filename for r in server.requests("GET")} >= {"model.safetensors", "HPS_v2.1_compressed.pt"}
-    offline = run_mps(*args, "--offline", env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    offline = run_mps(*args, "--offline", env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, fork=True)
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout) == json.loads(online.stdout)
     assert list(json.loads(online.stdout)[0]["scores"]) == ["pickscore", "hpsv2.1"]

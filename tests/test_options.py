@@ -112,9 +112,10 @@ def test_a_local_dataset_run_opens_the_weights_once(tmp_path, monkeypatch):
     uri = "hf://owner/repo/path/mps-tiny.safetensors"
     with hub:
         env["HF_ENDPOINT"] = hub.url
-        assert run_mps("download", uri, env=env).returncode == 0  # cached now: one look at the Hub per open
+        assert run_mps("download", uri, env=env, fork=True).returncode == 0  # cached now: one look at the Hub per open
         before = len(hub.requests("HEAD", "path/mps-tiny.safetensors"))
-        proc = run_mps("dataset", str(shard), "--out", str(tmp_path / "out"), "-w", uri, "--device", "cpu", env=env)
+        proc = run_mps("dataset", str(shard), "--out", str(tmp_path / "out"), "-w", uri, "--device", "cpu", env=env,
+                       fork=True)
         assert proc.returncode == 0, proc.stderr
         asked = hub.requests("HEAD", "path/mps-tiny.safetensors")[before:]
     assert len(asked) == 1, [r.path for r in asked]

@@ -204,7 +204,7 @@ def test_cli_twice_same_output_and_a_quiet_second_run(tmp_path, fp16_weights):
     # The first run writes the prepared copy (in-process: what it prints is all that counts here);
     # the second is a new process, as a user's next command is, and must find the copy.
     first = run_cli(*args, env=env)
-    second = run_mps(*args, env=env)
+    second = run_mps(*args, env=env, fork=True)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(second.stdout) == json.loads(first.stdout)
     assert "prepared" not in second.stderr and "Traceback" not in first.stderr + second.stderr

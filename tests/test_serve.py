@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES, WEIGHTS, mps_executable
+from conftest import IMAGES, WEIGHTS, forked_mps, mps_executable
 
 TOKEN = "s3cret-token"
 IMAGE_NAMES = sorted(p.name for p in IMAGES.iterdir())
@@ -247,14 +247,14 @@ def test_cli_through_the_server_is_byte_identical_to_local_and_imports_no_torch(
     assert not [m for m in imported if m.split(".")[0] in ("torch", "open_clip", "safetensors", "starlette")]
 
     # the same exit code as a local run when an input fails, and 4 when the server is unreachable
-    rank = subprocess.run([*mps_executable(), "rank", str(IMAGES / "gray.png"), "nope.png", "--prompt", prompt,
+    rank = subprocess.run([*forked_mps(), "rank", str(IMAGES / "gray.png"), "nope.png", "--prompt", prompt,
                            "--jsonl", "--server", server.url, "--token", TOKEN], capture_output=True, text=True,
                           env=env, timeout=60)
     # the input's one line, then the closing summary every scoring command prints (as a local run does)
     assert rank.returncode == 1 and rank.stderr.splitlines() == ["mps: error: nope.png: no such file",
                                                                  "mps: 1 scored, 1 failed"]
     assert [json.loads(line).get("rank") for line in rank.stdout.splitlines()] == [1, None]
-    down = subprocess.run([*mps_executable(), "compare", str(IMAGES / "gray.png"), str(IMAGES / "crop.png"),
+    down = subprocess.run([*forked_mps(), "compare", str(IMAGES / "gray.png"), str(IMAGES / "crop.png"),
                            "--prompt", prompt, "--server", f"http://127.0.0.1:{free_port()}"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert down.returncode == 4 and "cannot reach the scoring server" in down.stderr and not down.stdout
