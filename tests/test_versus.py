@@ -424,3 +424,24 @@ def test_cache_is_shared_and_a_new_side_costs_only_its_images(two, tmp_path, sco
         assert (three.scored, three.cached) == (3, 9)
         assert three.matchup(str(two / "a"), str(two / "b")).results == first.matchups[0].results
     assert math.isclose(sum(s.strength for s in three.ranking["overall"]), 1.0)
+
+
+def test_prompts_and_side_names_that_look_like_markup_are_printed_as_written(tmp_path):
+    """Rich reads "[...]" as markup: a prompt or folder named so must show verbatim in every table, never
+    vanish or end the run with a MarkupError (it did, in --details, exit 5)."""
+    prompt = "a [bold]red[/] fox [/x] on [link=http://x]snow[/link]"
+    sides = []
+    for n, name in enumerate(("[red]a", "b[i]", "[bold]c")):
+        side = tmp_path / f"{name}.jsonl"
+        rows = [{"image": f"img{i}.png", "prompt": prompt,
+                 "scores": {d: float((i * (n + k + 1)) % 3) for k, d in enumerate(ALL_DIMS)}} for i in range(4)]
+        side.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        sides.append(str(side))
+    for args in ([*sides[:2], "--details"], [*sides, "--details"], [*sides, "--series"]):
+        res = run_cli("versus", *args, env={"COLUMNS": "250"})
+        assert res.returncode == 0, (args, res.stderr)
+        assert "Traceback" not in res.stderr and "MarkupError" not in res.stderr
+        if "--details" in args:
+            assert prompt in res.stdout, res.stdout
+        for side in sides[:len(args) - 1]:
+            assert Path(side).stem in res.stdout, (side, res.stdout)

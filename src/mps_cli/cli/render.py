@@ -189,7 +189,7 @@ def render_eval_report(report, as_json: bool, note: str) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"MPS accuracy on {report.benchmark}", title_justify="left")
+    table = Table(title=_plain(f"MPS accuracy on {report.benchmark}"), title_justify="left")
     table.add_column("dimension")
     table.add_column("accuracy %", justify="right")
     table.add_column("paper (MPS) %", justify="right")
@@ -205,6 +205,13 @@ def render_eval_report(report, as_json: bool, note: str) -> None:
                   markup=False)
     if any(dim != "overall" for dim in report.accuracy):
         console.print(f"Note: {note}", soft_wrap=True, markup=False)
+
+
+def _plain(text: object):
+    """User text (a prompt, a side's folder name) as a Rich cell or title: shown as written, never as markup."""
+    from rich.text import Text
+
+    return Text(clean(str(text)))
 
 
 def _percent(value: float | None) -> str:
@@ -243,7 +250,7 @@ def _versus_two(report, details: bool, note: str) -> None:
 
     m = report.matchups[0]
     console = stdout_console()
-    table = Table(title=f"A: {m.a}  vs  B: {m.b}", title_justify="left", caption=f"pairing: {report.pairing}",
+    table = Table(title=_plain(f"A: {m.a}  vs  B: {m.b}"), title_justify="left", caption=f"pairing: {report.pairing}",
                   caption_justify="left")
     for col in ("dimension", "A wins %", "95% CI", "mean A − B", "A / tie / B"):
         table.add_column(col, justify="left" if col == "dimension" else "right")
@@ -269,7 +276,7 @@ def _versus_prompts(console, m) -> None:
     if len(rows) > DETAIL_ROWS:
         hidden = len(rows) - DETAIL_ROWS
         rows = rows[:DETAIL_ROWS // 2] + [None] + rows[-DETAIL_ROWS // 2:]
-    table = Table(title=f"{m.a} vs {m.b} per prompt, best for A first (by {first})", title_justify="left")
+    table = Table(title=_plain(f"{m.a} vs {m.b} per prompt, best for A first (by {first})"), title_justify="left")
     table.add_column("prompt", overflow="ellipsis", max_width=60)
     table.add_column("pairs", justify="right")
     table.add_column("A wins %", justify="right")
@@ -279,7 +286,8 @@ def _versus_prompts(console, m) -> None:
         if p is None:
             table.add_row(f"… {hidden} more", *[""] * (2 + len(m.results)))
             continue
-        table.add_row(p.prompt, str(p.pairs), _rate(p.win_rate[first]), *[_diff(p.mean_diff[k]) for k in m.results])
+        table.add_row(_plain(p.prompt), str(p.pairs), _rate(p.win_rate[first]),
+                      *[_diff(p.mean_diff[k]) for k in m.results])
     console.print(table)
 
 
@@ -292,9 +300,9 @@ def _versus_many(report, details: bool) -> None:
                       caption=f"pairing: {report.pairing}", caption_justify="left")
         table.add_column("")
         for s in report.sides:
-            table.add_column(s, justify="right")
+            table.add_column(_plain(s), justify="right")
         for s in report.sides:
-            cells = [s]
+            cells = [_plain(s)]
             for t in report.sides:
                 if s == t:
                     cells.append("—")
@@ -307,7 +315,7 @@ def _versus_many(report, details: bool) -> None:
         for col in ("#", "side", "strength"):
             ranking.add_column(col, justify="left" if col == "side" else "right")
         for i, st in enumerate(report.ranking[k], 1):
-            ranking.add_row(str(i), st.side, f"{st.strength:.3f}")
+            ranking.add_row(str(i), _plain(st.side), f"{st.strength:.3f}")
         console.print(ranking)
     console.print(f"{counted(sum(m.pairs for m in report.matchups), 'pair')} over {len(report.matchups)} matchups; "
                   f"intervals from {report.samples} resamples, seed {report.seed}; {report.scored} images scored, "
@@ -328,7 +336,7 @@ def render_series(series) -> None:
     for k in keys:
         table.add_column(k, justify="right")
     for c in series.checkpoints:
-        table.add_row(c.side, *(f"{t.mean:.3f} ({t.ci95[0]:.3f}–{t.ci95[1]:.3f})" if t.n else "—"
+        table.add_row(_plain(c.side), *(f"{t.mean:.3f} ({t.ci95[0]:.3f}–{t.ci95[1]:.3f})" if t.n else "—"
                                 for t in c.scores.values()))
     console.print(table)
     stats = list(dict.fromkeys(s for c in series.checkpoints for s in c.stats))
@@ -340,7 +348,7 @@ def render_series(series) -> None:
         table.add_column("near-duplicates", justify="right")
         for c in series.checkpoints:
             cells = [f"{r.median:.3g} ({r.low:.3g}–{r.high:.3g})" if (r := c.stats.get(s)) else "—" for s in stats]
-            table.add_row(c.side, *cells, "—" if c.duplicate_rate is None else f"{c.duplicate_rate:.0%}")
+            table.add_row(_plain(c.side), *cells, "—" if c.duplicate_rate is None else f"{c.duplicate_rate:.0%}")
         console.print(table)
     watched = f"watching {series.rising} against {', '.join(series.falling) or 'nothing'}" if series.rising else ""
     console.print(f"{counted(len(series.flags), 'flag')}" + (f"; {watched}" if watched else "") + ".", soft_wrap=True)
