@@ -87,7 +87,7 @@ def _gone(url: str, exc: BaseException) -> ServerError:
     reason = getattr(exc, "reason", None) or exc
     what = ("timed out" if isinstance(reason, TimeoutError | asyncio.TimeoutError)
             else " ".join(str(reason).split()) or type(reason).__name__)
-    return ServerError(f"cannot reach the scoring server at {url} ({what}); is `mps serve` running there?")
+    return ServerError(f"cannot reach the scoring server at {url} ({what})", hint="server-unreachable")
 
 
 class _Protocol:
@@ -139,7 +139,8 @@ class _Protocol:
             raise ServerError(f"{self.url}{path} answered HTTP {status} with something that is not an "
                               "mps server's JSON; check the URL")
         if status == 401:
-            raise ServerError(f"the scoring server at {self.url} refused the token: {doc.get('error', '')}")
+            raise ServerError(f"the scoring server at {self.url} refused the token: {doc.get('error', '')}",
+                              hint="token")
         if status >= 500:
             raise ServerError(f"the scoring server at {self.url} failed (HTTP {status}): {doc.get('error', '')}")
         return status, doc
