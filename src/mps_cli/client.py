@@ -137,12 +137,13 @@ class _Protocol:
             doc = None
         if not isinstance(doc, dict):
             raise ServerError(f"{self.url}{path} answered HTTP {status} with something that is not an "
-                              "mps server's JSON; check the URL")
+                              "mps server's JSON; check the URL", hint="server")
         if status == 401:
             raise ServerError(f"the scoring server at {self.url} refused the token: {doc.get('error', '')}",
                               hint="token")
         if status >= 500:
-            raise ServerError(f"the scoring server at {self.url} failed (HTTP {status}): {doc.get('error', '')}")
+            raise ServerError(f"the scoring server at {self.url} failed (HTTP {status}): {doc.get('error', '')}",
+                              hint="server-failed")
         return status, doc
 
     def _fetch_info(self) -> _Steps:

@@ -159,6 +159,8 @@ FLAG_HINTS = {
     "decode": " (--decode)",
     "compile-mode": " (--compile)",
     "server-unreachable": ": is `mps serve` running there? Check --server",
+    "server": " (--server)",
+    "server-failed": " (the server's log says why)",
     "token": " (check --token)",
 }
 
