@@ -171,7 +171,7 @@ def _fail_empty_folder(it: Item, folder: Path, recursive: bool) -> None:
     elif entries:
         it.fail(f"{it.label}: no images in this folder (looked for {kinds}) and no sub-folders")
     else:
-        it.fail(f"{it.label}: the folder is empty")
+        it.fail(f"{it.label}: no images: the folder is empty")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
