@@ -42,7 +42,8 @@ def test_recursive_is_suggested_only_for_a_folder_with_sub_folders(tmp_path):
     res = run_cli("score", "flat", "bare", "--prompt", "x", *LOCAL, cwd=tmp_path)
     assert res.returncode == 1
     assert errors(res.stderr) == ["mps: error: flat: no images in this folder (looked for bmp, gif, jpeg, jpg, png, "
-                                  "tif, tiff, webp) and no sub-folders", "mps: error: bare: no images: the folder is empty"]
+                                  "tif, tiff, webp) and no sub-folders",
+                                  "mps: error: bare: no images: the folder is empty"]
     assert "--recursive" not in res.stderr and hints(res.stderr) == []
 
     # With --recursive there is nothing deeper to suggest either.
