@@ -87,7 +87,7 @@ def _gone(url: str, exc: BaseException) -> ServerError:
     reason = getattr(exc, "reason", None) or exc
     what = ("timed out" if isinstance(reason, TimeoutError | asyncio.TimeoutError)
             else " ".join(str(reason).split()) or type(reason).__name__)
-    return ServerError(f"cannot reach the scoring server at {url} ({what}); is `mps serve` running there?")
+    return ServerError(f"cannot reach the scoring server at {url} ({what})", hint="server-unreachable")
 
 
 class _Protocol:
@@ -137,11 +137,13 @@ class _Protocol:
             doc = None
         if not isinstance(doc, dict):
             raise ServerError(f"{self.url}{path} answered HTTP {status} with something that is not an "
-                              "mps server's JSON; check the URL")
+                              "mps server's JSON; check the URL", hint="server")
         if status == 401:
-            raise ServerError(f"the scoring server at {self.url} refused the token: {doc.get('error', '')}")
+            raise ServerError(f"the scoring server at {self.url} refused the token: {doc.get('error', '')}",
+                              hint="token")
         if status >= 500:
-            raise ServerError(f"the scoring server at {self.url} failed (HTTP {status}): {doc.get('error', '')}")
+            raise ServerError(f"the scoring server at {self.url} failed (HTTP {status}): {doc.get('error', '')}",
+                              hint="server-failed")
         return status, doc
 
     def _fetch_info(self) -> _Steps:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION
 from .engine.options import ModelOptions
-from .errors import MissingExtraError, OutputError, ShardError
+from .errors import MissingExtraError, OutputError, ShardError, ShardSelectionError
 from .files import remove_stale_temps, replacing, write_whole
 from .inputs.shards import NO_CAPTION, NO_IMAGE, Sample, Shard, find_shards, read_shard
 
@@ -140,7 +140,8 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
     """Expand the sources and make sure the output folder is usable; loads no model.
 
     Raises :class:`OutputError` when the folder cannot be written or two shards would write the
-    same output file, ``ValueError`` for bad dimensions or shard selection. When the sources name
+    same output file, :class:`DimensionError` for bad dimensions, :class:`ShardSelectionError` for a bad
+    shard selection (both ``ValueError`` too). When the sources name
     no shard at all (``found == 0``), nothing is created.
     """
     from .engine.scorer import resolve_conditions
@@ -151,10 +152,9 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
         from .engine.panel import parse_models, result_keys
 
         result_keys(parse_models(job.models), job.dims, job.condition)
-    if (job.shard_index is None) != (job.num_shards is None):
-        raise ValueError("a shard index needs the number of shards, and the number of shards an index")
-    if job.num_shards is not None and not (job.num_shards >= 1 and 0 <= job.shard_index < job.num_shards):
-        raise ValueError(f"shard index {job.shard_index} is not in 0..{job.num_shards - 1}")
+    if (job.shard_index is None) != (job.num_shards is None) or (
+            job.num_shards is not None and not (job.num_shards >= 1 and 0 <= job.shard_index < job.num_shards)):
+        raise ShardSelectionError(job.shard_index, job.num_shards)
     shards, problems = find_shards(list(job.sources))
     found = len(shards)
     if shards:

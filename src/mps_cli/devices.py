@@ -92,7 +92,7 @@ def parse_dtype(spec: str) -> str:
     if s == "auto":
         return s
     if s not in _SPELLINGS:
-        raise DeviceError(f"unknown dtype {spec!r}: expected {DTYPE_CHOICES}")
+        raise DeviceError(f"unknown dtype {spec!r}: expected {DTYPE_CHOICES}", hint="dtype")
     return _SPELLINGS[s]
 
 
@@ -100,7 +100,7 @@ def parse_precision(spec: str) -> tuple[str, str]:
     """``IMAGE`` or ``IMAGE/TEXT`` as two canonical names; TEXT is ``auto`` when not given."""
     image, sep, text = (spec or "auto").partition("/")
     if sep and not text.strip():
-        raise DeviceError(f"dtype {spec!r}: nothing after '/': expected {DTYPE_SYNTAX}")
+        raise DeviceError(f"dtype {spec!r}: nothing after '/': expected {DTYPE_SYNTAX}", hint="dtype")
     return parse_dtype(image), parse_dtype(text) if sep else "auto"
 
 
@@ -109,7 +109,7 @@ def check_device_spec(spec: str) -> str:
     s = (spec or "auto").strip().lower()
     base, sep, index = s.partition(":")
     if base not in DEVICE_KINDS or (sep and (base != "cuda" or not index.isdigit())):
-        raise DeviceError(f"unknown device {spec!r}: expected {DEVICE_CHOICES}")
+        raise DeviceError(f"unknown device {spec!r}: expected {DEVICE_CHOICES}", hint="device")
     return s
 
 
@@ -126,7 +126,7 @@ def dtype_name(dtype) -> str:
     for name, torch_name in _TORCH_NAMES.items():
         if torch_name == plain:
             return name
-    raise DeviceError(f"unsupported dtype {plain}")
+    raise DeviceError(f"unsupported dtype {plain}", hint="dtype")
 
 
 def _kind(device) -> str:
@@ -161,7 +161,7 @@ def check_decode_spec(spec: str) -> str:
     """A decode spelling (auto, exact, fast, draft, tensor), lower-cased; DeviceError if unknown."""
     s = (spec or "auto").strip().lower()
     if s not in ("auto", "fast", *DECODE_PATHS):
-        raise DeviceError(f"unknown decode {spec!r}: expected {DECODE_CHOICES}")
+        raise DeviceError(f"unknown decode {spec!r}: expected {DECODE_CHOICES}", hint="decode")
     return s
 
 
@@ -184,7 +184,7 @@ def check_compile_spec(spec: str) -> str:
     """A compile spelling (off, on, graphs), lower-cased; DeviceError if unknown."""
     s = (spec or "off").strip().lower()
     if s not in COMPILE_MODES:
-        raise DeviceError(f"unknown compile mode {spec!r}: expected {COMPILE_CHOICES}")
+        raise DeviceError(f"unknown compile mode {spec!r}: expected {COMPILE_CHOICES}", hint="compile-mode")
     return s
 
 
@@ -202,12 +202,14 @@ def resolve_device(spec: str = "auto"):
     device = torch.device(s)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__})")
+            raise DeviceError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__})",
+                              hint="device")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {spec!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+            raise DeviceError(f"device {spec!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
+                              hint="device-index")
     elif device.type == "mps" and not _mps_available():
-        raise DeviceError(f"device {spec!r}: Apple MPS is not available here")
+        raise DeviceError(f"device {spec!r}: Apple MPS is not available here", hint="device")
     return device
 
 

@@ -38,7 +38,8 @@ class InputError(MPSError):
 
 
 class DimensionError(InputError, ValueError):
-    """A dimension that is not one of MPS's (or not one this scorer or reward scores).
+    """A dimension that is not one of MPS's (or not one this scorer or reward scores), an empty custom
+    condition, or none at all.
 
     A ``ValueError`` too, so callers that caught the bare error before keep working.
     """
@@ -77,6 +78,22 @@ class ReportError(MPSError):
     """The report could not be written."""
 class ServerError(FetchError):
     """A scoring server could not be reached, refused the request, or answered nonsense."""
+class ShardSelectionError(InputError, ValueError):
+    """A worker's share of the shards is ill-formed: ``index`` without ``count`` (or the other way), a
+    ``count`` below 1, or an ``index`` outside ``0..count-1``. A ``ValueError`` too, as it was before."""
+
+    def __init__(self, index: int | None, count: int | None):
+        if index is None or count is None:
+            message = "a shard index needs the number of shards, and the number of shards an index"
+        elif count < 1:
+            message = f"the number of shards must be at least 1, not {count}"
+        else:
+            message = f"shard index {index} is not in 0..{count - 1}"
+        super().__init__(message)
+        self.index = index
+        self.count = count
+
+
 class ShardError(InputError):
     """A dataset shard (tar or parquet) is missing, truncated or unreadable: that shard is skipped."""
 

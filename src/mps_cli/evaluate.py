@@ -55,7 +55,8 @@ class Benchmark:
 
 @dataclass(frozen=True)
 class Problem:
-    """An image that could not be used, and the benchmark item it made us skip."""
+    """An image that could not be used, and the benchmark item it made us skip (``message`` names the image
+    first, as an image that failed is named by every command)."""
 
     item: str
     image: str
@@ -360,7 +361,8 @@ def _score_items(benchmark, relevant, skipped: _Skipped, scorer, keys, texts, co
         images = benchmark.items[i].images
         repeated = next((p for n, p in enumerate(images) if p in images[:n]), None)
         if repeated is not None:
-            skipped.drop(repeated, [i], "lists this image twice; fix the benchmark file")
+            skipped.drop(repeated, [i], f"{repeated}: listed twice in one item, so it meets itself; "
+                         "fix the benchmark file")
     # Hash every distinct image once.
     digests, unreadable = hash_images(cache, list(items_of), progress)
     for path, message in unreadable.items():

@@ -117,13 +117,16 @@ def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS) -> s
 INPUT_HINTS: dict[Problem, str] = {
     Problem.EMPTY_FOLDER: "use --recursive to look in sub-folders too",
     Problem.NUL_IN_PATH: "for NUL-separated paths (find -print0, xargs -0), pass -0/--null",
-    Problem.NO_PROMPT: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from sidecar|metadata",
+    # Each names the sources other than the one that came up empty.
+    Problem.NO_CAPTION: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from metadata "
+                        "(the prompt generators embed)",
+    Problem.NO_METADATA_PROMPT: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from "
+                                "sidecar (a caption file beside each image)",
 }
-#: The remedy for a run-level error, added when the message does not already name a flag.
+#: The remedy for a run-level error of a type, when the error carries no ``hint`` of its own (FLAG_HINTS).
 ERROR_HINTS: list[tuple[type, str]] = [
     (ServerError, "check --server and --token, and that `mps serve` is running there"),
     (FetchError, "pass --weights PATH for a local file, or --offline to use the cache only"),
-    (DeviceError, "choose another with --device or --dtype"),
 ]
 
 
@@ -146,8 +149,19 @@ FLAG_HINTS = {
     "reward": " (--reward)",
     "model": " (add them with --model)",
     "condition": " (give one with --condition)",
+    "dim": " (--dim)",
+    "panel-dims": " (--model; --dim, --condition)",
     "compile": " (--compile off runs without it)",
     "panel-decode": " (drop --decode and --compile, or --model)",
+    "device": ": use --device cpu (or auto)",
+    "device-index": ": choose one with --device (or --device auto)",
+    "dtype": ": choose another with --dtype (fp32 runs on every device)",
+    "decode": " (--decode)",
+    "compile-mode": " (--compile)",
+    "server-unreachable": ": is `mps serve` running there? Check --server",
+    "server": " (--server)",
+    "server-failed": " (the server's log says why)",
+    "token": " (check --token)",
 }
 
 

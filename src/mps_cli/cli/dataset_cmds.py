@@ -13,9 +13,9 @@ import typer
 
 from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION, IMAGE_MEMBER_EXTENSIONS
 from ..engine.options import ModelOptions
-from ..errors import MissingExtraError, OutputError
+from ..errors import MissingExtraError, OutputError, ShardSelectionError
 from . import output
-from .app import Exit, exit_help, fail, handle_errors, load_model
+from .app import Exit, describe, exit_help, fail, handle_errors, load_model
 from .options import MODEL, RUN, Condition, Dims, MaskThreshold, OptionGroup, RunOptions, takes
 from .render import counted
 
@@ -159,14 +159,27 @@ def _plan(job, engine: Engine):
             require_ray()
     except (OutputError, MissingExtraError) as exc:
         raise fail(str(exc), Exit.USAGE) from None
-    except ValueError as exc:
-        raise fail(f"{exc} (--shard-index, --num-shards, --dim, --condition)", Exit.USAGE) from None
+    except ShardSelectionError as exc:
+        raise fail(_shard_selection(exc), Exit.USAGE) from None
+    except ValueError as exc:  # a DimensionError's hint names its own flag
+        raise fail(describe(exc), Exit.USAGE) from None
     for problem in plan.problems:
         output.error(f"{problem.source}: {problem.message}" + ("; skipped" if plan.found else ""))
     if not plan.found:
         raise fail(f"nothing to score: no source names a .tar or .parquet shard; {job.out} not written",
                    Exit.PARTIAL)
     return plan
+
+
+def _shard_selection(exc: ShardSelectionError) -> str:
+    """What is wrong with --shard-index/--num-shards, naming only those two and the valid range."""
+    if exc.index is None:
+        return f"--num-shards {exc.count} needs --shard-index (0..{max(exc.count, 1) - 1}): which share this run takes"
+    if exc.count is None:
+        return f"--shard-index {exc.index} needs --num-shards: how many runs share the shards"
+    if exc.count < 1:
+        return f"--num-shards {exc.count}: must be at least 1"
+    return f"--shard-index {exc.index} is not in 0..{exc.count - 1} (the range for --num-shards {exc.count})"
 
 
 def _score(plan, model: ModelOptions, ray: RayOptions | None):

@@ -11,7 +11,7 @@ import typer
 from ..constants import DEFAULT_MASK_THRESHOLD
 from ..engine.options import ModelOptions
 from . import output
-from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
+from .app import DIMENSION_NOTE, Exit, describe, exit_help, fail, handle_errors, load_model
 from .options import MODEL, RUN, SCORE_CACHE, AsJson, CacheChoice, Condition, Dims, MaskThreshold, RunOptions, takes
 from .output import Progress
 from .render import render_eval_report
@@ -72,7 +72,7 @@ def eval_command(
         try:
             keyed_conditions(model.model, dims, condition)
         except ValueError as exc:
-            raise fail(str(exc), Exit.USAGE) from None
+            raise fail(describe(exc), Exit.USAGE) from None
         if images_root is not None and not images_root.is_dir():
             raise fail(f"--images-root {images_root}: not a folder", Exit.USAGE)
         try:
@@ -87,10 +87,11 @@ def eval_command(
                               cache=store, batch_size=run.batch_for(scorer), progress=progress.stage_callback,
                               models=model.model)
 
+    # A skipped item is a failed input (exit 1), said as score says one (output.py has the rule).
     for problem in report.problems[:MAX_PROBLEM_LINES]:
-        output.warning(f"{problem.item}: {problem.message}; item skipped")
+        output.error(f"{problem.message} ({problem.item}: item skipped)")
     if len(report.problems) > MAX_PROBLEM_LINES:
-        output.warning(f"… and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
+        output.error(f"… and {len(report.problems) - MAX_PROBLEM_LINES} more items skipped (see --json)")
     render_eval_report(report, as_json, DIMENSION_NOTE)
     if report.skipped:
         raise typer.Exit(int(Exit.PARTIAL))

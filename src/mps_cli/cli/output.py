@@ -39,13 +39,20 @@ def say(text: str, kind: str | None = None, *, who: str = PROG) -> None:
     stderr_line(f"{who}: {kind}: {text}" if kind else f"{who}: {text}")
 
 
+# Which kind a line is, in every command alike: an input that failed (it could not be read or scored, or it is
+# missing where something asked for it) is an error, whether the command then skips it, lists it as a failed
+# row or stops; so is a run that failed. A warning is only for what failed nothing: the work it is about was
+# done as asked and the line says something about it (an image with no counterpart to compare it with, a
+# prompt truncated to 77 tokens, a slow dtype, a reward-hacking flag, an image a report could not show).
+
+
 def error(text: str) -> None:
-    """``mps: error: TEXT``: an input, or the run, failed."""
+    """``mps: error: TEXT``: an input, or the run, failed (see the rule above)."""
     say(text, "error")
 
 
 def warning(text: str) -> None:
-    """``mps: warning: TEXT``: something the user should know; the work goes on."""
+    """``mps: warning: TEXT``: something the user should know about work that was done (see the rule above)."""
     say(text, "warning")
 
 

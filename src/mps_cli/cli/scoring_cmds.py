@@ -101,7 +101,7 @@ def scoring(dims: list[str] | None, condition: str | None, mask_threshold: float
     except CompositeError as exc:
         raise fail(describe(exc), Exit.USAGE) from None
     except ValueError as exc:
-        raise fail(str(exc), Exit.USAGE) from None
+        raise fail(describe(exc), Exit.USAGE) from None
     return Scoring(dims, condition, mask_threshold, keys, composite, models)
 
 

@@ -13,7 +13,7 @@ from ..engine.options import ModelOptions
 from ..errors import PromptError
 from ..inputs.items import PromptSource
 from . import output
-from .app import DIMENSION_NOTE, Exit, exit_help, fail, handle_errors, load_model
+from .app import DIMENSION_NOTE, Exit, describe, exit_help, fail, handle_errors, load_model
 from .options import (
     MODEL,
     RUN,
@@ -60,16 +60,20 @@ class Pairing(str, Enum):
     all_pairs = "all-pairs-per-prompt"
 
 
-def _warn(report) -> None:
-    lines = [f"{f.error}" for f in report.failed]
+def _problems(report) -> None:
+    """The images that failed or are missing (errors), then those left unpaired (warnings: they are fine, only
+    nothing pairs with them); at most MAX_PROBLEM_LINES lines in all."""
+    lines = [(output.error, f.error) for f in report.failed]
     for side, names in report.missing.items():
-        lines += [f"{side}: no image {n!r}, which the prompts file lists" for n in names]
+        lines += [(output.error, f"{side}: no image {n!r}, which the prompts file lists") for n in names]
     for labels in report.unpaired.values():
-        lines += [f"{label}: unpaired (no image to compare it with)" for label in labels]
-    for line in lines[:MAX_PROBLEM_LINES]:
-        output.warning(line)
+        lines += [(output.warning, f"{label}: unpaired (no image to compare it with)") for label in labels]
+    for say, line in lines[:MAX_PROBLEM_LINES]:
+        say(line)
     if len(lines) > MAX_PROBLEM_LINES:
-        output.warning(f"… and {len(lines) - MAX_PROBLEM_LINES} more (see --json)")
+        rest = lines[MAX_PROBLEM_LINES:]
+        say = output.error if any(s is output.error for s, _ in rest) else output.warning
+        say(f"… and {len(rest)} more (see --json)")
 
 
 @takes(MODEL, RUN, SCORE_CACHE)
@@ -142,7 +146,7 @@ def _compare(lineup, dims, condition, mask_threshold, reward, series, samples, s
 
 def _emit(report, details: bool, as_json: bool, html) -> None:
     """Problems and flags on stderr, the results on stdout (JSON or tables), the HTML page; exit 1 when partial."""
-    _warn(report)
+    _problems(report)
     if not any(m.pairs for m in report.matchups):
         output.error("no pairs to compare: no image of one side has a counterpart on another under the same prompt")
     if report.series is not None:
@@ -176,7 +180,7 @@ def _line_up(sides: list[str], prompt, prompts, prompt_from, pairing: Pairing, d
         keyed_conditions(models, dims, condition)
         read = [read_side(s) for s in sides]
     except (ValueError, SideError) as exc:
-        raise fail(str(exc), Exit.USAGE) from None
+        raise fail(describe(exc), Exit.USAGE) from None
     if not sources and any(not s.prescored for s in read):
         raise fail("no prompt for the image folders: give --prompt TEXT, --prompts FILE or "
                    "--prompt-from sidecar|metadata", Exit.USAGE)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..constants import JUDGES, MAX_IMAGE_PIXELS, MODEL_NAMES, MPS_MODEL
+from ..errors import DimensionError
 from .options import ModelOptions, model_options
 from .preprocess import ImageInput
 from .scorer import Scorer
@@ -68,7 +69,7 @@ def keyed_conditions(models: str | Sequence[str] | Sequence[ModelRequest] | None
 
     Without ``models``: MPS alone, :func:`~mps_cli.engine.scorer.resolve_conditions` exactly. With them: MPS's
     dimensions under ``mps.`` with their condition texts, and each judge under its name with ``judge:NAME``
-    (a judge reads no condition). Raises ValueError for dimensions or a condition without MPS.
+    (a judge reads no condition). Raises DimensionError (a ValueError) for dimensions or a condition without MPS.
     """
     from .scorer import resolve_conditions
 
@@ -77,7 +78,8 @@ def keyed_conditions(models: str | Sequence[str] | Sequence[ModelRequest] | None
     requests = list(models) if all(isinstance(m, ModelRequest) for m in models) else parse_models(models)
     names = [m.name for m in requests]
     if MPS_MODEL not in names and (dims or condition is not None):
-        raise ValueError("dimensions and conditions are MPS's: add mps to the models, or drop them")
+        raise DimensionError("dimensions and conditions are MPS's: add mps to the models, or drop them",
+                             hint="panel-dims")
     out: list[tuple[str, str]] = []
     for name in names:
         if name == MPS_MODEL:
@@ -90,7 +92,8 @@ def keyed_conditions(models: str | Sequence[str] | Sequence[ModelRequest] | None
 def result_keys(models: Sequence[ModelRequest], dims: Iterable[str] | None, condition: str | None) -> tuple[str, ...]:
     """The keys a panel of ``models`` gives each result, in order (MPS's dimensions where MPS is asked for).
 
-    Raises ValueError when dimensions or a condition are asked of a panel without MPS (judges have one score).
+    Raises DimensionError (a ValueError) when dimensions or a condition are asked of a panel without MPS (judges
+    have one score).
     """
     return tuple(k for k, _ in keyed_conditions(list(models), dims, condition))
 

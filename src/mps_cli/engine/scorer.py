@@ -107,16 +107,17 @@ def resolve_conditions(dims: Iterable[str] | None, condition: str | None) -> lis
         elif dim in CONDITIONS:
             out.append((dim, CONDITIONS[dim]))
         else:
-            raise DimensionError(f"unknown dimension {dim!r}: expected one of {', '.join(DIMENSIONS)} or all")
+            raise DimensionError(f"unknown dimension {dim!r}: expected one of {', '.join(DIMENSIONS)} or all",
+                                 hint="dim")
     if condition is not None:
         if not condition.strip():
-            raise ValueError("the custom condition text is empty")
+            raise DimensionError("the custom condition text is empty", hint="condition")
         out.append((CUSTOM_KEY, condition))
     seen: dict[str, str] = {}
     for key, text in out:
         seen.setdefault(key, text)
     if not seen:
-        raise ValueError("no dimension to score")
+        raise DimensionError("no dimension to score", hint="dim")
     return list(seen.items())
 
 

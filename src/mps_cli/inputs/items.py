@@ -26,9 +26,10 @@ class Problem(str, Enum):
     """Why an input cannot be scored, where the caller may have a remedy to suggest."""
 
     MISSING = "missing"
-    EMPTY_FOLDER = "empty-folder"  # no images directly in it; sub-folders not searched
+    EMPTY_FOLDER = "empty-folder"  # no images directly in it, but sub-folders, which were not searched
     NUL_IN_PATH = "nul-in-path"  # a path with a NUL byte: NUL-separated input read as lines
-    NO_PROMPT = "no-prompt"  # the prompt source has nothing for this image
+    NO_CAPTION = "no-caption"  # the sidecar source: no caption file beside this image (or an empty one)
+    NO_METADATA_PROMPT = "no-metadata-prompt"  # the metadata source: no generator prompt in this image
     OTHER = "other"
 
 
@@ -148,11 +149,36 @@ def _resolve(it: Item, recursive: bool) -> list[Item]:
         it.fail(f"{arg}: cannot list folder ({_describe_os_error(exc)})")
         return [it]
     if not found:
-        kinds = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        where = "in this folder or below" if recursive else "in this folder"
-        it.fail(f"{arg}: no images {where} ({kinds})", Problem.EMPTY_FOLDER if not recursive else Problem.OTHER)
+        _fail_empty_folder(it, p, recursive)
         return [it]
     return [Item(label=os.path.join(arg, str(f.relative_to(p))), path=f) for f in found]
+
+
+def _fail_empty_folder(it: Item, folder: Path, recursive: bool) -> None:
+    """Say what was looked for; only a folder with sub-folders left unsearched is :attr:`Problem.EMPTY_FOLDER`
+    (a remedy of searching deeper would point nowhere for the others)."""
+    kinds = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    if recursive:
+        it.fail(f"{it.label}: no images in this folder or below (looked for {kinds})")
+        return
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        entries = []
+    if any(_is_dir(e) for e in entries):
+        it.fail(f"{it.label}: no images directly in this folder (looked for {kinds}; sub-folders not searched)",
+                Problem.EMPTY_FOLDER)
+    elif entries:
+        it.fail(f"{it.label}: no images in this folder (looked for {kinds}) and no sub-folders")
+    else:
+        it.fail(f"{it.label}: no images: the folder is empty")
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _check_file(it: Item, st: os.stat_result | None = None) -> Item:
@@ -209,13 +235,15 @@ def attach_prompts(items: list[Item], prompt: str | None = None, source: PromptS
     if source is None:
         return
     read: Callable[[Path], str] = sidecar_prompt if source is PromptSource.sidecar else metadata_prompt
+    # Which source came up empty: the remedy is another source, never the one just used.
+    missing = Problem.NO_CAPTION if source is PromptSource.sidecar else Problem.NO_METADATA_PROMPT
     for it in items:
         if not it.ok:
             continue
         try:
             it.prompt = read(it.path)
         except MissingPromptError as exc:
-            it.fail(str(exc), Problem.NO_PROMPT)
+            it.fail(str(exc), missing)
         except PromptError as exc:
             it.fail(str(exc))
 
