@@ -154,6 +154,9 @@ def test_help_names_values_never_python_types(command):
 
 
 def test_help_shows_metavars_and_bounds_in_words():
+    arguments = {(n, p.name): p.metavar for n, c in COMMANDS.items() for p in c.params
+                 if p.param_type_name == "argument"}
+    assert len(arguments) >= 10 and all(m and m.isupper() for m in arguments.values()), arguments
     serve = " ".join(run_cli("serve", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "--port PORT [from 1 to 65535]" in serve and "--max-image-mpx MPX [at least 0.000001]" in serve
     rank = " ".join(run_cli("rank", "--help", env={"COLUMNS": "200"}).stdout.split())

@@ -98,12 +98,13 @@ _typer_process_value = typer.core._TyperParameter.process_value
 
 
 def _process_value(self, ctx, value):
-    # Typer's own reading of a number or a choice fails in pydantic's words ("Input should be ..."); the rule
-    # of the parameter's declared type and bounds says it in the voice of every other bad value.
+    # Typer's own reading of a number or a choice fails in pydantic's words ("Input should be ..."), raised
+    # from pydantic's error; the rule of the parameter's declared type and bounds says it in the voice of
+    # every other bad value. A callback's own error (no cause) is left as it is.
     try:
         return _typer_process_value(self, ctx, value)
     except typer.BadParameter as exc:
-        rule = rule_for(self) if type(exc) is typer.BadParameter else None
+        rule = rule_for(self) if type(exc) is typer.BadParameter and exc.__cause__ is not None else None
         if rule is None:
             raise
         raise BadValue(rule, value) from None

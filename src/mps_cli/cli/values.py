@@ -63,7 +63,9 @@ def rule_for(param) -> str | None:
     if kind is None:
         return None
     limits = bounds(desc.parameter_info.min, desc.parameter_info.max)
-    return f"{kind} {'of ' if limits and not limits.startswith('from') else ''}{limits}".strip()
+    if not limits:
+        return kind
+    return f"{kind} {limits}" if limits.startswith("from") else f"{kind} of {limits}"
 
 
 def bounds(low: float | None, high: float | None) -> str:
