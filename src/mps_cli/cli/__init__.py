@@ -68,9 +68,9 @@ app.command("serve", epilog=_epilog("serve"), help=_help(serve_cmds.serve, serve
 
 
 def main() -> None:
-    """Console-script entry point (usage errors are one ``mps: error:`` line already, see ``cli.app``): a closed
-    pipe a quiet exit 0 (here, for every command), and anything unforeseen one line (exit 5), never a
-    traceback."""
+    """Console-script entry point: a closed pipe is a quiet exit 0 (here, for every command), anything
+    unforeseen one line (exit 5), never a traceback. Usage errors are one ``mps: error:`` line already
+    (the app's group in :mod:`.app`, so that Typer's test runner sees the same)."""
     import sys
     import warnings
 
