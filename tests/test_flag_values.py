@@ -162,6 +162,8 @@ def test_help_shows_metavars_and_bounds_in_words():
     rank = " ".join(run_cli("rank", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "Usage: mps rank [OPTIONS] [IMAGE]..." in rank and "--top -k K [at least 1]" in rank
     assert "--prompts FILE" in rank and "--batch-size -b N [at least 1]" in rank
+    assert "--mask-threshold X Keep prompt tokens whose condition similarity ratio exceeds this: a number in [0, 1)." \
+        in rank
     evaluation = " ".join(run_cli("eval", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert "--images-root DIR" in evaluation and "* FILE The benchmark file" in evaluation
 

@@ -134,7 +134,7 @@ Condition = Annotated[str | None, typer.Option(
     help="A custom condition text (comma-separated attribute words); its score is keyed 'custom'.")]
 MaskThreshold = Annotated[float, typer.Option(
     "--mask-threshold", parser=_mask_threshold, metavar="X", rich_help_panel="Scoring",
-    help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
+    help=f"Keep prompt tokens whose condition similarity ratio exceeds this: a number in \\{MASK_THRESHOLD_RANGE}.")]
 
 
 def _check_reward(value: str | None) -> str | None:
