@@ -103,8 +103,8 @@ def test_the_table_covers_every_number_and_choice_option_of_every_command():
             if desc.annotation in (int, float) or desc.is_choice or param.callback is not None or \
                     desc.parameter_info.parser is not None:
                 numeric.add((name, _long(param)))
-    free_form = {"--model", "--reward", "--html", "--out", "--token"}  # checked in their own words (below)
-    assert {(c, f) for c, f in numeric if f not in free_form} <= covered
+    # Checked in their own words, after the flag (test_other_usage_errors_are_one_line_too).
+    assert {f for _, f in numeric - covered} == {"--model", "--reward", "--html", "--out"}
     assert {("serve", "--port"), ("rank", "--top"), ("report", "--thumb"), ("eval", "--mask-threshold"),
             ("dataset", "--workers"), ("versus", "--pairing"), ("compare", "--batch-size")} <= covered
     assert len({f for _, f in covered}) == len(BOUNDED)  # no row in the table that no command has
@@ -125,6 +125,8 @@ def test_a_bad_argument_value_names_the_argument():
     (["score", "x.png", "-p", "p", "--reward", "overall+"],
      "mps: error: --reward: cannot read the reward 'overall+': it ends where a number or a name should come "
      "(position 8) (see 'mps score --help')"),
+    (["score", "x.png", "-p", "p", "--html", "/nonexistent-dir/r.html"],
+     "mps: error: --html: /nonexistent-dir does not exist (see 'mps score --help')"),
     (["score", "x.png", "--bogus"], "mps: error: No such option: --bogus (see 'mps score --help')"),
     (["report", "r.jsonl"], "mps: error: Missing option '--out' / '--output' / '-o'. (see 'mps report --help')"),
 ])
