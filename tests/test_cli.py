@@ -326,7 +326,7 @@ def test_scoring_imports_neither_open_clip_nor_torchvision_nor_dynamo(expected):
     (["rank", "x.png", "--prompt", "p", "--by", "custom"], "--condition"),
     (["rank", "x.png", "--prompt", "p", "--top", "0"], "--top"),
     (["compare", "a.png", "b.png"], "--prompt"),
-    (["compare", "a.png", "--prompt", "p"], "'b'"),
+    (["compare", "a.png", "--prompt", "p"], "'B'"),
 ])
 def test_usage_errors_exit_2_before_loading_anything(args, culprit, tmp_path):
     from mps_cli.cli import app

@@ -181,7 +181,7 @@ def test_hpdv2_accuracy_per_prompt_mean_and_default_cache(tmp_path, image_root, 
     shutil.copytree(image_root, root)
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
     xdg = tmp_path / "xdg"
-    proc, doc = run_json("hpdv2", str(bench), "-r", str(root), "--dim", "overall", "--dim", "detail",
+    proc, doc = run_json("hpdv2", str(bench), "--images-root", str(root), "--dim", "overall", "--dim", "detail",
                          env={"XDG_CACHE_HOME": str(xdg), "MPS_CACHE_DIR": ""})
     assert proc.returncode == 1, proc.stderr
     assert "nothing.webp" in proc.stderr and "corrupt.png" in proc.stderr

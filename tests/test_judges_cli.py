@@ -80,7 +80,8 @@ def test_rank_by_a_judge_and_by_an_mps_dimension(judges, alone):
     assert list(by_detail[0]["scores"]) == ["mps.overall", "mps.detail", "hpsv2.1"]
     assert [Path(d["image"]).name for d in by_detail] == sorted(NAMES, key=lambda n: -alone["mps.detail", n])
     wrong = run_cli(*args, "--by", "pickscore")
-    assert wrong.returncode == 2 and "not one of the --model models" in wrong.stderr
+    assert (wrong.returncode, wrong.stderr) == (
+        2, "mps: error: --by must be one of the --model models (mps, hpsv2.1) (got 'pickscore')\n")
 
 
 def test_compare_gives_p_a_per_model(judges, alone):

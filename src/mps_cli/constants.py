@@ -23,6 +23,8 @@ DIMENSIONS: tuple[str, ...] = tuple(CONDITIONS)
 #: Result key of a user-supplied condition text.
 CUSTOM_KEY = "custom"
 DEFAULT_MASK_THRESHOLD = 0.3
+#: The mask thresholds a score takes, as messages say it (engine.scorer.check_mask_threshold checks it).
+MASK_THRESHOLD_RANGE = "[0, 1)"
 
 # CLIP image normalisation (OpenAI statistics, as in the original processor).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)

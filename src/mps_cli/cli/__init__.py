@@ -67,22 +67,10 @@ app.command("report", epilog=_epilog("report"), help=_help(report_cmds.report, r
 app.command("serve", epilog=_epilog("serve"), help=_help(serve_cmds.serve, serve_cmds.EXITS))(serve_cmds.serve)
 
 
-def _usage_error(exc: Exception) -> int | None:
-    """The exit code of a Typer usage error (vendored click's UsageError), having said it in one line."""
-    if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
-        return None
-    ctx = getattr(exc, "ctx", None)
-    where = ctx.command_path if ctx is not None else "mps"
-    message = " ".join(exc.format_message().split())
-    if message:  # a bare `mps` has already printed its help
-        output.error(f"{message} (see '{where} --help')")
-    return exc.exit_code
-
-
 def main() -> None:
-    """Console-script entry point: usage errors become one ``mps: error:`` line (exit 2), a closed
-    pipe a quiet exit 0 (here, for every command), and anything unforeseen one line (exit 5), never a
-    traceback."""
+    """Console-script entry point: a closed pipe is a quiet exit 0 (here, for every command), anything
+    unforeseen one line (exit 5), never a traceback. Usage errors are one ``mps: error:`` line already
+    (the app's group in :mod:`.app`, so that Typer's test runner sees the same)."""
     import sys
     import warnings
 
@@ -104,9 +92,7 @@ def main() -> None:
         output.say("interrupted")
         code = int(Exit.INTERRUPTED)
     except Exception as exc:
-        code = _usage_error(exc)
-        if code is None:
-            code = unexpected(exc, "running").exit_code
+        code = unexpected(exc, "running").exit_code
     if gone or not output.flush_results():
         output.quiet_broken_pipe()
         code = int(Exit.OK)

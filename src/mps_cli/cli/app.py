@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+import typing
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from ..errors import CheckpointError, ConfigError, DeviceError, FetchError, Inpu
 from ..inputs.items import Problem
 from ..switches import env_flag
 from . import output
+from .values import BadValue, bounds, rule_for, usage_message
 
 DIMENSION_NOTE = (
     "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
@@ -43,7 +45,32 @@ def _show_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+class _Group(typer.core.TyperGroup):
+    """The ``mps`` group: every usage error Typer raises, for any command, becomes one ``mps: error:`` line
+    and its exit code here, where the console script and Typer's test runner both pass."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # vendored click's UsageError and kin; typer.Exit is no TyperException
+        message = usage_message(exc)
+        if message:
+            output.error(message)
+        raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     name="mps",
     help="Score text-to-image generations with MPS, the Multi-dimensional Preference Score "
     "(CVPR 2024): how much people would prefer an image for its prompt.\n\n" + DIMENSION_NOTE,
@@ -67,17 +94,59 @@ def _main(version: Annotated[bool, typer.Option(
     _route_library_notices()
 
 
-_typer_display_type = typer.core.TyperOption.display_type_rich
+_typer_process_value = typer.core._TyperParameter.process_value
 
 
-def _display_type(self, ctx):
-    # A flag takes no value; Typer would label it "<bool>" as if it did.
+def _process_value(self, ctx, value):
+    # Typer's own reading of a number or a choice fails in pydantic's words ("Input should be ..."), raised
+    # from pydantic's error; the rule of the parameter's declared type and bounds says it in the voice of
+    # every other bad value. A callback's own error (no cause) is left as it is.
+    try:
+        return _typer_process_value(self, ctx, value)
+    except typer.BadParameter as exc:
+        rule = rule_for(self) if type(exc) is typer.BadParameter and exc.__cause__ is not None else None
+        if rule is None:
+            raise
+        raise BadValue(rule, value) from None
+
+
+typer.core._TyperParameter.process_value = _process_value
+
+#: What help shows for a value of each type when an option names none (``metavar=``): never a Python type.
+_VALUE_NAMES = {int: "N", float: "X", str: "TEXT"}
+
+
+def _value_name(self, ctx) -> str | None:
+    # A flag takes no value (Typer would label it "<bool>"); a choice shows its choices; anything else its
+    # metavar, else a word for its type, never Typer's "<list[str]>", "<int>" or "<path>".
     if self.is_flag and self.metavar is None:
         return None
-    return _typer_display_type(self, ctx)
+    if self.metavar is not None:
+        return self.metavar
+    desc = self.type_descriptor
+    if desc.is_choice:
+        return self.display_type(ctx)
+    if desc.is_path:
+        return "PATH"
+    annotation = desc.annotation
+    if desc.is_list:
+        (annotation,) = typing.get_args(annotation)
+    return _VALUE_NAMES.get(annotation, "VALUE")
 
 
-typer.core.TyperOption.display_type_rich = _display_type
+def _argument_type(self, ctx) -> str | None:
+    # An argument's name column is its metavar (SOURCE, FILE); a type beside it would only repeat Python's.
+    return None
+
+
+def _range_help(self) -> str | None:
+    # "[at least 1]" beside N, in the words an error uses, not Typer's "[x>=1e-06]".
+    return bounds(self.min, self.max) or None
+
+
+typer.core.TyperOption.display_type_rich = _value_name
+typer.core.TyperOption._get_number_range_help_str = _range_help
+typer.core.TyperArgument.display_type_rich = _argument_type
 
 
 class Exit(IntEnum):

@@ -81,7 +81,8 @@ class RayOptions:
 
 RAY = OptionGroup("ray", {
     "ray_address": (Annotated[str | None, typer.Option(
-        "--ray-address", rich_help_panel="Engine", help="Ray cluster to join (default: start Ray on this machine).")],
+        "--ray-address", metavar="ADDRESS", rich_help_panel="Engine",
+        help="Ray cluster to join (default: start Ray on this machine).")],
         None),
     "workers": (Annotated[int, typer.Option(
         "--workers", min=1, rich_help_panel="Engine", help="Ray: scoring actors, each loading the model once.")], 1),
@@ -97,24 +98,24 @@ RAY = OptionGroup("ray", {
 def dataset_command(
     sources: Annotated[list[str], typer.Argument(
         metavar="SOURCE", help="Tar or parquet shards, folders of them, brace ranges, or URLs.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).",
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output folder (created if missing).",
                                       show_default=False)],
     prompt: Annotated[str | None, typer.Option(
-        "--prompt", "-p", rich_help_panel="Prompts",
+        "--prompt", "-p", metavar="TEXT", rich_help_panel="Prompts",
         help="One prompt for every image, instead of the captions.")] = None,
     caption_column: Annotated[str | None, typer.Option(
-        "--caption-column", rich_help_panel="Prompts",
+        "--caption-column", metavar="COLUMN", rich_help_panel="Prompts",
         help="Parquet column with the caption (in tars, the .json field tried first). Default: caption, then "
         "text, prompt.")] = None,
     caption_ext: Annotated[str | None, typer.Option(
-        "--caption-ext", rich_help_panel="Prompts",
+        "--caption-ext", metavar="EXT", rich_help_panel="Prompts",
         help="Webdataset member with the caption: a text member such as txt, or json for its caption/text/prompt "
         "field. Default: txt, then json.")] = None,
     image_column: Annotated[str | None, typer.Option(
-        "--image-column", rich_help_panel="Inputs",
+        "--image-column", metavar="COLUMN", rich_help_panel="Inputs",
         help="Parquet column with the image. Default: image, then jpg, png, webp.")] = None,
     image_ext: Annotated[str | None, typer.Option(
-        "--image-ext", rich_help_panel="Inputs",
+        "--image-ext", metavar="EXT", rich_help_panel="Inputs",
         help="Webdataset member extension of the image (jpg, png, seg.png, ...). Default: the first of "
         f"{', '.join(IMAGE_MEMBER_EXTENSIONS)} a sample has.")] = None,
     shard_index: Annotated[int | None, typer.Option(

@@ -51,12 +51,13 @@ EVAL_HELP = "\n\n".join([
 
 @takes(MODEL, RUN, SCORE_CACHE)
 def eval_command(
-    benchmark: Annotated[BenchmarkKind, typer.Argument(help="Benchmark format: imagereward, hpdv2 or pairs.",
-                                                        case_sensitive=False, show_default=False)],
-    file: Annotated[Path, typer.Argument(help="The benchmark file (JSON, or JSON lines for pairs).",
+    benchmark: Annotated[BenchmarkKind, typer.Argument(
+        metavar="BENCHMARK", help="Benchmark format: imagereward, hpdv2 or pairs.", case_sensitive=False,
+        show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The benchmark file (JSON, or JSON lines for pairs).",
                                          show_default=False)],
     images_root: Annotated[Path | None, typer.Option(
-        "--images-root", "-r", help="Folder the benchmark's image paths are relative to "
+        "--images-root", metavar="DIR", help="Folder the benchmark's image paths are relative to "
         "(default: the benchmark file's folder).")] = None,
     dims: Dims = None,
     condition: Condition = None,

@@ -18,12 +18,21 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DIMENSIONS, KNOWN_SOURCES, MODEL_NAMES, SERVE_TOKEN_ENV, SERVER_ENV, WEIGHTS_ENV
+from ..constants import (
+    DIMENSIONS,
+    KNOWN_SOURCES,
+    MASK_THRESHOLD_RANGE,
+    MODEL_NAMES,
+    SERVE_TOKEN_ENV,
+    SERVER_ENV,
+    WEIGHTS_ENV,
+)
 from ..devices import (
     BATCH_DEFAULT_TEXT,
     COMPILE_CHOICES,
     DECODE_CHOICES,
     DEVICE_CHOICES,
+    DTYPE_SYNTAX,
     check_compile_spec,
     check_decode_spec,
     check_device_spec,
@@ -32,6 +41,7 @@ from ..devices import (
 from ..engine.options import ModelOptions
 from ..errors import DeviceError, MPSError
 from .app import DIMENSION_NOTE, Exit, describe, fail, load_model
+from .values import BadValue
 
 # --------------------------------------------------------------------------- shared options
 
@@ -45,102 +55,86 @@ def _check_dims(values: list[str] | None) -> list[str] | None:
             if not v:
                 continue
             if v != "all" and v not in DIMENSIONS:
-                raise typer.BadParameter(f"{v!r} is not one of {', '.join(DIMENSIONS)}, all")
+                raise BadValue(f"one of {', '.join(DIMENSIONS)}, all", v)
             out.append(v)
     return out or None
 
 
-def _check_threshold(value: float) -> float:
+def _mask_threshold(value) -> float:
+    # A parser, not a callback: text that is no number breaks the same rule as 2 does. The range is checked
+    # where the library checks it; MASK_THRESHOLD_RANGE is how both say it.
     from ..engine.scorer import check_mask_threshold
 
     try:
-        return check_mask_threshold(value)
+        return check_mask_threshold(float(value) if isinstance(value, str) else value)
     except ValueError:
-        raise typer.BadParameter(f"{value} is not in [0, 1)") from None
+        raise BadValue(f"a number in {MASK_THRESHOLD_RANGE}", value) from None
 
 
-def _check_batch(value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise typer.BadParameter("must be at least 1")
-    return value
+def _checked(check: Callable[[str], object], rule: str) -> Callable[[str], str]:
+    """A callback: the value as ``check`` spells it (a dtype, which it parses into two names, lower-cased),
+    or ``BadValue(rule)`` when ``check`` refuses it."""
 
+    def callback(value: str) -> str:
+        try:
+            checked = check(value)
+        except DeviceError:
+            raise BadValue(rule, value) from None
+        return checked if isinstance(checked, str) else value.strip().lower()
 
-def _check_device(value: str) -> str:
-    try:
-        return check_device_spec(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _check_decode(value: str) -> str:
-    try:
-        return check_decode_spec(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _check_compile(value: str) -> str:
-    try:
-        return check_compile_spec(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _check_dtype(value: str) -> str:
-    try:
-        parse_precision(value)
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    return value.strip().lower()
+    return callback
 
 
 _KNOWN = ", ".join(KNOWN_SOURCES)
 
 # "\\[" is a literal bracket in Rich's help markup, which would read "[@REV]" as a style tag and drop it.
 Weights = Annotated[str | None, typer.Option(
-    "--weights", "-w", envvar=WEIGHTS_ENV, show_envvar=True, rich_help_panel="Model",
+    "--weights", "-w", envvar=WEIGHTS_ENV, show_envvar=True, metavar="WEIGHTS", rich_help_panel="Model",
     help=f"Weights: a local .safetensors (or original .pth) file, hf://OWNER/REPO/PATH\\[@REV], "
     f"or a known name ({_KNOWN}). Default: the published MPS overall checkpoint.")]
 Config = Annotated[Path | None, typer.Option(
-    "--config", rich_help_panel="Model",
+    "--config", metavar="FILE", rich_help_panel="Model",
     help="Architecture config.json (transformers CLIPConfig). Default: the one beside the weights, "
     "else the built-in ViT-H-14.")]
 Revision = Annotated[str | None, typer.Option(
-    "--revision", rich_help_panel="Model",
+    "--revision", metavar="REV", rich_help_panel="Model",
     help="Hub revision (commit, branch or tag) to pin; the same as an @REV in the source.")]
 Offline = Annotated[bool, typer.Option(
     "--offline", rich_help_panel="Model",
     help="Never touch the network; use cached weights only (also HF_HUB_OFFLINE=1).")]
 Device = Annotated[str, typer.Option(
-    "--device", callback=_check_device, rich_help_panel="Model",
+    "--device", callback=_checked(check_device_spec, f"one of {DEVICE_CHOICES}"), metavar="DEVICE",
+    rich_help_panel="Model",
     help=f"{DEVICE_CHOICES}; auto: CUDA, then Apple mps, then CPU.")]
 Dtype = Annotated[str, typer.Option(
-    "--dtype", callback=_check_dtype, rich_help_panel="Model",
+    "--dtype", callback=_checked(parse_precision, DTYPE_SYNTAX), metavar="DTYPE", rich_help_panel="Model",
     help="IMAGE or IMAGE/TEXT: auto (fp32 on CPU, fp16 on GPU), fp32, fp16 or bf16 for the vision tower and cross "
     "model; the text side (prompt, condition, mask) stays fp32 unless TEXT names another (bf16/bf16: all bf16). "
     "A dtype this CPU does not run natively is slow: mps info says which.")]
 Decode = Annotated[str, typer.Option(
-    "--decode", callback=_check_decode, rich_help_panel="Model",
+    "--decode", callback=_checked(check_decode_spec, f"one of {DECODE_CHOICES}"), metavar="MODE",
+    rich_help_panel="Model",
     help=f"{DECODE_CHOICES}: how images become model input. exact: PIL, as the original; fast: JPEGs decoded on "
     "the GPU (tensor, needs the gpu extra) or, elsewhere, at a reduced JPEG scale (draft). auto: fast on CUDA, "
     "exact on CPU. Scores move by at most a few hundredths (docs/precision.md).")]
 Compile = Annotated[str, typer.Option(
-    "--compile", callback=_check_compile, rich_help_panel="Model",
+    "--compile", callback=_checked(check_compile_spec, f"one of {COMPILE_CHOICES}"), metavar="MODE",
+    rich_help_panel="Model",
     help=f"{COMPILE_CHOICES}: torch.compile the vision tower and cross model at load (slow to start; "
     "graphs adds CUDA graphs, CUDA only).")]
 BatchSize = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", callback=_check_batch, rich_help_panel="Run",
+    "--batch-size", "-b", min=1, rich_help_panel="Run",
     help=f"Images per forward pass (default: {BATCH_DEFAULT_TEXT}).")]
 Dims = Annotated[list[str] | None, typer.Option(
-    "--dim", "-d", callback=_check_dims, rich_help_panel="Scoring",
+    "--dim", "-d", callback=_check_dims, metavar="DIM", rich_help_panel="Scoring",
     help="Dimension to score, repeatable or comma-separated: overall (default), aesthetics, detail, "
     "alignment, or all. " + DIMENSION_NOTE)]
 Condition = Annotated[str | None, typer.Option(
     "--condition", rich_help_panel="Scoring",
     help="A custom condition text (comma-separated attribute words); its score is keyed 'custom'.")]
 MaskThreshold = Annotated[float, typer.Option(
-    "--mask-threshold", callback=_check_threshold, rich_help_panel="Scoring",
-    help="Keep prompt tokens whose condition similarity ratio exceeds this.")]
+    "--mask-threshold", parser=_mask_threshold, metavar="X", rich_help_panel="Scoring",
+    help=f"Keep prompt tokens whose condition similarity ratio exceeds this: a number in \\{MASK_THRESHOLD_RANGE}.")]
 
 
 def _check_reward(value: str | None) -> str | None:
@@ -157,7 +151,7 @@ def _check_reward(value: str | None) -> str | None:
 
 
 Reward = Annotated[str | None, typer.Option(
-    "--reward", callback=_check_reward, rich_help_panel="Scoring",
+    "--reward", callback=_check_reward, metavar="EXPR", rich_help_panel="Scoring",
     help="A composite reward: a weighted sum of scores, e.g. 'overall+0.5*alignment' or "
     "'0.7*mps.overall+0.3*hpsv2.1' (+ - * / by numbers, parentheses). The dimensions and judges it names are "
     "scored too; each result carries 'composite' and its 'terms' (docs/reward.md).")]
@@ -176,7 +170,7 @@ def _check_models(values: list[str] | None) -> list[str] | None:
 
 
 Models = Annotated[list[str] | None, typer.Option(
-    "--model", "-m", callback=_check_models, rich_help_panel="Model",
+    "--model", "-m", callback=_check_models, metavar="MODEL", rich_help_panel="Model",
     help=f"Models to score with, repeatable or comma-separated: {', '.join(MODEL_NAMES)}; each image is decoded "
     "once for all of them. NAME=WEIGHTS gives a model a local file or hf:// URI. With --model every score is keyed "
     "by model: mps.overall (mps.DIM for each --dim), hpsv2.1, pickscore, clipscore. Default: MPS alone, keyed by "
@@ -306,19 +300,19 @@ def _cache_choice(cache: Path | None, no_cache: bool) -> CacheChoice:
 
 SCORE_CACHE = OptionGroup("scores", {
     "cache": (Annotated[Path | None, typer.Option(
-        "--cache", help="Score cache (SQLite), shared by mps eval and mps versus. Default: scores.sqlite in "
-        "$MPS_CACHE_DIR, else in $XDG_CACHE_HOME/mps-cli (~/.cache when unset).")], None),
+        "--cache", metavar="FILE", help="Score cache (SQLite), shared by mps eval and mps versus. Default: "
+        "scores.sqlite in $MPS_CACHE_DIR, else in $XDG_CACHE_HOME/mps-cli (~/.cache when unset).")], None),
     "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Keep scores in memory only.")], False),
 }, _cache_choice)
 
 
 # --server: the same commands, with the work sent to a running `mps serve` instead of a local model.
 ServerUrl = Annotated[str | None, typer.Option(
-    "--server", envvar=SERVER_ENV, show_envvar=True, rich_help_panel="Server",
+    "--server", envvar=SERVER_ENV, show_envvar=True, metavar="URL", rich_help_panel="Server",
     help="Send the work to a running `mps serve` at this URL instead of loading the model here "
     "(the model options are then the server's; --batch-size is images per request).")]
 ServerToken = Annotated[str | None, typer.Option(
-    "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
+    "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, metavar="TOKEN", rich_help_panel="Server",
     help="Bearer token for --server.")]
 
 

@@ -74,9 +74,11 @@ def report(
         help="What the other commands wrote: score/rank/compare JSON, JSONL or CSV, versus --json, an mps dataset "
         "output folder; - reads JSON/JSONL from stdin.", show_default=False, metavar="RESULTS")],
     output: Annotated[Path, typer.Option(
-        "--output", "-o", callback=_check_out, metavar="FILE", help="The HTML file to write.", show_default=False)],
+        "--out", "--output", "-o", callback=_check_out, metavar="FILE", help="The HTML file to write.",
+        show_default=False)],
     thumb: Annotated[int, typer.Option(
-        "--thumb", min=16, max=2048, help="Longest side of the embedded thumbnails, in pixels.")] = 256,
+        "--thumb", min=16, max=2048, metavar="PIXELS",
+        help="Longest side of the embedded thumbnails, in pixels.")] = 256,
     thumb_format: Annotated[ThumbFormat, typer.Option(
         "--thumb-format", help="Encoding of the embedded thumbnails.")] = ThumbFormat.webp,
     link_images: Annotated[bool, typer.Option(
@@ -85,7 +87,7 @@ def report(
     max_images: Annotated[int, typer.Option(
         "--max-images", min=1, help="Show at most this many images in the gallery; beyond it a random sample, "
         "and the page says so.")] = 2000,
-    title: Annotated[str | None, typer.Option("--title", help="Page title.")] = None,
+    title: Annotated[str | None, typer.Option("--title", metavar="TEXT", help="Page title.")] = None,
 ) -> None:
     """One self-contained HTML page of results: images best first per prompt, comparisons, win rates, histograms.
 

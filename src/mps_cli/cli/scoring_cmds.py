@@ -38,11 +38,12 @@ from .options import (
 from .output import Progress
 from .render import Report, ResultWriter, Row, comparison_record, finite_or_error, render_comparison
 from .report_cmds import Html, write_html
+from .values import BadValue
 
 Prompt = Annotated[str | None, typer.Option(
-    "--prompt", "-p", rich_help_panel="Prompts", help="The prompt, for every image.")]
+    "--prompt", "-p", metavar="TEXT", rich_help_panel="Prompts", help="The prompt, for every image.")]
 PromptsFile = Annotated[Path | None, typer.Option(
-    "--prompts", rich_help_panel="Prompts",
+    "--prompts", metavar="FILE", rich_help_panel="Prompts",
     help="The images and their prompts: JSONL ({\"image\": ..., \"prompt\": ...} per line), a JSON array "
     "(what --json prints), CSV (image, prompt columns), or a Hugging Face imagefolder metadata.jsonl "
     "(file_name, text). Relative image paths resolve against the file's folder.")]
@@ -192,8 +193,7 @@ def _model_by(by: str, models: str) -> tuple[str | None, str | None]:
     if by in JUDGES:
         names = [m.name for m in parse_models(models)]
         if by not in names:
-            raise typer.BadParameter(f"{by!r} is not one of the --model models ({', '.join(names)})",
-                                     param_hint="--by")
+            raise BadValue(f"one of the --model models ({', '.join(names)})", by, flag="--by")
         return None, by
     dim = by.removeprefix(MPS_MODEL + ".")
     return dim, None
@@ -226,7 +226,7 @@ def score_items(items: list[Item], how: Scoring, model: ModelOptions, writer: Re
 @takes(MODEL, RUN, REMOTE)
 def score(
     images: Annotated[list[str] | None, typer.Argument(
-        help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
+        metavar="IMAGE", help="Image files, folders, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     reward: Reward = None, recursive: Recursive = False, null: Null = False,
@@ -245,13 +245,14 @@ def score(
 @takes(MODEL, RUN, REMOTE)
 def rank(
     images: Annotated[list[str] | None, typer.Argument(
-        help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
+        metavar="IMAGE", help="A folder, image files, or - to read paths from stdin.", show_default=False)] = None,
     prompt: Prompt = None, prompts: PromptsFile = None, prompt_from: PromptFromOpt = None,
     by: Annotated[str | None, typer.Option(
-        "--by", rich_help_panel="Scoring",
+        "--by", metavar="KEY", rich_help_panel="Scoring",
         help="Dimension to order by (default: the first requested; with --reward, composite).")] = None,
     top: Annotated[int | None, typer.Option(
-        "--top", "-k", min=1, rich_help_panel="Output", help="Show only the best K (of each prompt group).")] = None,
+        "--top", "-k", min=1, metavar="K", rich_help_panel="Output",
+        help="Show only the best K (of each prompt group).")] = None,
     dim: Dims = None, condition: Condition = None, mask_threshold: MaskThreshold = DEFAULT_MASK_THRESHOLD,
     reward: Reward = None, recursive: Recursive = False, null: Null = False,
     as_json: AsJson = False, as_jsonl: AsJsonl = False, as_csv: AsCsv = False, html: Html = None,
@@ -267,15 +268,15 @@ def rank(
     by_key = None
     if by == COMPOSITE_KEY or (by is None and reward is not None):
         if reward is None:
-            raise typer.BadParameter("--by composite needs --reward", param_hint="--by")
+            raise fail("--by composite needs --reward", Exit.USAGE)
         by, by_key = None, COMPOSITE_KEY
     if by is not None and model.model:
         by, by_key = _model_by(by, model.model)
     if by is not None:
         if by not in (*DIMENSIONS, CUSTOM_KEY):
-            raise typer.BadParameter(f"{by!r} is not one of {', '.join(DIMENSIONS)}, custom", param_hint="--by")
+            raise BadValue(f"one of {', '.join(DIMENSIONS)}, custom", by, flag="--by")
         if by == CUSTOM_KEY and condition is None:
-            raise typer.BadParameter("--by custom needs --condition", param_hint="--by")
+            raise fail("--by custom needs --condition", Exit.USAGE)
         if by != CUSTOM_KEY and by not in (dim or []) and "all" not in (dim or []):
             dim = [*(dim or ([] if condition else ["overall"])), by]
     how = scoring(dim, condition, mask_threshold, model.model, reward)
@@ -289,10 +290,11 @@ def rank(
 
 @takes(MODEL, RUN, REMOTE)
 def compare(
-    a: Annotated[str, typer.Argument(help="Image A.", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Image B.", show_default=False)],
+    a: Annotated[str, typer.Argument(metavar="A", help="Image A.", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Image B.", show_default=False)],
     prompt: Annotated[str | None, typer.Option(
-        "--prompt", "-p", rich_help_panel="Prompts", help="The prompt both images were generated for.")] = None,
+        "--prompt", "-p", metavar="TEXT", rich_help_panel="Prompts",
+        help="The prompt both images were generated for.")] = None,
     prompt_from: Annotated[PromptSource | None, typer.Option(
         "--prompt-from", rich_help_panel="Prompts",
         help="Read the prompt beside (sidecar) or inside (metadata) the images; both must hold the same.")] = None,

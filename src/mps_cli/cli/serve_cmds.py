@@ -40,33 +40,34 @@ def _missing() -> list[str]:
 
 @takes(MODEL, RUN)
 def serve(
-    host: Annotated[str, typer.Option("--host", rich_help_panel="Server",
+    host: Annotated[str, typer.Option("--host", metavar="HOST", rich_help_panel="Server",
                                       help="Address to bind. Anything but loopback needs --token.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, rich_help_panel="Server")] = SERVE_DEFAULT_PORT,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", rich_help_panel="Server",
+                                      help="Port to listen on.")] = SERVE_DEFAULT_PORT,
     token: Annotated[str | None, typer.Option(
-        "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, rich_help_panel="Server",
+        "--token", envvar=SERVE_TOKEN_ENV, show_envvar=True, metavar="TOKEN", rich_help_panel="Server",
         help="Require 'Authorization: Bearer TOKEN' on every call but /healthz.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, rich_help_panel="Batching",
                                            help="Most images in one model batch.")] = SERVE_MAX_BATCH,
     max_wait_ms: Annotated[float, typer.Option(
-        "--max-wait-ms", min=0.0, rich_help_panel="Batching",
+        "--max-wait-ms", min=0.0, metavar="MS", rich_help_panel="Batching",
         help="Longest wait for a batch to fill after its first image arrives.")] = SERVE_MAX_WAIT_MS,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", min=1, rich_help_panel="Batching",
         help="Images waiting for the model before requests are answered 503.")] = SERVE_MAX_QUEUE,
     max_body_mb: Annotated[float, typer.Option(
-        "--max-body-mb", min=0.001, rich_help_panel="Limits",
+        "--max-body-mb", min=0.001, metavar="MIB", rich_help_panel="Limits",
         help="Largest request body, in MiB.")] = SERVE_MAX_BODY_BYTES / 2**20,
     max_image_mpx: Annotated[float, typer.Option(
-        "--max-image-mpx", min=0.000001, rich_help_panel="Limits",
+        "--max-image-mpx", min=0.000001, metavar="MPX", rich_help_panel="Limits",
         help="Largest image, in megapixels; bigger ones are refused from their header.")]
     = SERVE_MAX_IMAGE_PIXELS / 1e6,
     read_timeout: Annotated[float, typer.Option(
-        "--read-timeout", min=0.1, rich_help_panel="Limits",
+        "--read-timeout", min=0.1, metavar="SECONDS", rich_help_panel="Limits",
         help="Seconds a client has to send a request's headers, and again its body; a slower one gets 408.")]
     = SERVE_READ_TIMEOUT_S,
     allow_dir: Annotated[Path | None, typer.Option(
-        "--allow-dir", rich_help_panel="Limits",
+        "--allow-dir", metavar="DIR", rich_help_panel="Limits",
         help="Also accept {\"path\": ...} images, read from this folder only (symlinks and .. resolved).")] = None,
     *, model: ModelOptions, run: RunOptions,
 ) -> None:

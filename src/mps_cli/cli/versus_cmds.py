@@ -79,12 +79,12 @@ def _problems(report) -> None:
 @takes(MODEL, RUN, SCORE_CACHE)
 def versus_command(
     sides: Annotated[list[str], typer.Argument(
-        help="Two or more sides: image folders, mps dataset folders, or JSON/JSONL from mps score.",
+        metavar="SIDE", help="Two or more sides: image folders, mps dataset folders, or JSON/JSONL from mps score.",
         show_default=False)],
     prompt: Annotated[str | None, typer.Option(
-        "--prompt", "-p", rich_help_panel="Prompts", help="The prompt, for every image.")] = None,
+        "--prompt", "-p", metavar="TEXT", rich_help_panel="Prompts", help="The prompt, for every image.")] = None,
     prompts: Annotated[Path | None, typer.Option(
-        "--prompts", rich_help_panel="Prompts",
+        "--prompts", metavar="FILE", rich_help_panel="Prompts",
         help="JSONL or CSV with image and prompt; images named by their path relative to each side, with or "
         "without extension. Several images of a side under one prompt (seeds) are all compared.")] = None,
     prompt_from: Annotated[PromptSource | None, typer.Option(

@@ -13,6 +13,7 @@ from . import output
 from .app import Exit, exit_help, fail, handle_errors
 from .options import AsJson, Revision, check_revision
 from .output import emit_json
+from .values import BadValue
 
 DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
                             Exit.USAGE: "usage error: not a Hub source, or --revision disagrees with it",
@@ -35,7 +36,8 @@ def _human(n: int) -> str:
 def download(
     source: Annotated[str | None, typer.Argument(
         help=f"hf://OWNER/REPO/PATH\\[@REV] or a known name ({', '.join(KNOWN_SOURCES)}). "
-        f"Default: ${WEIGHTS_ENV}, else the published MPS overall checkpoint.", show_default=False)] = None,
+        f"Default: ${WEIGHTS_ENV}, else the published MPS overall checkpoint.", metavar="SOURCE",
+        show_default=False)] = None,
     revision: Revision = None,
     as_json: AsJson = False,
 ) -> None:
@@ -162,11 +164,11 @@ def _device_lines(d: dict) -> list[str]:
 
 def convert(
     src: Annotated[Path, typer.Argument(
-        help="The checkpoint: the authors' MPS_overall_checkpoint.pth (a pickled module), a state-dict "
+        metavar="SRC", help="The checkpoint: the authors' MPS_overall_checkpoint.pth (a pickled module), a state-dict "
         ".pth, or a .safetensors under an 'mps.'/'module.' prefix.", show_default=False)],
-    dst: Annotated[Path, typer.Argument(help="Output .safetensors file.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Output .safetensors file.", show_default=False)],
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", help="Cast floating tensors to fp32, fp16 or bf16 (default: keep them).")] = None,
+        "--dtype", metavar="DTYPE", help="Cast floating tensors to fp32, fp16 or bf16 (default: keep them).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace DST if it exists.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -176,9 +178,9 @@ def convert(
     no output file, and an existing DST is kept unless --force is given.
     """
     if dst.suffix.lower() != ".safetensors":
-        raise typer.BadParameter(f"{dst}: must end in .safetensors", param_hint="DST")
+        raise BadValue("a file name ending in .safetensors", str(dst), flag="DST")
     if dtype is not None and _storage_dtype(dtype) is None:
-        raise typer.BadParameter(f"{dtype!r}: use fp32, fp16 or bf16", param_hint="--dtype")
+        raise BadValue("one of fp32, fp16, bf16", dtype, flag="--dtype")
     if not src.exists():
         raise fail(f"{src}: no such file", Exit.USAGE)
     if src.resolve() == dst.resolve():

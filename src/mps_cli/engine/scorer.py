@@ -11,7 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..constants import CONDITIONS, CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS, MAX_IMAGE_PIXELS
+from ..constants import (
+    CONDITIONS,
+    CUSTOM_KEY,
+    DEFAULT_MASK_THRESHOLD,
+    DIMENSIONS,
+    MASK_THRESHOLD_RANGE,
+    MAX_IMAGE_PIXELS,
+)
 from ..devices import (
     DTYPE_BYTES,
     DtypeSupport,
@@ -128,7 +135,7 @@ def check_mask_threshold(value) -> float:
     except (TypeError, ValueError):
         number = None
     if number is None or not 0.0 <= number < 1.0:
-        raise ValueError(f"mask threshold must be in [0, 1), got {value!r}")
+        raise ValueError(f"mask threshold must be in {MASK_THRESHOLD_RANGE}, got {value!r}")
     return number
 
 
