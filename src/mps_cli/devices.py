@@ -39,7 +39,7 @@ AUTO_DTYPE = {"cpu": "fp32", "accelerator": "fp16"}
 #: dtype spelling names another for it (``IMAGE/TEXT``): a reduced-precision mask flips tokens.
 TEXT_DTYPE = "fp32"
 DTYPE_CHOICES = "auto, fp32, fp16 or bf16"
-DTYPE_SYNTAX = "IMAGE or IMAGE/TEXT, each auto, fp32, fp16 or bf16"
+DTYPE_SYNTAX = "auto, fp32, fp16 or bf16, or two of them as IMAGE/TEXT (e.g. bf16/fp32)"
 
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
