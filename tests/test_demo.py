@@ -191,3 +191,20 @@ def test_the_demo_files_are_the_same_bytes_on_every_run(tmp_path):
     assert files == sorted(p.relative_to(b.folder) for p in b.folder.rglob("*") if p.is_file())
     assert all((a.folder / f).read_bytes() == (b.folder / f).read_bytes() for f in files)
     assert a.written == len(files)
+
+
+def test_the_server_says_it_serves_demo_weights(demo, scorer):
+    pytest.importorskip("starlette")
+    from mps_cli import load_scorer
+    from mps_cli.server import ServeOptions, create_app
+
+    def info(model) -> dict:
+        service = create_app(model, ServeOptions()).state.service
+        try:
+            return service.info()
+        finally:
+            service.batcher.close()
+
+    demo_scorer = load_scorer(demo[0] / "mps-demo" / "demo-weights.safetensors", device="cpu", dtype="fp32")
+    assert info(demo_scorer)["demo"] == "random"
+    assert "demo" not in info(scorer)
