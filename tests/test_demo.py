@@ -114,6 +114,13 @@ def test_the_checkpoint_is_the_same_bytes_for_a_seed_and_loads_marked_as_demo_we
     # The real fixture is no demo, loaded alone or in a panel.
     assert scorer.demo is None and open_weights(WEIGHTS).demo is None and demo_file(WEIGHTS) is None
     assert load_scorer(WEIGHTS, model="mps").demo is None
+    # Where no model is built here (Ray's workers load it), the plan says so too.
+    from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
+
+    assert resolve_model(ModelOptions(weights=str(path), device="cpu")).demo == "random"
+    assert resolve_model(ModelOptions(weights=str(path), model="mps", device="cpu")).demo == "random"
+    assert resolve_model(ModelOptions(weights=str(WEIGHTS), device="cpu")).demo is None
     result = demo_scorer.score([demo[0] / "mps-demo" / "v1" / "fox.png"], "a red fox", dims=["all"])[0]
     assert result.ok and len(result.scores) == 4
 
@@ -172,6 +179,14 @@ def test_a_folder_the_demo_did_not_write_is_refused_and_left_alone(tmp_path, kin
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mps: error: {target}: ") and "new or empty folder" in lines[0]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_dir_that_cannot_be_made_is_one_line_and_exit_3(tmp_path):
+    (tmp_path / "file").write_text("a file, so no folder can be made under it")
+    out = run_cli("demo", str(tmp_path / "file" / "demo"))
+    assert out.returncode == 3 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mps: error: {tmp_path / 'file' / 'demo'}") and "cannot" in lines[0]
 
 
 def test_an_absolute_dir_with_a_space_prints_commands_that_quote_it(tmp_path):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..constants import WEIGHTS_ENV
+from ..constants import DEMO_RANDOM, WEIGHTS_ENV
 from ..errors import ForeignFolderError, OutputError
 from . import output
 from .app import DEMO_NOTE, Exit, exit_help, fail, handle_errors
@@ -41,7 +41,7 @@ def demo(
         except OutputError as exc:
             raise fail(str(exc), Exit.RESOURCE) from None
     done = f"wrote {made.written} files" if made.written else "already there, unchanged"
-    output.say(f"{made.folder}: {done}; {DEMO_NOTE.format(kind='random')}")
+    output.say(f"{made.folder}: {done}; {DEMO_NOTE.format(kind=DEMO_RANDOM)}")
     output.emit_lines(demo_commands(made))
 
 
