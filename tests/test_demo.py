@@ -223,3 +223,37 @@ def test_the_server_says_it_serves_demo_weights(demo, scorer):
     demo_scorer = load_scorer(demo[0] / "mps-demo" / "demo-weights.safetensors", device="cpu", dtype="fp32")
     assert info(demo_scorer)["demo"] == "random"
     assert "demo" not in info(scorer)
+
+
+def test_scoring_through_a_server_of_demo_weights_says_so_once_too(demo):
+    """``--server``: the note comes from the server's ``/v1/info``, as the weights are the server's."""
+    pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from mps_cli import load_scorer
+    from mps_cli.server import ServeOptions, create_app
+
+    root = demo[0] / "mps-demo"
+    app = create_app(load_scorer(root / "demo-weights.safetensors", device="cpu", dtype="fp32"), ServeOptions())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for extra in ([], ["--batch-size", "1"]):  # the server's batch size asked, or not
+            out = run_cli("score", str(root / "v1" / "fox.png"), "--prompt", "a red fox", "--jsonl",
+                          "--server", f"http://127.0.0.1:{port}", *extra)
+            assert out.returncode == 0, out.stderr
+            assert out.stderr.splitlines().count(NOTE) == 1 and "demo weights" not in out.stdout
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
