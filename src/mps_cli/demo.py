@@ -98,6 +98,10 @@ def make_demo(folder: str | os.PathLike, seed: int = DEMO_SEED) -> Demo:
     """
     folder = Path(folder)
     _check_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from exc
     files: dict[Path, bytes] = {folder / WEIGHTS_NAME: demo_weights(seed)}  # first: it marks the folder as ours
     files[folder / CONFIG_NAME] = (json.dumps(ARCHITECTURE, indent=2) + "\n").encode()
     images: list[Path] = []
