@@ -257,3 +257,19 @@ def test_scoring_through_a_server_of_demo_weights_says_so_once_too(demo):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_hostile_demo_marker_is_read_as_marked_not_printed(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mps_cli.weights.sources import demo_file
+
+    path = tmp_path / "w.safetensors"
+    for value, read in (("random", "random"), ("\x1b[2J gone", "marked"), ("x" * 500, "marked"), ("", None)):
+        save_file({"t": torch.zeros(1)}, path, metadata={"mps_cli.demo": value})
+        assert demo_file(path) == read, value
+    shutil.copy(WEIGHTS, path)
+    assert demo_file(path) is None and demo_file(tmp_path / "missing.safetensors") is None

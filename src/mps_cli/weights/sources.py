@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from .cachedir import weights_sha256
 from .config import ModelConfig, builtin_config, read_config
 from .hub import HubFile, config_filename, parse_hf_uri
-from .reader import SafetensorsFile, TensorDict, TensorSource, check_regular_file, read_header
+from .reader import SafetensorsFile, TensorDict, TensorSource, check_regular_file
 
 PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl"}
 
@@ -36,20 +36,25 @@ class OpenedWeights:
 
 
 def demo_of(source: TensorSource) -> str | None:
-    """The demo marker of opened weights (:data:`~mps_cli.constants.DEMO_METADATA_KEY`), or None."""
-    if isinstance(source, SafetensorsFile):
-        return source.metadata.get(DEMO_METADATA_KEY) or None
-    return None
+    """The demo marker of opened weights (:data:`~mps_cli.constants.DEMO_METADATA_KEY`), or None.
+
+    Any value marks a demo; one that is not a short printable word (the file is anyone's) reads as ``marked``.
+    """
+    if not isinstance(source, SafetensorsFile):
+        return None
+    value = source.metadata.get(DEMO_METADATA_KEY)
+    if not value:
+        return None
+    return value if value.isprintable() and len(value) <= 32 else "marked"
 
 
 def demo_file(path: str | os.PathLike) -> str | None:
     """The demo marker of a local safetensors file, read from its header alone; None for any other file
     (a pickle, one that cannot be read: loading it says why)."""
     try:
-        _, _, meta, _ = read_header(Path(path))
+        return demo_of(SafetensorsFile.open(path))
     except CheckpointError:
         return None
-    return meta.get(DEMO_METADATA_KEY) or None
 
 
 def weights_spec(spec: str | os.PathLike | None) -> str:
