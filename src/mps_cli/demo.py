@@ -69,7 +69,7 @@ Running `mps demo` on this folder again writes the same files; files you add are
 
 @dataclass(frozen=True)
 class Demo:
-    """What :func:`make_demo` wrote: the folder, its files, and one image pair of each side with its prompt."""
+    """What :func:`make_demo` wrote: the folder, its files, and a sample: one image of each side and their prompt."""
 
     folder: Path
     weights: Path
