@@ -153,6 +153,11 @@ class _Protocol:
         self._info = doc
         return doc
 
+    def _served_demo(self) -> _Steps:
+        """The served weights' demo marker (``/v1/info``'s ``demo``, asked once), or None."""
+        info = self._info if self._info is not None else (yield from self._fetch_info())
+        return info.get("demo") or None
+
     def _size(self) -> _Steps:
         """The default images per request: the server's batch size (asked once)."""
         if self._batch_size is None:
@@ -307,6 +312,12 @@ class Client(_Protocol):
     @property
     def batch_size(self) -> int:
         return self._run(self._size())
+
+    @property
+    def demo(self) -> str | None:
+        """As ``Scorer.demo``: ``"random"`` when the server serves demo weights (their scores mean nothing),
+        else None; asks the server's ``/v1/info`` once per client."""
+        return self._run(self._served_demo())
 
     # ----------------------------------------------------------------------- scoring
     def iter_score(

@@ -54,6 +54,10 @@ KNOWN_SOURCES: dict[str, tuple[str, str, str | None]] = {
     "mpsv1": ("RE-N-Y/mpsv1", "model.safetensors", None),
 }
 DEFAULT_SOURCE = "mps-overall"
+#: The safetensors metadata key that marks weights as a demo (``mps demo``), and its one value: their
+#: scores mean nothing. Loading reports it (``Scorer.demo``); every command that scores with them says so.
+DEMO_METADATA_KEY = "mps_cli.demo"
+DEMO_RANDOM = "random"
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,15 @@ class ModelSpec:
     #: A panel's preprocessing rules (``options.model`` given), each image decoded once for all of them;
     #: None for MPS alone.
     rules: tuple[str, ...] | None = None
+    #: As :attr:`~mps_cli.engine.scorer.Scorer.demo`: ``"random"`` for demo weights, else None.
+    demo: str | None = None
 
     @classmethod
     def from_scorer(cls, scorer) -> ModelSpec:
         return cls(options=ModelOptions(weights=scorer.weights, device=str(scorer.device),
                                         dtype=scorer.precision.label),
-                   identity=scorer.identity, dtype=scorer.precision.label, image_size=scorer.config.vision.image_size)
+                   identity=scorer.identity, dtype=scorer.precision.label, image_size=scorer.config.vision.image_size,
+                   demo=scorer.demo)
 
 
 def resolve_model(options: ModelOptions, *, device_kind: str | None = None) -> ModelSpec:
@@ -75,10 +78,11 @@ def resolve_model(options: ModelOptions, *, device_kind: str | None = None) -> M
 
         panel = plan_panel(options)
         return ModelSpec(options=replace(options, weights=weights_spec(options.weights)), identity=panel.identity,
-                         dtype=dtype, image_size=panel.image_size, rules=panel.rules)
+                         dtype=dtype, image_size=panel.image_size, rules=panel.rules, demo=panel.demo)
     opened = open_weights(options.weights, revision=options.revision, offline=options.offline, config=options.config)
     return ModelSpec(options=replace(options, weights=weights_spec(options.weights)),
-                     identity=opened.identity, dtype=dtype, image_size=opened.config.vision.image_size)
+                     identity=opened.identity, dtype=dtype, image_size=opened.config.vision.image_size,
+                     demo=opened.demo)
 
 
 @dataclass(frozen=True)

@@ -57,20 +57,23 @@ def environment_info(*, probe: bool = False, verify: bool = False, verify_all: b
 
 
 def default_weights() -> dict:
-    """The weights a scoring command would load (``$MPS_WEIGHTS`` or the published default), and where
-    they are cached, if they are."""
+    """The weights a scoring command would load (``$MPS_WEIGHTS`` or the published default), where they are
+    cached, if they are, and (``demo``, only for demo weights) their demo marker: ``random``."""
     from .weights.hub import cached_weights, config_filename
-    from .weights.sources import HubFile, hub_file_for, weights_spec
+    from .weights.sources import HubFile, demo_file, hub_file_for, weights_spec
 
     spec = weights_spec(None)
     hub_file = hub_file_for(spec)
     if hub_file is None:
         found = Path(spec).is_file()
-        return {"source": spec, "hub": False, "cached": found, "path": str(Path(spec)) if found else None}
-    path = cached_weights(hub_file)
-    config = cached_weights(HubFile(hub_file.repo, config_filename(hub_file), hub_file.revision))
-    return {"source": spec, "hub": True, "uri": hub_file.uri, "cached": path is not None,
-            "path": str(path) if path else None, "config": str(config) if config else None}
+        doc = {"source": spec, "hub": False, "cached": found, "path": str(Path(spec)) if found else None}
+    else:
+        path = cached_weights(hub_file)
+        config = cached_weights(HubFile(hub_file.repo, config_filename(hub_file), hub_file.revision))
+        doc = {"source": spec, "hub": True, "uri": hub_file.uri, "cached": path is not None,
+               "path": str(path) if path else None, "config": str(config) if config else None}
+    demo = demo_file(doc["path"]) if doc["path"] else None
+    return {**doc, "demo": demo} if demo else doc
 
 
 def prepared_weights(verify: bool = False, verify_all: bool = False, progress=None) -> dict:

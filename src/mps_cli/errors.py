@@ -102,6 +102,10 @@ class OutputError(MPSError):
     """An output folder cannot be used: not writable, or it holds results made with other settings."""
 
 
+class ForeignFolderError(OutputError):
+    """A folder to write into already holds files this package did not write there: it is left alone."""
+
+
 class MissingExtraError(MPSError):
     """An optional dependency is not installed; the message says which extra to install."""
 

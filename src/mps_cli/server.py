@@ -476,6 +476,7 @@ class ScoringService:
             "dtype": s.precision.label, "batch_size": s.batch_size, "config": config_digest(s.config),
             "decode": getattr(s, "decode", "exact"), "compile": getattr(s, "compiled", "off"),
             **({"models": list(s.models)} if getattr(s, "models", None) else {}),
+            **({"demo": s.demo} if getattr(s, "demo", None) else {}),
             "limits": {"max_body_bytes": self.options.max_body_bytes,
                        "max_image_pixels": self.options.max_image_pixels,
                        "server_paths": self.allow_dir is not None},

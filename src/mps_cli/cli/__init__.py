@@ -10,7 +10,17 @@ import inspect
 
 import typer
 
-from . import dataset_cmds, eval_cmds, output, report_cmds, scoring_cmds, serve_cmds, versus_cmds, weights_cmds
+from . import (
+    dataset_cmds,
+    demo_cmds,
+    eval_cmds,
+    output,
+    report_cmds,
+    scoring_cmds,
+    serve_cmds,
+    versus_cmds,
+    weights_cmds,
+)
 from .app import app
 
 _EXAMPLES = {
@@ -36,6 +46,8 @@ _EXAMPLES = {
                "mps report scores/ -o dataset.html --max-images 500"],
     "serve": ["mps serve --port 8000",
               "mps score out/*.png --prompt 'a red fox' --server http://127.0.0.1:8000 --jsonl"],
+    "demo": ["mps demo", "mps demo /tmp/try-mps && mps score /tmp/try-mps/v1 --prompt-from metadata "
+             "--weights /tmp/try-mps/demo-weights.safetensors"],
 }
 
 
@@ -46,7 +58,9 @@ def _epilog(name: str) -> str:
 
 def _help(command, exits: str) -> str:
     """A command's docstring and, as its last paragraph, what its exit codes mean."""
-    return inspect.cleandoc(command.__doc__) + "\n\n" + exits
+    # Typer's Rich help keeps every newline: a docstring's paragraph, wrapped in the source, is one line here.
+    paragraphs = (" ".join(p.split()) for p in inspect.cleandoc(command.__doc__).split("\n\n"))
+    return "\n\n".join(paragraphs) + "\n\n" + exits
 
 
 app.command("score", epilog=_epilog("score"), help=_help(scoring_cmds.score, scoring_cmds.EXITS))(scoring_cmds.score)
@@ -65,6 +79,7 @@ app.command("dataset", help=dataset_cmds.DATASET_HELP, no_args_is_help=True, epi
     dataset_cmds.dataset_command)
 app.command("report", epilog=_epilog("report"), help=_help(report_cmds.report, report_cmds.EXITS))(report_cmds.report)
 app.command("serve", epilog=_epilog("serve"), help=_help(serve_cmds.serve, serve_cmds.EXITS))(serve_cmds.serve)
+app.command("demo", epilog=_epilog("demo"), help=_help(demo_cmds.demo, demo_cmds.EXITS))(demo_cmds.demo)
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ DIMENSION_NOTE = (
     "Only a checkpoint trained on overall preference has been published; aesthetics, detail "
     "and alignment are that model read through their condition masks."
 )
+#: What every command that scores with demo weights (``mps demo``) says once on stderr; ``{kind}`` is the
+#: weights' demo marker (``random``).
+DEMO_NOTE = "demo weights ({kind}): these scores mean nothing"
 DEBUG_ENV = "MPS_DEBUG"
 #: Tell the user, once, when the library writes a file at least this large (the prepared weights).
 NOTICE_MIN_BYTES = 256 * 2**20
@@ -323,6 +326,7 @@ def load_model(options: ModelOptions):
     """The scorer for these options: loaded once per process (a status line while a terminal waits)."""
     key = _cache_key(options)
     if key in _SCORERS:
+        note_demo(_SCORERS[key])
         return _SCORERS[key]
     from ..engine.panel import load_scorer
 
@@ -331,7 +335,17 @@ def load_model(options: ModelOptions):
         scorer = load_scorer(options)
     warn_slow_dtypes(scorer)
     _SCORERS[key] = scorer
+    note_demo(scorer)
     return scorer
+
+
+def note_demo(model) -> None:
+    """The one stderr line a command that scores says when ``model`` (a scorer, a client's served model, a
+    dataset's model spec: anything with ``demo``) has demo weights. Every command's model comes through
+    :func:`load_model` (or, on Ray or a server, hands its marker here), so none says it itself."""
+    kind = getattr(model, "demo", None)
+    if kind:
+        output.say(DEMO_NOTE.format(kind=kind), "note")
 
 
 def warn_slow_dtypes(scorer) -> None:

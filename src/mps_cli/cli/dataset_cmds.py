@@ -15,7 +15,7 @@ from ..constants import DEFAULT_MASK_THRESHOLD, DISTRIBUTION, IMAGE_MEMBER_EXTEN
 from ..engine.options import ModelOptions
 from ..errors import MissingExtraError, OutputError, ShardSelectionError
 from . import output
-from .app import Exit, describe, exit_help, fail, handle_errors, load_model
+from .app import Exit, describe, exit_help, fail, handle_errors, load_model, note_demo
 from .options import MODEL, RUN, Condition, Dims, MaskThreshold, OptionGroup, RunOptions, takes
 from .render import counted
 
@@ -190,6 +190,7 @@ def _score(plan, model: ModelOptions, ray: RayOptions | None):
     if ray is not None:
         # Here the weights are only found and fingerprinted.
         scorer, spec = None, resolve_model(model, device_kind="cuda" if ray.gpus_per_worker else "cpu")
+        note_demo(spec)
     else:
         scorer = load_model(model)  # the weights are opened once, by the load
         spec = ModelSpec.from_scorer(scorer)

@@ -40,7 +40,7 @@ from ..devices import (
 )
 from ..engine.options import ModelOptions
 from ..errors import DeviceError, MPSError
-from .app import DIMENSION_NOTE, Exit, describe, fail, load_model
+from .app import DIMENSION_NOTE, Exit, describe, fail, handle_errors, load_model, note_demo
 from .values import BadValue
 
 # --------------------------------------------------------------------------- shared options
@@ -340,6 +340,8 @@ def open_scorer(model: ModelOptions, remote: Remote, run: RunOptions):
                        "drop --model or --server", Exit.USAGE)
         client = Client(remote.server, token=remote.token, batch_size=run.batch_size)
         check_served_model(client, model)
+        with handle_errors("asking the server for its model"):
+            note_demo(client)  # without --batch-size, the server's batch size is asked in the same round trip
         return client
     return load_model(model)
 
@@ -350,7 +352,6 @@ def check_served_model(client, model: ModelOptions) -> None:
     import os
 
     from ..client import disagreements
-    from .app import handle_errors
 
     if all(getattr(model, f) == d for f, (_, d) in MODEL.options.items() if f != "offline"):
         return  # nothing asked: no round trip before the first batch

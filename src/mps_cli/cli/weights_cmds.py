@@ -10,7 +10,7 @@ import typer
 from ..constants import KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import FetchError
 from . import output
-from .app import Exit, exit_help, fail, handle_errors
+from .app import DEMO_NOTE, Exit, exit_help, fail, handle_errors
 from .options import AsJson, Revision, check_revision
 from .output import emit_json
 from .values import BadValue
@@ -129,6 +129,8 @@ def _info_lines(doc: dict) -> list[str]:
         lines.append(f"  not cached: run `mps download {w['uri']}` on a connected machine")
     else:
         lines.append("  local file not found")
+    if w.get("demo"):
+        lines.append(f"  {DEMO_NOTE.format(kind=w['demo'])}")
     p = doc["prepared"]
     lines.append(f"prepared weights: {p['dir']}: " + (
         f"{p['files']} file(s), {p['bytes'] / 2**30:.2f} GiB" if p["enabled"] else f"off ({p['switch']})"))

@@ -185,6 +185,7 @@ class PanelPlan:
     identity: str
     image_size: int
     rules: tuple[str, ...]
+    demo: str | None = None  # as Panel.demo
 
 
 def plan_panel(options: ModelOptions) -> PanelPlan:
@@ -194,7 +195,8 @@ def plan_panel(options: ModelOptions) -> PanelPlan:
     rules = tuple(dict.fromkeys(_LazyMPS.rule if name == MPS_MODEL else JUDGES[name].preprocess
                                 for name, _ in opened))
     return PanelPlan(identity=";".join(f"{name}={o.identity}" for name, o in opened),
-                     image_size=opened[0][1].config.vision.image_size, rules=rules)
+                     image_size=opened[0][1].config.vision.image_size, rules=rules,
+                     demo=next((o.demo for _, o in opened if o.demo), None))
 
 
 class _LazyMPS:
@@ -252,6 +254,8 @@ class Panel(Scorer):
         self.rules = tuple(dict.fromkeys(m.rule for m in members))
         self.weights = "; ".join(f"{m.name}={m.weights}" for m in members)
         self.identity = ";".join(f"{m.name}={m.identity}" for m in members)
+        #: As :attr:`Scorer.demo`: set when any member's weights are demo weights.
+        self.demo = next((m.opened.demo for m in members if m.opened.demo), None)
         self.tokenizer = Tokenizer(self.config.text.context_length)
         self.stats = {"images_decoded": 0, "image_batches": 0}
         self._count = threading.Lock()

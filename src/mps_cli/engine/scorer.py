@@ -206,7 +206,7 @@ class Scorer:
 
     def __init__(self, model, config: ModelConfig, device, precision: Precision, weights: str, identity: str,
                  batch_size: int | None = None, dtype_support: dict[str, DtypeSupport] | None = None,
-                 decode: str = "exact", compiled: str = "off", jpeg_decoder=None):
+                 decode: str = "exact", compiled: str = "off", jpeg_decoder=None, demo: str | None = None):
         self.model = model
         self.config = config
         self.device = device
@@ -219,6 +219,8 @@ class Scorer:
         self.dtype_support = dtype_support or {}
         self.weights = weights
         self.identity = identity
+        #: ``"random"`` for demo weights (``mps demo``), whose scores mean nothing; None for real ones.
+        self.demo = demo
         #: How images become model input: exact, draft or tensor (see :func:`mps_cli.devices.resolve_decode`).
         self.decode = decode
         self._jpeg_decoder = jpeg_decoder or (find_jpeg_decoder(device) if decode == "tensor" else None)
@@ -662,7 +664,7 @@ def build_scorer(resolved, dev, precision: Precision, batch_size: int | None = N
     model = load_weights(lambda cross: MPSModel(cfg, cross), resolved.source, cfg, dev, precision)
     return Scorer(model, cfg, dev, precision, weights=resolved.label, identity=resolved.identity,
                   batch_size=batch_size, dtype_support=support, decode=decode, compiled=compiled,
-                  jpeg_decoder=jpeg_decoder)
+                  jpeg_decoder=jpeg_decoder, demo=resolved.demo)
 
 
 def _compile(scorer: Scorer, mode: str) -> None:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..constants import DEFAULT_SOURCE, KNOWN_SOURCES, WEIGHTS_ENV
+from ..constants import DEFAULT_SOURCE, DEMO_METADATA_KEY, KNOWN_SOURCES, WEIGHTS_ENV
 from ..errors import CheckpointError
 from .cachedir import weights_sha256
 from .config import ModelConfig, builtin_config, read_config
@@ -22,12 +22,39 @@ PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl"}
 
 @dataclass(frozen=True)
 class OpenedWeights:
-    """Weights ready to load: the checked file, its architecture, a label for messages and a strong identity."""
+    """Weights ready to load: the checked file, its architecture, a label for messages and a strong identity.
+
+    ``demo``: what the file's metadata says it is when it is a demo (``"random"``: random weights, from
+    ``mps demo``), else None.
+    """
 
     source: TensorSource
     config: ModelConfig
     label: str
     identity: str  # "sha256:" and the SHA-256 of the file's bytes
+    demo: str | None = None
+
+
+def demo_of(source: TensorSource) -> str | None:
+    """The demo marker of opened weights (:data:`~mps_cli.constants.DEMO_METADATA_KEY`), or None.
+
+    Any value marks a demo; one that is not a short printable word (the file is anyone's) reads as ``marked``.
+    """
+    if not isinstance(source, SafetensorsFile):
+        return None
+    value = source.metadata.get(DEMO_METADATA_KEY)
+    if not value:
+        return None
+    return value if value.isprintable() and len(value) <= 32 else "marked"
+
+
+def demo_file(path: str | os.PathLike) -> str | None:
+    """The demo marker of a local safetensors file, read from its header alone; None for any other file
+    (a pickle, one that cannot be read: loading it says why)."""
+    try:
+        return demo_of(SafetensorsFile.open(path))
+    except CheckpointError:
+        return None
 
 
 def weights_spec(spec: str | os.PathLike | None) -> str:
@@ -94,8 +121,8 @@ def open_weights(spec: str | os.PathLike | None = None, revision: str | None = N
         identity = "sha256:" + weights_sha256(path)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights ({exc.strerror or exc})") from exc
-    return OpenedWeights(source=source, config=cfg, label=label, identity=identity)
+    return OpenedWeights(source=source, config=cfg, label=label, identity=identity, demo=demo_of(source))
 
 
-__all__ = ["HubFile", "OpenedWeights", "config_filename", "hub_file_for", "open_source", "open_weights",
-           "weights_spec"]
+__all__ = ["HubFile", "OpenedWeights", "config_filename", "demo_file", "demo_of", "hub_file_for", "open_source",
+           "open_weights", "weights_spec"]
