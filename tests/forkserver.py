@@ -1,9 +1,10 @@
-"""A fork server for the docs' examples: ``mps`` (and Python snippets) without paying ``import torch`` each time.
+"""A fork server for the tests: ``mps`` (and Python snippets) without paying ``import torch`` each time.
 
-The docs' examples are about what the commands do, not about starting a process (tests/test_cli*.py run the
-real console script for that), yet each ``mps`` in an example costs a second and a half of importing torch,
-and the examples run about 25 of them. The server imports torch and the CLI once; for every command the
-``mps`` shim on the examples' PATH hands over its argv, working folder, environment and its stdin, stdout and
+The docs' examples, and the tests of what a command does in a process of its own (the Hub's cache, two
+downloads at once, what a second run finds), are about what the commands do, not about starting an interpreter
+(tests/test_cli*.py run the real console script for that), yet each ``mps`` costs a second and a half of
+importing torch, and they run about 70 of them. The server imports torch and the CLI once; for every command the
+``mps`` shim (conftest ``forked_mps``) hands over its argv, working folder, environment and its stdin, stdout and
 stderr (as file descriptors, over a Unix socket); the server forks, the child takes those descriptors as its
 own 0, 1 and 2 and runs :func:`mps_cli.cli.main` (or the snippet) exactly as the console script would, and the
 shim exits with the child's exit status. Every command is a fresh fork, so nothing carries over between them.
@@ -71,11 +72,30 @@ def _run_child(request: dict) -> int:
                 pass
 
 
+PRELOAD = ("mps_cli.engine.scorer", "mps_cli.engine.panel", "mps_cli.engine.decode", "mps_cli.weights.reader",
+           "mps_cli.weights.sources", "mps_cli.cli.render", "safetensors.torch", "pydantic", "typer._adapters",
+           "rich.table", "rich.progress", "ftfy", "regex")
+
+
 def serve(path: str) -> None:
     """Accept commands on the Unix socket ``path`` until killed; one fork per command."""
+    import importlib
+
     import torch  # noqa: F401 (the import every command would otherwise pay)
 
     import mps_cli.cli  # noqa: F401
+
+    # And what a scoring command imports next (half its time in a fork), and CLIP's vocabulary; no other state,
+    # and no module that reads the environment on import (huggingface_hub, typer.rich_utils): each command
+    # brings its own environment.
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from PIL import Image
+
+    from mps_cli.engine.preprocess import Tokenizer
+
+    Image.init()
+    Tokenizer._encoder()  # CLIP's vocabulary: the same read-only tables for every command
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:

@@ -226,7 +226,9 @@ def test_ctrl_c_exits_130_and_leaves_whole_lines(tmp_path):
     env.pop("MPS_WEIGHTS", None)
     proc = subprocess.Popen([*mps_executable(), "score", *paths, "--prompt", FOX, "--batch-size", "1",
                              "--jsonl", "-w", str(WEIGHTS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path, env=env)
+                            text=True, cwd=tmp_path, env=env,
+                            # as at a terminal: a shell's background job (`cmd &`) would hand SIGINT down ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         assert first, proc.stderr.read()

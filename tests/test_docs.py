@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES, REPO, WEIGHTS, mps_executable
+from conftest import IMAGES, REPO, WEIGHTS, forked_mps, mps_executable
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(bash|sh|console|shell|python)\s*$")
@@ -144,33 +145,17 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _env(workspace: Path) -> dict:
-    bindir = workspace / ".bin"
-    return {**os.environ, "PATH": f"{bindir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "MPS_WEIGHTS": str(WEIGHTS), "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
 def forks(workspace):
-    """tests/forkserver.py for this module: ``mps`` and ``mps-python`` on the examples' PATH fork a process
-    that has imported torch already, instead of importing it once per command."""
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="mps-docs-")  # a short path: Unix socket names have a ~100-byte limit
-    path = os.path.join(folder, "fork.sock")
+    """The examples' environment, where ``mps`` and ``mps-python`` on PATH fork a process that has imported
+    torch already (conftest ``forked_mps``, tests/forkserver.py) instead of importing it once per command."""
     env = _env(workspace)
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), path], env=env,
-                            cwd=workspace, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", "the fork server did not start"
-        from forkserver import write_shims
-
-        write_shims(workspace / ".bin", path)
-        yield env
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
+    env["PATH"] = f"{Path(forked_mps()[0]).parent}{os.pathsep}{env['PATH']}"
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +195,7 @@ def test_example_runs(doc, line, lang, code, why, needs_server, workspace, reque
     if needs_server:
         code = code.replace(DOCS_URL, request.getfixturevalue("server"))
     if lang == "python":
-        cmd = [str(workspace / ".bin" / "mps-python"), "-c", code]
+        cmd = [shutil.which("mps-python", path=env["PATH"]), "-c", code]
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-c", code]
     res = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
@@ -224,6 +209,6 @@ def test_the_fork_server_runs_mps_as_the_console_script_does(workspace, forks):
     args = ["score", "-", "--prompt", "a red fox", "--json", "--device", "cpu", "--dtype", "fp32"]
     shim, real = (subprocess.run([exe, *args], cwd=workspace, env=forks, input=listing, capture_output=True,
                                  text=True, timeout=120)
-                  for exe in (str(workspace / ".bin" / "mps"), mps_executable()[0]))
+                  for exe in (forked_mps()[0], mps_executable()[0]))
     assert real.returncode == 1 and "missing.png" in real.stderr
     assert (shim.returncode, shim.stdout, shim.stderr) == (real.returncode, real.stdout, real.stderr)
