@@ -496,3 +496,23 @@ def test_large_prepared_weights_are_announced_once(capsys):
     log.info("small file", extra={"nbytes": NOTICE_MIN_BYTES - 1})
     err = capsys.readouterr().err.splitlines()
     assert err == ["mps: note: writing 4.1 GiB of prepared weights"]
+
+
+def test_every_command_help_says_its_exit_codes_and_keeps_its_paragraphs_whole():
+    """Typer's Rich help keeps the newlines of a docstring wrapped in the source: on a wide terminal each paragraph
+    must still be one line (`mps info` broke mid-sentence), and every command ends its text with its exit codes."""
+    import inspect
+
+    from mps_cli.cli import app
+
+    for info in app.registered_commands:
+        name = info.name
+        res = run_cli(name, "--help", env={"COLUMNS": "1000"})
+        assert res.returncode == 0, (name, res.stderr)
+        lines = [line.strip() for line in res.stdout.splitlines()]
+        assert any(line.startswith("Exit status: 0 ") for line in lines), (name, res.stdout)
+        doc = info.help or inspect.cleandoc(info.callback.__doc__ or "")
+        for paragraph in doc.split("\n\n"):
+            words = " ".join(paragraph.split()).replace("\\[", "[")  # Rich markup escapes, as shown
+            if words and not words.startswith(("Examples:", "Exit status:")):
+                assert any(words[:200] in line for line in lines), (name, words[:80], res.stdout[:1500])

@@ -70,7 +70,7 @@ app.command("rank", epilog=_epilog("rank"), help=_help(scoring_cmds.rank, scorin
 app.command("eval", help=eval_cmds.EVAL_HELP, no_args_is_help=True, epilog=_epilog("eval"))(eval_cmds.eval_command)
 app.command("download", epilog=_epilog("download"), help=_help(weights_cmds.download, weights_cmds.DOWNLOAD_EXITS))(
     weights_cmds.download)
-app.command("info", epilog=_epilog("info"))(weights_cmds.info)
+app.command("info", epilog=_epilog("info"), help=_help(weights_cmds.info, weights_cmds.INFO_EXITS))(weights_cmds.info)
 app.command("convert", epilog=_epilog("convert"), help=_help(weights_cmds.convert, weights_cmds.CONVERT_EXITS))(
     weights_cmds.convert)
 app.command("versus", help=versus_cmds.VERSUS_HELP, no_args_is_help=True, epilog=_epilog("versus"))(
