@@ -21,12 +21,18 @@ import sys
 from pathlib import Path
 
 #: The shim: a Python without site-packages (fast to start) that forwards to the server.
+#: It passes SIGTERM, SIGINT and SIGHUP on to the command's process, as if it were that process (a test stopping
+#: a forked ``mps serve`` stops the server).
 SHIM = '''#!{python} -S
-import json, os, socket, struct, sys
+import json, os, signal, socket, struct, sys
 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
     s.connect({path!r})
     request = {{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ), "python": {python_mode}}}
     socket.send_fds(s, [json.dumps(request).encode()], [0, 1, 2])
+    pid = s.recv(4)
+    if len(pid) == 4:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda n, _f, pid=struct.unpack("i", pid)[0]: os.kill(pid, n))
     status = s.recv(4)
 sys.exit(struct.unpack("i", status)[0] if len(status) == 4 else 70)
 '''
@@ -111,6 +117,7 @@ def serve(path: str) -> None:
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
                     os.close(fd)
+                conn.sendall(struct.pack("i", os.getpid()))  # first the pid, for the shim to pass signals to
                 code = _run_child(json.loads(msg))
                 try:
                     conn.sendall(struct.pack("i", code))

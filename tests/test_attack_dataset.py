@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import WEIGHTS, mps_executable, run_cli
+from conftest import WEIGHTS, forked_mps, mps_executable, run_cli
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -383,10 +383,12 @@ def test_the_settings_error_names_only_what_differs(written):
 # --------------------------------------------------------------------------- the process attacked
 
 
-def _popen(*args: str) -> subprocess.Popen:
+def _popen(*args: str, fork: bool = False) -> subprocess.Popen:
+    """``mps dataset`` in a process of its own; ``fork``: a fork of :func:`forked_mps`, where only being another
+    process counts (its locks, its files), not how it starts or dies (the kill -9 test kills the real one)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([*mps_executable(), "dataset", *args, *MODEL], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([*(forked_mps() if fork else mps_executable()), "dataset", *args, *MODEL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _clean_run(src: Path, out: Path) -> dict:
@@ -411,7 +413,7 @@ def test_two_runs_into_one_out_at_once_split_the_work(tmp_path, scorer):
     other = open_output(plan, ModelSpec.from_scorer(scorer))
     held = {s.name: s for s in plan.shards if s.name in ("1", "2")}
     assert all(other.claim(s) for s in held.values())
-    proc = _popen(str(src), "--out", str(out))
+    proc = _popen(str(src), "--out", str(out), fork=True)
     try:
         deadline = time.monotonic() + 90
         while {p.name for p in out.glob("*.parquet")} != {"0.parquet", "3.parquet"}:

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES, WEIGHTS, mps_executable
+from conftest import IMAGES, WEIGHTS, forked_mps, mps_executable
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -41,10 +41,11 @@ def free_port() -> int:
 
 class Server:
     """One `mps serve` with a token, a 1 MiB body limit, a 1 s read timeout and an allowed folder that
-    holds the traps: a FIFO, a symlink loop, a link out, a folder."""
+    holds the traps: a FIFO, a symlink loop, a link out, a folder. ``fork``: a fork of conftest's fork server (the
+    shim passes signals on), where the process's start is not under test."""
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, fork: bool = False):
+        self.tmp, self.fork = tmp, fork
         self.allowed = tmp / "allowed"
         (self.allowed / "sub").mkdir(parents=True)
         (self.allowed / "gray.png").write_bytes(GRAY)
@@ -65,8 +66,8 @@ class Server:
         env.pop("MPS_WEIGHTS", None)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*mps_executable(), "serve", "--weights", str(WEIGHTS), "--device", "cpu", "--port", str(self.port),
-             "--token", TOKEN, "--allow-dir", str(self.allowed), "--max-body-mb", "1",
+            [*(forked_mps() if self.fork else mps_executable()), "serve", "--weights", str(WEIGHTS), "--device", "cpu",
+             "--port", str(self.port), "--token", TOKEN, "--allow-dir", str(self.allowed), "--max-body-mb", "1",
              "--read-timeout", str(READ_TIMEOUT), "--max-batch", "8"],
             stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         deadline = time.monotonic() + 90
@@ -88,14 +89,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("attack-serve"))
+    srv = Server(tmp_path_factory.mktemp("attack-serve"), fork=True)
     yield srv
     srv.stop()
 
 
 @pytest.fixture
 def server(server_process) -> Server:
-    """The module's server, started again if the SIGTERM case (last in the file) stopped it."""
+    """The module's server, started again if a test stopped it."""
     if server_process.proc.poll() is not None:
         server_process.log.close()
         server_process.start()
@@ -672,10 +673,18 @@ def test_the_batch_route_keeps_the_rules_and_refuses_crafted_arrays_and_rewards(
     assert status == 200 and doc["failed"] == 1 and doc["rewards"][0] == doc["rewards"][2] and doc["rewards"][1] is None
 
 
-def test_sigterm_under_load_answers_or_refuses_every_request_and_none_half_written(server):
+@pytest.fixture
+def own_server(tmp_path):
+    """A real console-script `mps serve` of the test's own, for a test of how the process stops."""
+    srv = Server(tmp_path)
+    yield srv
+    srv.stop()
+
+
+def test_sigterm_under_load_answers_or_refuses_every_request_and_none_half_written(own_server):
     """Clients keep sending while the server stops: each request gets a whole answer (200, or 503 once
     it is stopping) or is never accepted (the connection is refused or closed before any byte)."""
-    srv = server
+    srv = own_server
     body = score_body(images=[B64] * 12)
     outcomes: list[str] = []
     lock = threading.Lock()

@@ -168,7 +168,8 @@ def server(workspace):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*mps_executable(), "serve", "--port", str(port), "--device", "cpu", "--dtype", "fp32"],
+    # A fork of the fork server (its start is not what the examples are about); SIGTERM reaches it through the shim.
+    proc = subprocess.Popen([*forked_mps(), "serve", "--port", str(port), "--device", "cpu", "--dtype", "fp32"],
                             cwd=workspace, env=_env(workspace), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -183,7 +184,7 @@ def server(workspace):
             time.sleep(0.1)
     yield url
     proc.terminate()
-    proc.wait(timeout=30)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]  # SIGTERM: the server stopped, and cleanly
 
 
 @pytest.mark.parametrize(("doc", "line", "lang", "code", "why", "needs_server"), BLOCKS,

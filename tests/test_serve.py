@@ -38,10 +38,12 @@ def b64(path: Path) -> str:
 
 
 class ServerProcess:
-    """One `mps serve` on loopback with the fixture weights, a token, an allowed folder and a 4 MiB body limit."""
+    """One `mps serve` on loopback with the fixture weights, a token, an allowed folder and a 4 MiB body limit;
+    ``fork``: a fork of conftest's fork server (the shim passes signals on), where the process's start is not
+    under test."""
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, fork: bool = False):
+        self.tmp, self.fork = tmp, fork
         self.allowed = tmp / "allowed"
         self.allowed.mkdir()
         (self.allowed / "sub").mkdir()
@@ -58,8 +60,8 @@ class ServerProcess:
         env.pop("MPS_WEIGHTS", None)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*mps_executable(), "serve", "--weights", str(WEIGHTS), "--device", "cpu", "--port", str(self.port),
-             "--token", TOKEN, "--allow-dir", str(self.allowed), "--max-body-mb", "4"],
+            [*(forked_mps() if self.fork else mps_executable()), "serve", "--weights", str(WEIGHTS), "--device", "cpu",
+             "--port", str(self.port), "--token", TOKEN, "--allow-dir", str(self.allowed), "--max-body-mb", "4"],
             stdout=subprocess.PIPE, stderr=self.log, env=env)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -86,7 +88,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("serve"))
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"), fork=True)
     srv.start()
     yield srv
     srv.stop()
@@ -94,7 +96,7 @@ def server_process(tmp_path_factory):
 
 @pytest.fixture
 def server(server_process) -> ServerProcess:
-    """The module's server, restarted if a test (the SIGTERM one) has stopped it."""
+    """The module's server, restarted if a test has stopped it."""
     return server_process.ensure()
 
 
@@ -387,7 +389,17 @@ def test_info_and_request_log(server):
 # --------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(server):
+@pytest.fixture
+def own_server(tmp_path):
+    """A real console-script `mps serve` of the test's own, for a test of how the process stops."""
+    srv = ServerProcess(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(own_server):
+    server = own_server
     prompt = "a lighthouse in a storm"
     body = {"images": [b64(IMAGES / SMALL[k % 3]) for k in range(48)], "prompt": prompt}
     base = call(server, "GET", "/v1/info")[1]["batching"]["requests"]
