@@ -317,3 +317,18 @@ def test_csv_that_the_csv_module_rejects_is_a_prompt_error(tmp_path):
     f.write_text("image,prompt\na.png," + "x" * 200_000 + "\n", encoding="utf-8")  # over csv's field limit
     with pytest.raises(PromptError, match="huge.csv"):
         read_prompt_file(f)
+
+
+def test_sidecar_caption_not_utf8_says_so_in_the_prompts_files_voice(tmp_path):
+    """A Latin-1 caption is named with what to do, as a Latin-1 prompts file is, not as Python's codec error;
+    the other images are still scored."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    shutil.copy(IMAGES / "gray.png", tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text(FOX, encoding="utf-8")
+    proc = run_cli("score", "a.png", "b.png", "--prompt-from", "sidecar", "--jsonl", "-w", str(WEIGHTS),
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: a.txt: not UTF-8 text; save the caption file as UTF-8"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["a.png", "b.png"] and "scores" in rows[1], proc.stdout

@@ -189,8 +189,10 @@ def sidecar_prompt(image: str | os.PathLike) -> str:
         if cand.is_file():
             try:
                 text = cand.read_text(encoding="utf-8-sig").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PromptError(f"{cand}: cannot read caption ({exc})") from exc
+            except UnicodeDecodeError as exc:
+                raise PromptError(f"{cand}: not UTF-8 text; save the caption file as UTF-8") from exc
+            except OSError as exc:
+                raise PromptError(f"{cand}: cannot read caption ({exc.strerror or exc})") from exc
             if not text:
                 raise MissingPromptError(f"{cand}: caption file is empty")
             return text
