@@ -211,3 +211,28 @@ def test_prompts_file_bad_lines_fail_alone(tmp_path, expected):
     assert len(messages(proc.stderr)) == 3, proc.stderr
     for culprit in ("gone.png", "p.jsonl:3", "p.jsonl:4"):
         assert len(lines_naming(proc.stderr, culprit)) == 1, (culprit, proc.stderr)
+
+
+@pytest.mark.parametrize("name", ["sunset.png", "portrait.jpg", "palette.gif", "wide.webp"])
+def test_an_image_piped_into_stdin_is_one_usage_error_not_its_bytes_as_paths(tmp_path, name):
+    """`cat a.png | mps score -`: stdin carries paths, so an image there is one line saying what to do instead."""
+    proc = run_cli("score", "-", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path,
+                   input=(IMAGES / name).read_bytes())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["mps: error: -: stdin holds an image, not paths: name the image as an "
+                                        "argument instead, or pipe in paths, one per line"]
+    assert proc.stdout == ""
+
+
+def test_null_separated_stdin_without_a_nul_says_to_drop_the_flag(tmp_path):
+    """`ls | mps score - -0`: the newline would become part of the path (an error line broken in two)."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    proc = run_cli("rank", "-", "-0", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path, input="a.png\n")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "mps: error: -0: stdin holds no NUL byte but line breaks: for paths one per line, drop -0"]
+    # The same path NUL-terminated, or one line without -0, is scored.
+    for args, stdin in ((["-0"], "a.png\0"), ([], "a.png\n")):
+        proc = run_cli("rank", "-", *args, "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input=stdin)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["image"] == "a.png"
