@@ -516,3 +516,20 @@ def test_every_command_help_says_its_exit_codes_and_keeps_its_paragraphs_whole()
             words = " ".join(paragraph.split()).replace("\\[", "[")  # Rich markup escapes, as shown
             if words and not words.startswith(("Examples:", "Exit status:")):
                 assert any(words[:200] in line for line in lines), (name, words[:80], res.stdout[:1500])
+
+
+def test_exit_status_speaks_of_prompts_only_for_commands_that_take_one():
+    """`mps info` said its exit 2 could be "no prompt source": the general meaning, wrong for a command without
+    prompts."""
+    import re
+
+    from mps_cli.cli import app
+
+    for info in app.registered_commands:
+        res = run_cli(info.name, "--help", env={"COLUMNS": "1000"})
+        status = next(line for line in res.stdout.splitlines() if "Exit status: 0 " in line)
+        takes_prompt = re.search(r"--prompt\b", res.stdout) is not None
+        assert takes_prompt or "prompt" not in status, (info.name, status)
+    status = [line for line in run_cli("info", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
+              if "Exit status" in line]
+    assert "2 usage error: a bad option;" in status[0], status

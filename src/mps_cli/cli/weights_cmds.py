@@ -19,7 +19,8 @@ DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
                             Exit.USAGE: "usage error: not a Hub source, or --revision disagrees with it",
                             Exit.RESOURCE: "a malformed source or a corrupt file",
                             Exit.FETCH: "network or Hub problem"})
-INFO_EXITS = exit_help({Exit.OK: "shown"}, (Exit.USAGE, Exit.RESOURCE, Exit.INTERNAL, Exit.INTERRUPTED))
+INFO_EXITS = exit_help({Exit.OK: "shown", Exit.USAGE: "usage error: a bad option"},
+                       (Exit.USAGE, Exit.RESOURCE, Exit.INTERNAL, Exit.INTERRUPTED))
 CONVERT_EXITS = exit_help({Exit.OK: "written", Exit.USAGE: "usage error (DST exists without --force)",
                            Exit.RESOURCE: "unreadable or unsafe checkpoint, or DST cannot be written"},
                           codes=(Exit.INTERNAL, Exit.INTERRUPTED))
