@@ -236,3 +236,20 @@ def test_null_separated_stdin_without_a_nul_says_to_drop_the_flag(tmp_path):
         proc = run_cli("rank", "-", *args, "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input=stdin)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["image"] == "a.png"
+
+
+def test_a_prompts_file_given_as_an_image_points_to_prompts(tmp_path):
+    """`mps score prompts.jsonl`: named as what it is, with the flag that reads it; the other image is scored.
+    compare takes no --prompts, so it only names the file."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": FOX}) + "\n")
+    proc = run_cli("score", "prompts.jsonl", "a.png", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: prompts.jsonl: a JSONL file, not an image"]
+    assert "mps: hint: to score the images a prompts file lists, pass it as --prompts FILE" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["prompts.jsonl", "a.png"] and "scores" in rows[1]
+    proc = run_cli("compare", "prompts.jsonl", "a.png", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: prompts.jsonl: a JSONL file, not an image"]
+    assert "--prompts" not in proc.stderr

@@ -189,6 +189,7 @@ def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS) -> s
 INPUT_HINTS: dict[Problem, str] = {
     Problem.EMPTY_FOLDER: "use --recursive to look in sub-folders too",
     Problem.NUL_IN_PATH: "for NUL-separated paths (find -print0, xargs -0), pass -0/--null",
+    Problem.PROMPTS_FILE: "to score the images a prompts file lists, pass it as --prompts FILE",
     # Each names the sources other than the one that came up empty.
     Problem.NO_CAPTION: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from metadata "
                         "(the prompt generators embed)",

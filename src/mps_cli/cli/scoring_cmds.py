@@ -17,7 +17,7 @@ from ..composite import COMPOSITE_KEY, Composite
 from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
 from ..engine.options import ModelOptions
 from ..errors import CompositeError, ImageError, PromptError
-from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
+from ..inputs.items import Item, Problem, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import INPUT_HINTS, Exit, exit_help, fail, handle_errors
 from .options import (
     MODEL,
@@ -322,7 +322,8 @@ def compare(
         raise fail("choose one prompt source, not --prompt and --prompt-from", Exit.USAGE)
     items = files([a, b])
     attach_prompts(items, prompt, prompt_from)
-    report = Report(INPUT_HINTS)
+    # compare takes no --prompts: a prompts file given as A or B is only named.
+    report = Report({p: h for p, h in INPUT_HINTS.items() if p is not Problem.PROMPTS_FILE})
     for it in items:
         if not it.ok:
             report.result(Row(image=it.label, prompt=None, error=it.error), it.problem)

@@ -19,7 +19,14 @@ from typing import IO
 
 from ..constants import IMAGE_EXTENSIONS
 from ..errors import PromptError
-from .prompts import MissingPromptError, metadata_prompt, read_prompt_file, sidecar_prompt, text_problem
+from .prompts import (
+    PROMPT_FILE_SUFFIXES,
+    MissingPromptError,
+    metadata_prompt,
+    read_prompt_file,
+    sidecar_prompt,
+    text_problem,
+)
 
 
 class Problem(str, Enum):
@@ -30,6 +37,7 @@ class Problem(str, Enum):
     NUL_IN_PATH = "nul-in-path"  # a path with a NUL byte: NUL-separated input read as lines
     NO_CAPTION = "no-caption"  # the sidecar source: no caption file beside this image (or an empty one)
     NO_METADATA_PROMPT = "no-metadata-prompt"  # the metadata source: no generator prompt in this image
+    PROMPTS_FILE = "prompts-file"  # a .jsonl, .json or .csv given as an image: meant as the prompts file
     OTHER = "other"
 
 
@@ -203,6 +211,9 @@ def _check_file(it: Item, st: os.stat_result | None = None) -> Item:
         it.fail(f"{it.label}: not a regular file")
     elif not os.access(it.path, os.R_OK):
         it.fail(f"{it.label}: permission denied")
+    elif it.path.suffix.lower() in PROMPT_FILE_SUFFIXES:
+        it.fail(f"{it.label}: a {it.path.suffix.lower().lstrip('.').upper()} file, not an image",
+                Problem.PROMPTS_FILE)
     return it
 
 

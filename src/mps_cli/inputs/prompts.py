@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import PromptError
 
 SIDECAR_SUFFIXES = (".txt", ".caption")
+#: The prompts-file formats read_prompt_file tells apart by name (any other name is read as JSONL).
+PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 _CONDITIONING_INPUTS = ("positive", "conditioning", "conditioning_to", "conditioning_1", "conditioning_from",
                         "conditioning_2", "guider", "base_positive")
