@@ -253,3 +253,19 @@ def test_a_prompts_file_given_as_an_image_points_to_prompts(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert messages(proc.stderr) == ["mps: error: prompts.jsonl: a JSONL file, not an image"]
     assert "--prompts" not in proc.stderr
+
+
+def test_a_pattern_that_reached_mps_says_why_it_is_no_file(tmp_path):
+    """A quoted glob (the shell left it alone) says to unquote it; one that matched nothing says so; a file
+    whose name merely has brackets is scored as it is."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    shutil.copy(IMAGES / "gray.png", tmp_path / "b [1].png")
+    proc = run_cli("score", "*.png", "*.jpg", "b [1].png", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS),
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == [
+        "mps: error: *.png: no such file (a pattern, which mps does not expand: leave it unquoted for the shell "
+        "to, or give the folder)",
+        "mps: error: *.jpg: no such file (and, read as a pattern, it matches none)"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["*.png", "*.jpg", "b [1].png"] and "scores" in rows[2]

@@ -9,6 +9,7 @@ becomes that input's :class:`Item` error; nothing here raises for a single input
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -134,6 +135,20 @@ def files(args: Iterable[str]) -> list[Item]:
     return out
 
 
+def _as_pattern(arg: str) -> str:
+    """What a missing path with ``*``, ``?`` or ``[`` most likely was: a shell pattern that matched nothing
+    (the shell then passes it as it is), or one quoted, so that no shell expanded it."""
+    if not any(c in arg for c in "*?["):
+        return ""
+    try:
+        matches = glob.glob(arg)
+    except (OSError, ValueError):
+        return ""
+    if matches:
+        return " (a pattern, which mps does not expand: leave it unquoted for the shell to, or give the folder)"
+    return " (and, read as a pattern, it matches none)"
+
+
 def _resolve(it: Item, recursive: bool) -> list[Item]:
     arg = it.label
     if "\0" in arg:
@@ -144,7 +159,7 @@ def _resolve(it: Item, recursive: bool) -> list[Item]:
         st = os.stat(p)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            it.fail(f"{arg}: no such file", Problem.MISSING)
+            it.fail(f"{arg}: no such file{_as_pattern(arg)}", Problem.MISSING)
         else:
             it.fail(f"{arg}: {_describe_os_error(exc)}")
         return [it]
