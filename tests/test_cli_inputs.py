@@ -269,3 +269,18 @@ def test_a_pattern_that_reached_mps_says_why_it_is_no_file(tmp_path):
         "mps: error: *.jpg: no such file (and, read as a pattern, it matches none)"]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["image"] for r in rows] == ["*.png", "*.jpg", "b [1].png"] and "scores" in rows[2]
+
+
+def test_empty_stdin_is_that_inputs_failure_as_an_empty_folder_is(tmp_path):
+    """`find ... | mps score -` finding nothing printed nothing and exited 0; now '-' fails as an input, and
+    the images given beside it are still scored."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    proc = run_cli("score", "-", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input="\n\n")
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: -: no paths on stdin"]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [{"image": "-", "error": "-: no paths on stdin"}]
+    proc = run_cli("rank", "a.png", "-", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input="")
+    assert proc.returncode == 1, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["image"] == "a.png" and rows[0]["rank"] == 1 and rows[1]["image"] == "-"
+    assert summary(proc.stderr) == "mps: 1 scored, 1 failed"

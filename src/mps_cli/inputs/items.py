@@ -115,12 +115,15 @@ def expand(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None =
         if arg == "-":
             if stdin is None:
                 raise ValueError("'-' needs a stream to read paths from")
-            items.extend(Item(label=p, path=None) for p in read_path_list(stdin, null))
+            paths = read_path_list(stdin, null)
+            items.extend(Item(label=p, path=None) for p in paths)
+            if not paths:  # as a folder without images is: an input that gave nothing to score
+                items.append(Item(label=arg, path=None, error="-: no paths on stdin"))
             continue
         items.append(Item(label=arg, path=None))
     out: list[Item] = []
     for it in items:
-        out.extend(_resolve(it, recursive))
+        out.extend(_resolve(it, recursive) if it.ok else [it])
     return out
 
 
