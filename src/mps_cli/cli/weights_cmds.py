@@ -123,10 +123,11 @@ def _info_lines(doc: dict) -> list[str]:
         f"cache: {doc['cache_dir']}" + ("  [offline]" if doc["offline"] else f"  (from {doc['endpoint']})"),
         f"weights: {w['source']}" + (f" = {w['uri']}" if w.get("uri") else ""),
     ]
-    if w["cached"]:
+    if w["cached"] and w.get("hub"):
         lines.append(f"  cached at {w['path']}")
-        if w.get("hub"):
-            lines.append(f"  config: {w.get('config') or 'not cached (built-in ViT-H-14 is used)'}")
+        lines.append(f"  config: {w.get('config') or 'not cached (built-in ViT-H-14 is used)'}")
+    elif w["cached"]:
+        lines.append("  local file, found")  # a local file is not in any cache: 'cached at' misled
     elif w.get("hub"):
         lines.append(f"  not cached: run `mps download {w['uri']}` on a connected machine")
     else:
