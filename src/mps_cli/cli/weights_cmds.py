@@ -12,7 +12,7 @@ from ..errors import FetchError
 from . import output
 from .app import DEMO_NOTE, Exit, exit_help, fail, handle_errors
 from .options import AsJson, Revision, check_revision
-from .output import emit_json
+from .output import emit_json, human_size
 from .values import BadValue
 
 DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
@@ -24,15 +24,6 @@ INFO_EXITS = exit_help({Exit.OK: "shown", Exit.USAGE: "usage error: a bad option
 CONVERT_EXITS = exit_help({Exit.OK: "written", Exit.USAGE: "usage error (DST exists without --force)",
                            Exit.RESOURCE: "unreadable or unsafe checkpoint, or DST cannot be written"},
                           codes=(Exit.INTERNAL, Exit.INTERRUPTED))
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def download(
@@ -80,7 +71,7 @@ def download(
         emit_json(doc)
         return
     output.say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
-    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({_human(size)})", f"sha256: {sha}",
+    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({human_size(size)})", f"sha256: {sha}",
                        f"commit: {fetched.commit or 'unknown'}",
                        f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}"])
 
@@ -202,7 +193,7 @@ def convert(
         return
     output.say(f"converted {src} -> {result.dst}")
     output.emit_lines([f"path: {result.dst}", f"tensors: {result.tensors}",
-                       f"size: {result.bytes} bytes ({_human(result.bytes)})", f"dtype: {result.dtype}"])
+                       f"size: {result.bytes} bytes ({human_size(result.bytes)})", f"dtype: {result.dtype}"])
 
 
 def _storage_dtype(spec: str) -> str | None:
