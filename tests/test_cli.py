@@ -518,9 +518,9 @@ def test_every_command_help_says_its_exit_codes_and_keeps_its_paragraphs_whole()
                 assert any(words[:200] in line for line in lines), (name, words[:80], res.stdout[:1500])
 
 
-def test_exit_status_speaks_of_prompts_only_for_commands_that_take_one():
-    """`mps info` said its exit 2 could be "no prompt source": the general meaning, wrong for a command without
-    prompts."""
+def test_exit_status_speaks_of_prompts_and_servers_only_for_commands_that_take_them():
+    """`mps info` said its exit 2 could be "no prompt source", and versus, eval, dataset and serve that their exit
+    4 could be "the --server could not be reached": the general meanings, wrong for commands without them."""
     import re
 
     from mps_cli.cli import app
@@ -530,6 +530,8 @@ def test_exit_status_speaks_of_prompts_only_for_commands_that_take_one():
         status = next(line for line in res.stdout.splitlines() if "Exit status: 0 " in line)
         takes_prompt = re.search(r"--prompt\b", res.stdout) is not None
         assert takes_prompt or "prompt" not in status, (info.name, status)
+        takes_server = re.search(r"│ --server\b", res.stdout) is not None
+        assert takes_server == ("--server" in status), (info.name, status)
     status = [line for line in run_cli("info", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
               if "Exit status" in line]
     assert "2 usage error: a bad option;" in status[0], status

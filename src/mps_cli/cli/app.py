@@ -164,6 +164,9 @@ class Exit(IntEnum):
     INTERRUPTED = 130
 
 
+#: Exit 4 of a command without --server: only the weights' fetch.
+_FETCH_WITHOUT_SERVER = "weights could not be fetched"
+
 #: What each exit code means for every command; the help of each command and docs/output.md say this
 #: (commands say what 0 and 1 are for them). A test holds the page to it.
 EXIT_MEANINGS: dict[Exit, str] = {
@@ -171,18 +174,19 @@ EXIT_MEANINGS: dict[Exit, str] = {
     Exit.PARTIAL: "some inputs failed; the others were done and printed",
     Exit.USAGE: "usage error: a bad option, an unreadable input file, no prompt source",
     Exit.RESOURCE: "weights or config unreadable or mismatched, out of memory, or a cache or output not writable",
-    Exit.FETCH: "weights could not be fetched, or the --server could not be reached",
+    Exit.FETCH: f"{_FETCH_WITHOUT_SERVER}, or the --server could not be reached",
     Exit.INTERNAL: "an unexpected error: a bug (MPS_DEBUG=1 shows the traceback)",
     Exit.INTERRUPTED: "interrupted",
 }
 _ALWAYS = (Exit.USAGE, Exit.RESOURCE, Exit.FETCH, Exit.INTERNAL, Exit.INTERRUPTED)
 
 
-def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS) -> str:
+def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS, server: bool = True) -> str:
     """The "Exit status" paragraph of a command's help: its own meanings of ``specific`` codes, then the
-    general meaning of the other ``codes`` it can end with."""
+    general meaning of the other ``codes`` it can end with; ``server=False`` for a command without --server."""
     shown = sorted({*specific, *codes})
-    return "Exit status: " + "; ".join(f"{int(c)} {specific.get(c, EXIT_MEANINGS[c])}" for c in shown) + "."
+    general = EXIT_MEANINGS if server else {**EXIT_MEANINGS, Exit.FETCH: _FETCH_WITHOUT_SERVER}
+    return "Exit status: " + "; ".join(f"{int(c)} {specific.get(c, general[c])}" for c in shown) + "."
 
 
 #: The remedy for an input problem, in terms of this command line's flags (the library names none).

@@ -49,7 +49,7 @@ VERSUS_HELP = "\n\n".join([
     exit_help({Exit.OK: "every image compared",
                Exit.PARTIAL: "some images unpaired, missing or failed (listed; the rest are compared)",
                Exit.USAGE: "bad usage or an unreadable side or prompts file",
-               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}, server=False),
 ])
 
 
