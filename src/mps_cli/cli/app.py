@@ -216,11 +216,11 @@ def fail(message: str, code: Exit) -> typer.Exit:
 # What a user can change for each kind of library error (``MPSError.hint``), as this CLI spells it.
 FLAG_HINTS = {
     "config": ": pass their config.json with --config",
-    "weights": ", or pass --weights PATH",
-    "download": ": run `mps download {uri}` on a connected machine with the same HF_HOME, or pass --weights PATH",
+    "weights": ", or pass {weights}",
+    "download": ": run `mps download {uri}` on a connected machine with the same HF_HOME, or pass {weights}",
     "revision": ": check --revision or the @REVISION",
     "offline": ", or use --offline with cached weights",
-    "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
+    "offline-or-weights": ", use --offline with cached weights, or pass {weights}",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
     "reward": " (--reward)",
@@ -251,7 +251,9 @@ def describe(exc: BaseException) -> str:
     message = str(exc)
     key = getattr(exc, "hint", None) or ""
     if key in FLAG_HINTS:
-        return message + FLAG_HINTS[key].format(uri=getattr(exc, "uri", None) or "")
+        model = getattr(exc, "model", None)
+        weights = f"--model {model}=PATH" if model else "--weights PATH"  # a judge's weights are given so
+        return message + FLAG_HINTS[key].format(uri=getattr(exc, "uri", None) or "", weights=weights)
     for kind, hint in ERROR_HINTS:
         if isinstance(exc, kind):
             return f"{message} ({hint})"
