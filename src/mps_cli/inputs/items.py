@@ -246,7 +246,11 @@ def from_prompt_file(path: str | os.PathLike) -> list[Item]:
                   problem=Problem.OTHER if e.error else None)
         if it.error is None and it.path is not None and "\0" in str(it.path):
             it.fail(f"{_printable(e.image)}: path contains a NUL byte", Problem.NUL_IN_PATH)
-        items.append(_check_file(it))
+        _check_file(it)
+        if it.problem is Problem.MISSING and it.path is not None and str(it.path) != it.label:
+            # The name is the file's, relative to its folder: say where that is from here.
+            it.error = f"{it.error} (looked for {it.path})"
+        items.append(it)
     return items
 
 
