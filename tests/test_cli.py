@@ -535,3 +535,13 @@ def test_exit_status_speaks_of_prompts_and_servers_only_for_commands_that_take_t
     status = [line for line in run_cli("info", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
               if "Exit status" in line]
     assert "2 usage error: a bad option;" in status[0], status
+
+
+@pytest.mark.parametrize("name", ["score", "compare", "rank", "eval", "versus", "dataset", "report", "convert"])
+def test_a_bare_command_that_needs_arguments_shows_its_help(name):
+    """`mps score` alone said only 'no prompt' (then, given one, 'no images'); as `mps eval` does, every command
+    that needs arguments shows its usage instead, exit 2."""
+    res = run_cli(name)
+    assert res.returncode == 2, res.stderr
+    assert f"Usage: mps {name} " in res.stdout and "Exit status: 0 " in res.stdout
+    assert "error" not in res.stderr
