@@ -545,3 +545,15 @@ def test_a_bare_command_that_needs_arguments_shows_its_help(name):
     assert res.returncode == 2, res.stderr
     assert f"Usage: mps {name} " in res.stdout and "Exit status: 0 " in res.stdout
     assert "error" not in res.stderr
+
+
+def test_compare_help_says_what_its_exit_1_is(tmp_path):
+    """compare's exit 1 read 'the rest are still printed', from score; it has one result, which carries the error."""
+    status = next(line for line in run_cli("compare", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
+                  if "Exit status" in line)
+    assert "0 compared; 1 A or B could not be scored, or their prompts differ (the result carries the error);" in status
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    res = run_cli("compare", "a.png", "gone.png", "--prompt", "a fox", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    assert res.returncode == 1
+    assert json.loads(res.stdout) == {"prompt": "a fox", "a": "a.png", "b": "gone.png",
+                                      "error": "gone.png: no such file"}

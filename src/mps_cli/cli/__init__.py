@@ -66,7 +66,7 @@ def _help(command, exits: str) -> str:
 # Bare, a command that needs arguments shows its help (not the first of several errors it would meet).
 app.command("score", epilog=_epilog("score"), help=_help(scoring_cmds.score, scoring_cmds.EXITS),
             no_args_is_help=True)(scoring_cmds.score)
-app.command("compare", epilog=_epilog("compare"), help=_help(scoring_cmds.compare, scoring_cmds.EXITS),
+app.command("compare", epilog=_epilog("compare"), help=_help(scoring_cmds.compare, scoring_cmds.COMPARE_EXITS),
             no_args_is_help=True)(scoring_cmds.compare)
 app.command("rank", epilog=_epilog("rank"), help=_help(scoring_cmds.rank, scoring_cmds.EXITS),
             no_args_is_help=True)(scoring_cmds.rank)

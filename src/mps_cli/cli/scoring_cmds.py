@@ -58,6 +58,9 @@ Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="I
                                          help="Descend into sub-folders of folder arguments.")]
 
 EXITS = exit_help({Exit.OK: "all scored", Exit.PARTIAL: "some inputs failed (the rest are still printed)"})
+# A comparison is one result: with an image unreadable there is no "rest" to print.
+COMPARE_EXITS = exit_help({Exit.OK: "compared", Exit.PARTIAL: "A or B could not be scored, or their prompts differ "
+                                                              "(the result carries the error)"})
 
 
 @dataclass(frozen=True)
