@@ -463,3 +463,15 @@ def test_kill_9_mid_shard_then_resume_equals_a_clean_run_and_ends_the_same(tmp_p
     assert not list(out.glob(".*.tmp"))
     manifest, fresh = (json.loads((d / "_manifest.json").read_text()) for d in (out, clean_out))
     assert manifest["shards"] == fresh["shards"]
+
+
+def test_an_out_that_is_a_file_says_so_and_leaves_it(tmp_path):
+    """'--out results.parquet' (a file where a folder goes) read 'output folder is not writable (File exists)'."""
+    (tmp_path / "s.tar").write_bytes(tar_of(samples("k", 1, seed=70)))
+    taken = tmp_path / "results.parquet"
+    taken.write_bytes(b"mine")
+    res = dataset(str(tmp_path / "s.tar"), "--out", str(taken))
+    assert res.returncode == 2 and not res.stdout
+    assert [line for line in res.stderr.splitlines() if "error" in line] == [
+        f"mps: error: {taken}: is a file, not a folder (the output is a folder of parquet files)"]
+    assert taken.read_bytes() == b"mine"

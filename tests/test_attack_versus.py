@@ -264,3 +264,11 @@ def test_a_pair_of_one_image_with_itself_is_skipped_and_named(pairs_file, tmp_pa
     assert len(warned) == 1 and "line 6" in warned[0] and "item skipped" in warned[0]
     doc = json.loads(res.stdout)
     assert doc["skipped"] == 1 and doc["accuracy"] == json.loads(evaluate(pairs_file, cache).stdout)["accuracy"]
+
+
+def test_the_same_side_twice_names_it(clean):
+    """Among three sides the repeated one is named, as every usage error names its culprit."""
+    a, b, _ = clean
+    res = versus(str(a), str(b), str(b))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"mps: error: {b}: the same side is given twice"]

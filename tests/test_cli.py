@@ -516,3 +516,44 @@ def test_every_command_help_says_its_exit_codes_and_keeps_its_paragraphs_whole()
             words = " ".join(paragraph.split()).replace("\\[", "[")  # Rich markup escapes, as shown
             if words and not words.startswith(("Examples:", "Exit status:")):
                 assert any(words[:200] in line for line in lines), (name, words[:80], res.stdout[:1500])
+
+
+def test_exit_status_speaks_of_prompts_and_servers_only_for_commands_that_take_them():
+    """`mps info` said its exit 2 could be "no prompt source", and versus, eval, dataset and serve that their exit
+    4 could be "the --server could not be reached": the general meanings, wrong for commands without them."""
+    import re
+
+    from mps_cli.cli import app
+
+    for info in app.registered_commands:
+        res = run_cli(info.name, "--help", env={"COLUMNS": "1000"})
+        status = next(line for line in res.stdout.splitlines() if "Exit status: 0 " in line)
+        takes_prompt = re.search(r"--prompt\b", res.stdout) is not None
+        assert takes_prompt or "prompt" not in status, (info.name, status)
+        takes_server = re.search(r"│ --server\b", res.stdout) is not None
+        assert takes_server == ("--server" in status), (info.name, status)
+    status = [line for line in run_cli("info", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
+              if "Exit status" in line]
+    assert "2 usage error: a bad option;" in status[0], status
+
+
+@pytest.mark.parametrize("name", ["score", "compare", "rank", "eval", "versus", "dataset", "report", "convert"])
+def test_a_bare_command_that_needs_arguments_shows_its_help(name):
+    """`mps score` alone said only 'no prompt' (then, given one, 'no images'); as `mps eval` does, every command
+    that needs arguments shows its usage instead, exit 2."""
+    res = run_cli(name)
+    assert res.returncode == 2, res.stderr
+    assert f"Usage: mps {name} " in res.stdout and "Exit status: 0 " in res.stdout
+    assert "error" not in res.stderr
+
+
+def test_compare_help_says_what_its_exit_1_is(tmp_path):
+    """compare's exit 1 read 'the rest are still printed', from score; it has one result, which carries the error."""
+    status = next(line for line in run_cli("compare", "--help", env={"COLUMNS": "1000"}).stdout.splitlines()
+                  if "Exit status" in line)
+    assert "0 compared; 1 A or B could not be scored, or their prompts differ (the result carries the error);" in status
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    res = run_cli("compare", "a.png", "gone.png", "--prompt", "a fox", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    assert res.returncode == 1
+    assert json.loads(res.stdout) == {"prompt": "a fox", "a": "a.png", "b": "gone.png",
+                                      "error": "gone.png: no such file"}

@@ -211,3 +211,76 @@ def test_prompts_file_bad_lines_fail_alone(tmp_path, expected):
     assert len(messages(proc.stderr)) == 3, proc.stderr
     for culprit in ("gone.png", "p.jsonl:3", "p.jsonl:4"):
         assert len(lines_naming(proc.stderr, culprit)) == 1, (culprit, proc.stderr)
+
+
+@pytest.mark.parametrize("name", ["sunset.png", "portrait.jpg", "palette.gif", "wide.webp"])
+def test_an_image_piped_into_stdin_is_one_usage_error_not_its_bytes_as_paths(tmp_path, name):
+    """`cat a.png | mps score -`: stdin carries paths, so an image there is one line saying what to do instead."""
+    proc = run_cli("score", "-", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path,
+                   input=(IMAGES / name).read_bytes())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["mps: error: -: stdin holds an image, not paths: name the image as an "
+                                        "argument instead, or pipe in paths, one per line"]
+    assert proc.stdout == ""
+
+
+def test_null_separated_stdin_without_a_nul_says_to_drop_the_flag(tmp_path):
+    """`ls | mps score - -0`: the newline would become part of the path (an error line broken in two)."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    proc = run_cli("rank", "-", "-0", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path, input="a.png\n")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "mps: error: -0: stdin holds no NUL byte but line breaks: for paths one per line, drop -0"]
+    # The same path NUL-terminated, or one line without -0, is scored.
+    for args, stdin in ((["-0"], "a.png\0"), ([], "a.png\n")):
+        proc = run_cli("rank", "-", *args, "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input=stdin)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["image"] == "a.png"
+
+
+def test_a_prompts_file_given_as_an_image_points_to_prompts(tmp_path):
+    """`mps score prompts.jsonl`: named as what it is, with the flag that reads it; the other image is scored.
+    compare takes no --prompts, so it only names the file."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "a.png", "prompt": FOX}) + "\n")
+    proc = run_cli("score", "prompts.jsonl", "a.png", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: prompts.jsonl: a JSONL file, not an image"]
+    assert "mps: hint: to score the images a prompts file lists, pass it as --prompts FILE" in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["prompts.jsonl", "a.png"] and "scores" in rows[1]
+    proc = run_cli("compare", "prompts.jsonl", "a.png", "--prompt", FOX, "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: prompts.jsonl: a JSONL file, not an image"]
+    assert "--prompts" not in proc.stderr
+
+
+def test_a_pattern_that_reached_mps_says_why_it_is_no_file(tmp_path):
+    """A quoted glob (the shell left it alone) says to unquote it; one that matched nothing says so; a file
+    whose name merely has brackets is scored as it is."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    shutil.copy(IMAGES / "gray.png", tmp_path / "b [1].png")
+    proc = run_cli("score", "*.png", "*.jpg", "b [1].png", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS),
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == [
+        "mps: error: *.png: no such file (a pattern, which mps does not expand: leave it unquoted for the shell "
+        "to, or give the folder)",
+        "mps: error: *.jpg: no such file (and, read as a pattern, it matches none)"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["*.png", "*.jpg", "b [1].png"] and "scores" in rows[2]
+
+
+def test_empty_stdin_is_that_inputs_failure_as_an_empty_folder_is(tmp_path):
+    """`find ... | mps score -` finding nothing printed nothing and exited 0; now '-' fails as an input, and
+    the images given beside it are still scored."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    proc = run_cli("score", "-", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input="\n\n")
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: -: no paths on stdin"]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [{"image": "-", "error": "-: no paths on stdin"}]
+    proc = run_cli("rank", "a.png", "-", "--prompt", FOX, "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path, input="")
+    assert proc.returncode == 1, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["image"] == "a.png" and rows[0]["rank"] == 1 and rows[1]["image"] == "-"
+    assert summary(proc.stderr) == "mps: 1 scored, 1 failed"

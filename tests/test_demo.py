@@ -157,7 +157,7 @@ def test_rerunning_on_a_demo_folder_changes_nothing_and_keeps_added_files(tmp_pa
     # A demo file damaged since is written again.
     (tmp_path / "d" / "v1" / "fox.txt").write_text("something else")
     fixed = run_cli("demo", str(tmp_path / "d"))
-    assert fixed.returncode == 0 and "wrote 1 files" in fixed.stderr
+    assert fixed.returncode == 0 and "wrote 1 file;" in fixed.stderr
     assert (tmp_path / "d" / "v1" / "fox.txt").read_text() == (tmp_path / "d" / "v2" / "fox.txt").read_text()
 
 

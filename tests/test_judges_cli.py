@@ -207,3 +207,16 @@ def test_judges_download_from_their_published_repositories_then_run_offline(judg
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout) == json.loads(online.stdout)
     assert list(json.loads(online.stdout)[0]["scores"]) == ["pickscore", "hpsv2.1"]
+
+
+def test_a_judge_that_cannot_be_fetched_points_to_its_own_weights_not_mps(tmp_path):
+    """The remedy for a judge's weights missing offline (or its Hub unreachable) is NAME=PATH in --model:
+    --weights gives MPS's weights and would not help."""
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    res = run_cli("score", str(IMAGES / "sunset.png"), "--prompt", PROMPT, "-m", "mps,pickscore", "--offline",
+                  *LOCAL, env={"HF_HUB_CACHE": str(cache), "HF_HOME": str(cache)})
+    assert res.returncode == 4, res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"mps: error: hf://{JUDGES['pickscore'].repo}/"), line
+    assert line.endswith("or pass --model pickscore=PATH") and "--weights" not in line, line

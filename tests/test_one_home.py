@@ -199,7 +199,11 @@ def test_mps_info_prints_what_the_library_says(monkeypatch):
     assert doc["weights"] == {"source": str(WEIGHTS), "hub": False, "cached": True, "path": str(WEIGHTS)}
     assert doc["versions"]["torch"] and doc["prepared"]["enabled"] is True
     text = run_cli("info").stdout
-    assert f"weights: {WEIGHTS}\n  cached at {WEIGHTS}\n" in text and "devices:\n  cpu" in text
+    # A local file is found, not cached (as a Hub file would be); a missing one is said too.
+    assert f"weights: {WEIGHTS}\n  local file, found\n" in text and "devices:\n  cpu" in text
+    assert "cached at" not in text
+    missing = run_cli("info", env={"MPS_WEIGHTS": str(WEIGHTS) + ".missing"})
+    assert missing.returncode == 0 and f"{WEIGHTS}.missing\n  local file not found\n" in missing.stdout
 
 
 # --------------------------------------------------------------------------- dimensions and prompt counts

@@ -317,3 +317,31 @@ def test_csv_that_the_csv_module_rejects_is_a_prompt_error(tmp_path):
     f.write_text("image,prompt\na.png," + "x" * 200_000 + "\n", encoding="utf-8")  # over csv's field limit
     with pytest.raises(PromptError, match="huge.csv"):
         read_prompt_file(f)
+
+
+def test_sidecar_caption_not_utf8_says_so_in_the_prompts_files_voice(tmp_path):
+    """A Latin-1 caption is named with what to do, as a Latin-1 prompts file is, not as Python's codec error;
+    the other images are still scored."""
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    shutil.copy(IMAGES / "gray.png", tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text(FOX, encoding="utf-8")
+    proc = run_cli("score", "a.png", "b.png", "--prompt-from", "sidecar", "--jsonl", "-w", str(WEIGHTS),
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: a.txt: not UTF-8 text; save the caption file as UTF-8"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["a.png", "b.png"] and "scores" in rows[1], proc.stdout
+
+
+def test_a_missing_image_of_a_prompts_file_in_another_folder_says_where_it_was_looked_for(tmp_path):
+    """A prompts file's names resolve against its folder: 'v1/x.png: no such file' sent the user to ./v1."""
+    (tmp_path / "set").mkdir()
+    shutil.copy(IMAGES / "sunset.png", tmp_path / "set" / "a.png")
+    lines = [{"image": "a.png", "prompt": FOX}, {"image": "gone.png", "prompt": FOX}]
+    (tmp_path / "set" / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_cli("score", "--prompts", "set/p.jsonl", "--jsonl", "-w", str(WEIGHTS), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert messages(proc.stderr) == ["mps: error: gone.png: no such file (looked for set/gone.png)"]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["image"] for r in rows] == ["a.png", "gone.png"] and "scores" in rows[0]

@@ -526,3 +526,14 @@ def test_report_cli_bad_inputs(tmp_path, score_file):
     res = cli("report", "-", "-o", str(out), input=score_file[0].read_text())
     assert res.exit_code == 0, res.output
     assert out.read_text().count('class="mps-card ') == len(score_file[1])
+
+
+def test_report_says_the_pages_size_in_the_units_the_other_commands_use(tmp_path):
+    """A small page said '0.0 MB' (and '1 image cards'); sizes are KiB/MiB as convert and download say them."""
+    one = write_jsonl(tmp_path / "one.jsonl", [{"image": str(IMAGES / "sunset.png"), "prompt": ONE_PROMPT,
+                                                "scores": {"overall": 1.0}}])
+    out = tmp_path / "one.html"
+    res = cli("report", str(one), "-o", str(out))
+    assert res.exit_code == 0, res.output
+    kib = out.stat().st_size / 1024
+    assert kib < 1024 and res.stderr.splitlines() == [f"mps: wrote {out} (1 image card, {kib:.1f} KiB)"]

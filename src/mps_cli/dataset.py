@@ -176,6 +176,8 @@ def plan_dataset(job: DatasetJob) -> DatasetPlan:
 
 
 def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder (the output is a folder of parquet files)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

@@ -8,13 +8,15 @@ class MPSError(Exception):
 
     ``hint`` names what a user could change (``"config"``, ``"weights"``, ``"offline"``, ...)
     without naming how: the CLI turns it into the flag to use, other callers may ignore it.
-    ``uri`` is the Hub source the error is about, where there is one.
+    ``uri`` is the Hub source the error is about, where there is one; ``model`` the judge (``hpsv2.1``, ...)
+    whose weights it is about, None for MPS's own.
     """
 
-    def __init__(self, *args, hint: str | None = None, uri: str | None = None):
+    def __init__(self, *args, hint: str | None = None, uri: str | None = None, model: str | None = None):
         super().__init__(*args)
         self.hint = hint
         self.uri = uri
+        self.model = model
 
 
 class ConfigError(MPSError):

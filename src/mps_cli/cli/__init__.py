@@ -63,21 +63,25 @@ def _help(command, exits: str) -> str:
     return "\n\n".join(paragraphs) + "\n\n" + exits
 
 
-app.command("score", epilog=_epilog("score"), help=_help(scoring_cmds.score, scoring_cmds.EXITS))(scoring_cmds.score)
-app.command("compare", epilog=_epilog("compare"), help=_help(scoring_cmds.compare, scoring_cmds.EXITS))(
-    scoring_cmds.compare)
-app.command("rank", epilog=_epilog("rank"), help=_help(scoring_cmds.rank, scoring_cmds.EXITS))(scoring_cmds.rank)
+# Bare, a command that needs arguments shows its help (not the first of several errors it would meet).
+app.command("score", epilog=_epilog("score"), help=_help(scoring_cmds.score, scoring_cmds.EXITS),
+            no_args_is_help=True)(scoring_cmds.score)
+app.command("compare", epilog=_epilog("compare"), help=_help(scoring_cmds.compare, scoring_cmds.COMPARE_EXITS),
+            no_args_is_help=True)(scoring_cmds.compare)
+app.command("rank", epilog=_epilog("rank"), help=_help(scoring_cmds.rank, scoring_cmds.EXITS),
+            no_args_is_help=True)(scoring_cmds.rank)
 app.command("eval", help=eval_cmds.EVAL_HELP, no_args_is_help=True, epilog=_epilog("eval"))(eval_cmds.eval_command)
 app.command("download", epilog=_epilog("download"), help=_help(weights_cmds.download, weights_cmds.DOWNLOAD_EXITS))(
     weights_cmds.download)
 app.command("info", epilog=_epilog("info"), help=_help(weights_cmds.info, weights_cmds.INFO_EXITS))(weights_cmds.info)
-app.command("convert", epilog=_epilog("convert"), help=_help(weights_cmds.convert, weights_cmds.CONVERT_EXITS))(
-    weights_cmds.convert)
+app.command("convert", epilog=_epilog("convert"), help=_help(weights_cmds.convert, weights_cmds.CONVERT_EXITS),
+            no_args_is_help=True)(weights_cmds.convert)
 app.command("versus", help=versus_cmds.VERSUS_HELP, no_args_is_help=True, epilog=_epilog("versus"))(
     versus_cmds.versus_command)
 app.command("dataset", help=dataset_cmds.DATASET_HELP, no_args_is_help=True, epilog=_epilog("dataset"))(
     dataset_cmds.dataset_command)
-app.command("report", epilog=_epilog("report"), help=_help(report_cmds.report, report_cmds.EXITS))(report_cmds.report)
+app.command("report", epilog=_epilog("report"), help=_help(report_cmds.report, report_cmds.EXITS),
+            no_args_is_help=True)(report_cmds.report)
 app.command("serve", epilog=_epilog("serve"), help=_help(serve_cmds.serve, serve_cmds.EXITS))(serve_cmds.serve)
 app.command("demo", epilog=_epilog("demo"), help=_help(demo_cmds.demo, demo_cmds.EXITS))(demo_cmds.demo)
 

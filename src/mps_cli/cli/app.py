@@ -164,6 +164,9 @@ class Exit(IntEnum):
     INTERRUPTED = 130
 
 
+#: Exit 4 of a command without --server: only the weights' fetch.
+_FETCH_WITHOUT_SERVER = "weights could not be fetched"
+
 #: What each exit code means for every command; the help of each command and docs/output.md say this
 #: (commands say what 0 and 1 are for them). A test holds the page to it.
 EXIT_MEANINGS: dict[Exit, str] = {
@@ -171,24 +174,26 @@ EXIT_MEANINGS: dict[Exit, str] = {
     Exit.PARTIAL: "some inputs failed; the others were done and printed",
     Exit.USAGE: "usage error: a bad option, an unreadable input file, no prompt source",
     Exit.RESOURCE: "weights or config unreadable or mismatched, out of memory, or a cache or output not writable",
-    Exit.FETCH: "weights could not be fetched, or the --server could not be reached",
+    Exit.FETCH: f"{_FETCH_WITHOUT_SERVER}, or the --server could not be reached",
     Exit.INTERNAL: "an unexpected error: a bug (MPS_DEBUG=1 shows the traceback)",
     Exit.INTERRUPTED: "interrupted",
 }
 _ALWAYS = (Exit.USAGE, Exit.RESOURCE, Exit.FETCH, Exit.INTERNAL, Exit.INTERRUPTED)
 
 
-def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS) -> str:
+def exit_help(specific: dict[Exit, str], codes: tuple[Exit, ...] = _ALWAYS, server: bool = True) -> str:
     """The "Exit status" paragraph of a command's help: its own meanings of ``specific`` codes, then the
-    general meaning of the other ``codes`` it can end with."""
+    general meaning of the other ``codes`` it can end with; ``server=False`` for a command without --server."""
     shown = sorted({*specific, *codes})
-    return "Exit status: " + "; ".join(f"{int(c)} {specific.get(c, EXIT_MEANINGS[c])}" for c in shown) + "."
+    general = EXIT_MEANINGS if server else {**EXIT_MEANINGS, Exit.FETCH: _FETCH_WITHOUT_SERVER}
+    return "Exit status: " + "; ".join(f"{int(c)} {specific.get(c, general[c])}" for c in shown) + "."
 
 
 #: The remedy for an input problem, in terms of this command line's flags (the library names none).
 INPUT_HINTS: dict[Problem, str] = {
     Problem.EMPTY_FOLDER: "use --recursive to look in sub-folders too",
     Problem.NUL_IN_PATH: "for NUL-separated paths (find -print0, xargs -0), pass -0/--null",
+    Problem.PROMPTS_FILE: "to score the images a prompts file lists, pass it as --prompts FILE",
     # Each names the sources other than the one that came up empty.
     Problem.NO_CAPTION: "give the prompt another way: --prompt TEXT, --prompts FILE, or --prompt-from metadata "
                         "(the prompt generators embed)",
@@ -211,11 +216,11 @@ def fail(message: str, code: Exit) -> typer.Exit:
 # What a user can change for each kind of library error (``MPSError.hint``), as this CLI spells it.
 FLAG_HINTS = {
     "config": ": pass their config.json with --config",
-    "weights": ", or pass --weights PATH",
-    "download": ": run `mps download {uri}` on a connected machine with the same HF_HOME, or pass --weights PATH",
+    "weights": ", or pass {weights}",
+    "download": ": run `mps download {uri}` on a connected machine with the same HF_HOME, or pass {weights}",
     "revision": ": check --revision or the @REVISION",
     "offline": ", or use --offline with cached weights",
-    "offline-or-weights": ", use --offline with cached weights, or pass --weights PATH",
+    "offline-or-weights": ", use --offline with cached weights, or pass {weights}",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
     "reward": " (--reward)",
@@ -246,7 +251,9 @@ def describe(exc: BaseException) -> str:
     message = str(exc)
     key = getattr(exc, "hint", None) or ""
     if key in FLAG_HINTS:
-        return message + FLAG_HINTS[key].format(uri=getattr(exc, "uri", None) or "")
+        model = getattr(exc, "model", None)
+        weights = f"--model {model}=PATH" if model else "--weights PATH"  # a judge's weights are given so
+        return message + FLAG_HINTS[key].format(uri=getattr(exc, "uri", None) or "", weights=weights)
     for kind, hint in ERROR_HINTS:
         if isinstance(exc, kind):
             return f"{message} ({hint})"

@@ -38,7 +38,7 @@ DATASET_HELP = "\n\n".join([
                              "not be read (named on stderr, skipped), or no source named a shard",
                Exit.USAGE: "bad usage, an unwritable --out, or --out holds results of other settings or a damaged "
                            "output file",
-               Exit.INTERRUPTED: "interrupted (shards already written stay)"}),
+               Exit.INTERRUPTED: "interrupted (shards already written stay)"}, server=False),
 ])
 
 

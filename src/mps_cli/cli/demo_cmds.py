@@ -40,7 +40,8 @@ def demo(
             raise fail(str(exc), Exit.USAGE) from None
         except OutputError as exc:
             raise fail(str(exc), Exit.RESOURCE) from None
-    done = f"wrote {made.written} files" if made.written else "already there, unchanged"
+    files = f"{made.written} file" + ("" if made.written == 1 else "s")
+    done = f"wrote {files}" if made.written else "already there, unchanged"
     output.say(f"{made.folder}: {done}; {DEMO_NOTE.format(kind=DEMO_RANDOM)}")
     output.emit_lines(demo_commands(made))
 

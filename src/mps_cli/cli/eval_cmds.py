@@ -45,7 +45,7 @@ EVAL_HELP = "\n\n".join([
                Exit.PARTIAL: "some items skipped (a missing or unreadable image, or an item listing one image "
                              "twice, named on stderr and counted in the report)",
                Exit.USAGE: "bad usage or a malformed benchmark file",
-               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}, server=False),
 ])
 
 

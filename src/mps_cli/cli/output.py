@@ -306,3 +306,13 @@ class Progress:
             labels = {"hash": "reading images", "score": "scoring", "stats": "measuring images"}
             self._tasks[name] = self.bar.add_task(labels.get(name, name), total=total)
         self.bar.update(self._tasks[name], completed=done, total=total)
+
+
+def human_size(n: int) -> str:
+    """A byte count for people, in the binary units every size this CLI says uses: ``14.6 MiB``, ``812 B``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .app import Exit, exit_help, fail, handle_errors
-from .output import error, say, warning
+from .output import error, human_size, say, warning
 
 EXITS = exit_help({Exit.OK: "written", Exit.PARTIAL: "some inputs unreadable (the rest are in the page)",
                    Exit.USAGE: "no readable input or a bad option", Exit.RESOURCE: "the page cannot be written"},
@@ -62,9 +62,9 @@ def write_html(path: Path | None, records: list, scorer=None, threshold: float |
 
 
 def _said(summary) -> None:
-    size = summary.bytes / 1e6
     more = " (sampled: see --max-images)" if summary.sampled else ""
-    say(f"wrote {summary.path} ({summary.cards:,} image cards{more}, {size:.1f} MB)")
+    cards = f"{summary.cards:,} image card" + ("" if summary.cards == 1 else "s")
+    say(f"wrote {summary.path} ({cards}{more}, {human_size(summary.bytes)})")
     if summary.unreadable:
         warning(f"{len(summary.unreadable):,} image(s) could not be shown, e.g. {summary.unreadable[0]}")
 

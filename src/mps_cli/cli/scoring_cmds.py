@@ -17,7 +17,7 @@ from ..composite import COMPOSITE_KEY, Composite
 from ..constants import CUSTOM_KEY, DEFAULT_MASK_THRESHOLD, DIMENSIONS
 from ..engine.options import ModelOptions
 from ..errors import CompositeError, ImageError, PromptError
-from ..inputs.items import Item, PromptSource, attach_prompts, expand, files, from_prompt_file
+from ..inputs.items import Item, Problem, PromptSource, attach_prompts, expand, files, from_prompt_file
 from .app import INPUT_HINTS, Exit, exit_help, fail, handle_errors
 from .options import (
     MODEL,
@@ -58,6 +58,9 @@ Recursive = Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="I
                                          help="Descend into sub-folders of folder arguments.")]
 
 EXITS = exit_help({Exit.OK: "all scored", Exit.PARTIAL: "some inputs failed (the rest are still printed)"})
+# A comparison is one result: with an image unreadable there is no "rest" to print.
+COMPARE_EXITS = exit_help({Exit.OK: "compared", Exit.PARTIAL: "A or B could not be scored, or their prompts differ "
+                                                              "(the result carries the error)"})
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,20 @@ def _one_prompt_source(prompt, prompts_file, prompt_from) -> None:
         raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
 
 
-def _stdin() -> io.StringIO:
+#: How image files begin (PNG, JPEG, GIF, TIFF; WebP is RIFF....WEBP): stdin that does is an image piped in
+#: (`cat a.png | mps score -`) where paths were expected, one mistake, not thousands of lines of bad paths.
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\0", b"MM\0*")
+
+
+def _stdin(null: bool) -> io.StringIO:
+    """The paths piped in, as text; an image's bytes, or line breaks without a NUL under -0, are usage errors."""
     # Bytes, decoded as the OS decodes file names, so a name that is not UTF-8 still names its file.
     raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    if raw.startswith(_IMAGE_SIGNATURES) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
+        raise fail("-: stdin holds an image, not paths: name the image as an argument instead, or pipe in "
+                   "paths, one per line", Exit.USAGE)
+    if null and b"\0" not in raw and b"\n" in raw:
+        raise fail("-0: stdin holds no NUL byte but line breaks: for paths one per line, drop -0", Exit.USAGE)
     return io.StringIO(os.fsdecode(raw))
 
 
@@ -141,7 +155,7 @@ def collect(images: list[str], prompt: str | None, prompts_file: Path | None,
             raise fail(str(exc), Exit.USAGE) from None
     if not images:
         raise fail("no images given (paths, folders, or - to read paths from stdin)", Exit.USAGE)
-    items = expand(images, recursive, stdin=_stdin() if "-" in images else None, null=null)
+    items = expand(images, recursive, stdin=_stdin(null) if "-" in images else None, null=null)
     attach_prompts(items, prompt, prompt_from)
     return items
 
@@ -311,7 +325,8 @@ def compare(
         raise fail("choose one prompt source, not --prompt and --prompt-from", Exit.USAGE)
     items = files([a, b])
     attach_prompts(items, prompt, prompt_from)
-    report = Report(INPUT_HINTS)
+    # compare takes no --prompts: a prompts file given as A or B is only named.
+    report = Report({p: h for p, h in INPUT_HINTS.items() if p is not Problem.PROMPTS_FILE})
     for it in items:
         if not it.ok:
             report.result(Row(image=it.label, prompt=None, error=it.error), it.problem)

@@ -29,7 +29,8 @@ from .options import MODEL, RUN, RunOptions, takes
 EXITS = exit_help({Exit.OK: "stopped by SIGTERM or Ctrl-C, the requests in flight answered",
                    Exit.USAGE: "bad usage, the serve extra missing, or the port taken"}, codes=(Exit.RESOURCE,
                                                                                                 Exit.FETCH,
-                                                                                                Exit.INTERNAL))
+                                                                                                Exit.INTERNAL),
+                   server=False)
 INSTALL_HINT = f"`mps serve` needs the serve extra: pip install '{DISTRIBUTION}[serve]'"
 _NEEDS = ("starlette", "uvicorn", "python_multipart")
 

@@ -49,7 +49,7 @@ VERSUS_HELP = "\n\n".join([
     exit_help({Exit.OK: "every image compared",
                Exit.PARTIAL: "some images unpaired, missing or failed (listed; the rest are compared)",
                Exit.USAGE: "bad usage or an unreadable side or prompts file",
-               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}),
+               Exit.INTERRUPTED: "interrupted (scores so far stay cached)"}, server=False),
 ])
 
 
@@ -170,8 +170,9 @@ def _line_up(sides: list[str], prompt, prompts, prompt_from, pairing: Pairing, d
 
     if len(sides) < 2:
         raise fail("versus needs two sides or more (folders, dataset folders or JSONL files)", Exit.USAGE)
-    if len(set(sides)) != len(sides):
-        raise fail("the same side is given twice", Exit.USAGE)
+    twice = next((s for i, s in enumerate(sides) if s in sides[:i]), None)
+    if twice is not None:
+        raise fail(f"{twice}: the same side is given twice", Exit.USAGE)
     sources = [n for n, on in (("--prompt", prompt is not None), ("--prompts", prompts is not None),
                                ("--prompt-from", prompt_from is not None)) if on]
     if len(sources) > 1:

@@ -12,26 +12,18 @@ from ..errors import FetchError
 from . import output
 from .app import DEMO_NOTE, Exit, exit_help, fail, handle_errors
 from .options import AsJson, Revision, check_revision
-from .output import emit_json
+from .output import emit_json, human_size
 from .values import BadValue
 
 DOWNLOAD_EXITS = exit_help({Exit.OK: "fetched (or already cached)",
                             Exit.USAGE: "usage error: not a Hub source, or --revision disagrees with it",
                             Exit.RESOURCE: "a malformed source or a corrupt file",
                             Exit.FETCH: "network or Hub problem"})
-INFO_EXITS = exit_help({Exit.OK: "shown"}, (Exit.USAGE, Exit.RESOURCE, Exit.INTERNAL, Exit.INTERRUPTED))
+INFO_EXITS = exit_help({Exit.OK: "shown", Exit.USAGE: "usage error: a bad option"},
+                       (Exit.USAGE, Exit.RESOURCE, Exit.INTERNAL, Exit.INTERRUPTED))
 CONVERT_EXITS = exit_help({Exit.OK: "written", Exit.USAGE: "usage error (DST exists without --force)",
                            Exit.RESOURCE: "unreadable or unsafe checkpoint, or DST cannot be written"},
                           codes=(Exit.INTERNAL, Exit.INTERRUPTED))
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def download(
@@ -79,7 +71,7 @@ def download(
         emit_json(doc)
         return
     output.say(f"{'downloaded' if fetched.downloaded else 'already cached'}: {hub_file.uri}")
-    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({_human(size)})", f"sha256: {sha}",
+    output.emit_lines([f"path: {fetched.path}", f"size: {size} bytes ({human_size(size)})", f"sha256: {sha}",
                        f"commit: {fetched.commit or 'unknown'}",
                        f"config: {fetched.config_path or 'none in the repository (built-in ViT-H-14 used)'}"])
 
@@ -122,10 +114,11 @@ def _info_lines(doc: dict) -> list[str]:
         f"cache: {doc['cache_dir']}" + ("  [offline]" if doc["offline"] else f"  (from {doc['endpoint']})"),
         f"weights: {w['source']}" + (f" = {w['uri']}" if w.get("uri") else ""),
     ]
-    if w["cached"]:
+    if w["cached"] and w.get("hub"):
         lines.append(f"  cached at {w['path']}")
-        if w.get("hub"):
-            lines.append(f"  config: {w.get('config') or 'not cached (built-in ViT-H-14 is used)'}")
+        lines.append(f"  config: {w.get('config') or 'not cached (built-in ViT-H-14 is used)'}")
+    elif w["cached"]:
+        lines.append("  local file, found")  # a local file is not in any cache: 'cached at' misled
     elif w.get("hub"):
         lines.append(f"  not cached: run `mps download {w['uri']}` on a connected machine")
     else:
@@ -200,7 +193,7 @@ def convert(
         return
     output.say(f"converted {src} -> {result.dst}")
     output.emit_lines([f"path: {result.dst}", f"tensors: {result.tensors}",
-                       f"size: {result.bytes} bytes ({_human(result.bytes)})", f"dtype: {result.dtype}"])
+                       f"size: {result.bytes} bytes ({human_size(result.bytes)})", f"dtype: {result.dtype}"])
 
 
 def _storage_dtype(spec: str) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..constants import JUDGES, MAX_IMAGE_PIXELS, MODEL_NAMES, MPS_MODEL
-from ..errors import DimensionError
+from ..errors import DimensionError, MPSError
 from .options import ModelOptions, model_options
 from .preprocess import ImageInput
 from .scorer import Scorer
@@ -174,7 +174,11 @@ def _open_member(req: ModelRequest, options: ModelOptions):
     spec = JUDGES[req.name]
     source = req.weights or f"hf://{spec.repo}/{spec.filename}"
     pinned = spec.revision if req.weights is None else None
-    return open_weights(source, revision=pinned, offline=options.offline)
+    try:
+        return open_weights(source, revision=pinned, offline=options.offline)
+    except MPSError as exc:
+        exc.model = req.name  # a remedy of other weights is this judge's, not MPS's
+        raise
 
 
 @dataclass(frozen=True)

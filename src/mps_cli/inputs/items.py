@@ -9,6 +9,7 @@ becomes that input's :class:`Item` error; nothing here raises for a single input
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -19,7 +20,14 @@ from typing import IO
 
 from ..constants import IMAGE_EXTENSIONS
 from ..errors import PromptError
-from .prompts import MissingPromptError, metadata_prompt, read_prompt_file, sidecar_prompt, text_problem
+from .prompts import (
+    PROMPT_FILE_SUFFIXES,
+    MissingPromptError,
+    metadata_prompt,
+    read_prompt_file,
+    sidecar_prompt,
+    text_problem,
+)
 
 
 class Problem(str, Enum):
@@ -30,6 +38,7 @@ class Problem(str, Enum):
     NUL_IN_PATH = "nul-in-path"  # a path with a NUL byte: NUL-separated input read as lines
     NO_CAPTION = "no-caption"  # the sidecar source: no caption file beside this image (or an empty one)
     NO_METADATA_PROMPT = "no-metadata-prompt"  # the metadata source: no generator prompt in this image
+    PROMPTS_FILE = "prompts-file"  # a .jsonl, .json or .csv given as an image: meant as the prompts file
     OTHER = "other"
 
 
@@ -106,12 +115,15 @@ def expand(args: Iterable[str], recursive: bool = False, stdin: IO[str] | None =
         if arg == "-":
             if stdin is None:
                 raise ValueError("'-' needs a stream to read paths from")
-            items.extend(Item(label=p, path=None) for p in read_path_list(stdin, null))
+            paths = read_path_list(stdin, null)
+            items.extend(Item(label=p, path=None) for p in paths)
+            if not paths:  # as a folder without images is: an input that gave nothing to score
+                items.append(Item(label=arg, path=None, error="-: no paths on stdin"))
             continue
         items.append(Item(label=arg, path=None))
     out: list[Item] = []
     for it in items:
-        out.extend(_resolve(it, recursive))
+        out.extend(_resolve(it, recursive) if it.ok else [it])
     return out
 
 
@@ -126,6 +138,20 @@ def files(args: Iterable[str]) -> list[Item]:
     return out
 
 
+def _as_pattern(arg: str) -> str:
+    """What a missing path with ``*``, ``?`` or ``[`` most likely was: a shell pattern that matched nothing
+    (the shell then passes it as it is), or one quoted, so that no shell expanded it."""
+    if not any(c in arg for c in "*?["):
+        return ""
+    try:
+        matches = glob.glob(arg)
+    except (OSError, ValueError):
+        return ""
+    if matches:
+        return " (a pattern, which mps does not expand: leave it unquoted for the shell to, or give the folder)"
+    return " (and, read as a pattern, it matches none)"
+
+
 def _resolve(it: Item, recursive: bool) -> list[Item]:
     arg = it.label
     if "\0" in arg:
@@ -136,7 +162,7 @@ def _resolve(it: Item, recursive: bool) -> list[Item]:
         st = os.stat(p)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            it.fail(f"{arg}: no such file", Problem.MISSING)
+            it.fail(f"{arg}: no such file{_as_pattern(arg)}", Problem.MISSING)
         else:
             it.fail(f"{arg}: {_describe_os_error(exc)}")
         return [it]
@@ -203,6 +229,9 @@ def _check_file(it: Item, st: os.stat_result | None = None) -> Item:
         it.fail(f"{it.label}: not a regular file")
     elif not os.access(it.path, os.R_OK):
         it.fail(f"{it.label}: permission denied")
+    elif it.path.suffix.lower() in PROMPT_FILE_SUFFIXES:
+        it.fail(f"{it.label}: a {it.path.suffix.lower().lstrip('.').upper()} file, not an image",
+                Problem.PROMPTS_FILE)
     return it
 
 
@@ -217,7 +246,11 @@ def from_prompt_file(path: str | os.PathLike) -> list[Item]:
                   problem=Problem.OTHER if e.error else None)
         if it.error is None and it.path is not None and "\0" in str(it.path):
             it.fail(f"{_printable(e.image)}: path contains a NUL byte", Problem.NUL_IN_PATH)
-        items.append(_check_file(it))
+        _check_file(it)
+        if it.problem is Problem.MISSING and it.path is not None and str(it.path) != it.label:
+            # The name is the file's, relative to its folder: say where that is from here.
+            it.error = f"{it.error} (looked for {it.path})"
+        items.append(it)
     return items
 
 

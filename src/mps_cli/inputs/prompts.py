@@ -14,6 +14,8 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import PromptError
 
 SIDECAR_SUFFIXES = (".txt", ".caption")
+#: The prompts-file formats read_prompt_file tells apart by name (any other name is read as JSONL).
+PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 _CONDITIONING_INPUTS = ("positive", "conditioning", "conditioning_to", "conditioning_1", "conditioning_from",
                         "conditioning_2", "guider", "base_positive")
@@ -189,8 +191,10 @@ def sidecar_prompt(image: str | os.PathLike) -> str:
         if cand.is_file():
             try:
                 text = cand.read_text(encoding="utf-8-sig").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise PromptError(f"{cand}: cannot read caption ({exc})") from exc
+            except UnicodeDecodeError as exc:
+                raise PromptError(f"{cand}: not UTF-8 text; save the caption file as UTF-8") from exc
+            except OSError as exc:
+                raise PromptError(f"{cand}: cannot read caption ({exc.strerror or exc})") from exc
             if not text:
                 raise MissingPromptError(f"{cand}: caption file is empty")
             return text
