@@ -229,6 +229,14 @@ def test_pairs_accuracy_excludes_human_ties(tmp_path, image_root, golden):
 # ---------------------------------------------------------------- bad files
 
 BAD_FILES = [
+    # the right file given as the wrong BENCHMARK: named, with the command line that reads it
+    ("imagereward", "pairs.jsonl", '{"prompt": "x", "a": "a.png", "b": "b.png", "winner": "a"}\n'
+     '{"prompt": "y", "a": "a.png", "b": "b.png", "winner": "b"}\n',
+     "a pairs benchmark file, not imagereward: give it as mps eval pairs"),
+    ("pairs", "hpd.json", json.dumps([{"prompt": "x", "image_path": ["a.png", "b.png"], "rank": [1, 2]}]),
+     "a hpdv2 benchmark file, not pairs: give it as mps eval hpdv2"),
+    ("hpdv2", "ir.json", json.dumps([{"id": 1, "prompt": "x", "generations": ["a.png"], "ranking": [1]}]),
+     "an imagereward benchmark file, not hpdv2: give it as mps eval imagereward"),
     ("imagereward", "absent.json", None, "no such file"),
     ("imagereward", "broken.json", '[{"id": "a", "prompt": "x"', "not valid JSON"),
     ("imagereward", "noranking.json", json.dumps([{"id": "q7", "prompt": "x", "generations": ["a.png"]}]),

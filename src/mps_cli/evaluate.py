@@ -36,6 +36,14 @@ class BenchmarkError(InputError):
     """A benchmark file is unreadable or an item in it is malformed."""
 
 
+class BenchmarkFormatError(BenchmarkError):
+    """A benchmark file given as one format is in another, ``found``."""
+
+    def __init__(self, message: str, found: str) -> None:
+        super().__init__(message)
+        self.found = found
+
+
 @dataclass(frozen=True)
 class BenchmarkItem:
     """One prompt with its images and their human ranks (lower is better; equal ranks tie)."""
@@ -163,8 +171,32 @@ def _read_text(path: Path) -> str:
         raise BenchmarkError(f"{path}: cannot read ({exc})") from None
 
 
-def _read_json_list(path: Path) -> list:
+#: The key that tells each benchmark format's items apart (to say which format a file given as another is in).
+_FORMAT_KEYS = {"imagereward": "generations", "hpdv2": "image_path", "pairs": "winner"}
+
+
+def _check_format(path: Path, text: str, kind: str) -> None:
+    """Raise if ``text``'s first item lacks ``kind``'s key and has another format's: the wrong BENCHMARK."""
+    try:
+        data = json.loads(text)
+        first = data[0] if isinstance(data, list) and data else data
+    except json.JSONDecodeError:
+        line = next((ln for ln in text.split("\n") if ln.strip()), "")
+        try:
+            first = json.loads(line)
+        except json.JSONDecodeError:
+            return
+    if not isinstance(first, dict) or _FORMAT_KEYS[kind] in first:
+        return
+    other = next((k for k, key in _FORMAT_KEYS.items() if key in first), None)
+    if other is not None:
+        article = "an" if other[0] in "aeiou" else "a"
+        raise BenchmarkFormatError(f"{path}: {article} {other} benchmark file, not {kind}", other)
+
+
+def _read_json_list(path: Path, kind: str) -> list:
     text = _read_text(path)
+    _check_format(path, text, kind)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -177,7 +209,7 @@ def _read_json_list(path: Path) -> list:
 def _group_items(path: Path, root: Path, kind: str) -> list[BenchmarkItem]:
     paths_key, ranks_key = ("generations", "ranking") if kind == "imagereward" else ("image_path", "rank")
     items = []
-    for n, entry in enumerate(_read_json_list(path), 1):
+    for n, entry in enumerate(_read_json_list(path, kind), 1):
         where = f"{path}: item {n}"
         if not isinstance(entry, dict):
             raise BenchmarkError(f"{where}: expected an object, found {type(entry).__name__}")
@@ -195,7 +227,9 @@ _WINNER_RANKS = {"a": (1, 2), "b": (2, 1), "tie": (1, 1)}
 
 
 def _pair_items(path: Path, root: Path) -> list[BenchmarkItem]:
-    lines = _read_text(path).split("\n")  # not splitlines(): U+2028 is text in JSON
+    text = _read_text(path)
+    _check_format(path, text, "pairs")
+    lines = text.split("\n")  # not splitlines(): U+2028 is text in JSON
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -403,6 +437,6 @@ def _accuracy(kind: str, used: Sequence[BenchmarkItem], keys: Sequence[str], sco
 
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "BenchmarkError", "BenchmarkItem", "EvalReport", "Problem", "evaluate",
-    "inversion_accuracy", "load_benchmark", "pooled_pair_accuracy",
+    "BENCHMARKS", "Benchmark", "BenchmarkError", "BenchmarkFormatError", "BenchmarkItem", "EvalReport", "Problem",
+    "evaluate", "inversion_accuracy", "load_benchmark", "pooled_pair_accuracy",
 ]

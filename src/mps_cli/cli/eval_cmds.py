@@ -67,7 +67,7 @@ def eval_command(
 ) -> None:
     """The accuracy of the scorer on a human preference benchmark (see EVAL_HELP)."""
     from ..engine.panel import keyed_conditions
-    from ..evaluate import BenchmarkError, evaluate, load_benchmark
+    from ..evaluate import BenchmarkError, BenchmarkFormatError, evaluate, load_benchmark
 
     with handle_errors("reading the benchmark"):
         try:
@@ -78,6 +78,8 @@ def eval_command(
             raise fail(f"--images-root {images_root}: not a folder", Exit.USAGE)
         try:
             bench = load_benchmark(benchmark.value, file, images_root)
+        except BenchmarkFormatError as exc:
+            raise fail(f"{exc}: give it as mps eval {exc.found} {file}", Exit.USAGE) from None
         except BenchmarkError as exc:
             raise fail(str(exc), Exit.USAGE) from None
         store = scores.open()
