@@ -161,3 +161,21 @@ def test_the_same_unreadable_image_is_the_same_error_in_score_versus_and_eval(tm
     assert errors(evaluated.stderr) == [f"{said} (line 1: item skipped)"]
     assert "warning:" not in evaluated.stderr
     assert json.loads(evaluated.stdout)["skipped"] == 1
+
+
+def test_an_empty_prompt_is_scored_with_a_warning_and_a_real_one_without(tmp_path):
+    """`--prompt "$P"` with P unset scores every image against no text: legal, but worth one warning line."""
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        shutil.copy(IMAGES / ("sunset.png" if side == "a" else "gray.png"), tmp_path / side / "x.png")
+    one, other = str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")
+    commands = [("score", one), ("rank", one, other), ("compare", one, other),
+                ("versus", str(tmp_path / "a"), str(tmp_path / "b"), "--no-cache")]
+    for args in commands:
+        for prompt, warned in (("", True), ("   ", True), ("a red fox", False)):
+            res = run_cli(*args, "--prompt", prompt, "--json", *LOCAL)
+            assert res.returncode == 0, (args, res.stderr)
+            assert json.loads(res.stdout), args
+            warnings = [line for line in res.stderr.splitlines() if line.startswith("mps: warning:")]
+            assert warnings == (["mps: warning: --prompt is empty: every image is scored against no text "
+                                 "(an unset shell variable?)"] if warned else []), (args, prompt, res.stderr)

@@ -35,7 +35,7 @@ from .options import (
     open_scorer,
     takes,
 )
-from .output import Progress
+from .output import Progress, warning
 from .render import Report, ResultWriter, Row, comparison_record, finite_or_error, render_comparison
 from .report_cmds import Html, write_html
 from .values import BadValue
@@ -116,6 +116,12 @@ def output_mode(as_json: bool, as_jsonl: bool, as_csv: bool) -> str:
     return chosen[0] if chosen else "table"
 
 
+def warn_empty_prompt(prompt: str | None) -> None:
+    """An empty --prompt is a valid text, but most often an unset shell variable (``--prompt "$P"``): say so."""
+    if prompt is not None and not prompt.strip():
+        warning("--prompt is empty: every image is scored against no text (an unset shell variable?)")
+
+
 def _one_prompt_source(prompt, prompts_file, prompt_from) -> None:
     sources = [n for n, on in (("--prompt", prompt is not None), ("--prompts", prompts_file is not None),
                                ("--prompt-from", prompt_from is not None)) if on]
@@ -123,6 +129,7 @@ def _one_prompt_source(prompt, prompts_file, prompt_from) -> None:
         raise fail("no prompt: give --prompt TEXT, --prompts FILE or --prompt-from sidecar|metadata", Exit.USAGE)
     if len(sources) > 1:
         raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+    warn_empty_prompt(prompt)
 
 
 #: How image files begin (PNG, JPEG, GIF, TIFF; WebP is RIFF....WEBP): stdin that does is an image piped in
@@ -323,6 +330,7 @@ def compare(
         raise fail("no prompt: give --prompt TEXT or --prompt-from sidecar|metadata", Exit.USAGE)
     if prompt is not None and prompt_from is not None:
         raise fail("choose one prompt source, not --prompt and --prompt-from", Exit.USAGE)
+    warn_empty_prompt(prompt)
     items = files([a, b])
     attach_prompts(items, prompt, prompt_from)
     # compare takes no --prompts: a prompts file given as A or B is only named.

@@ -30,7 +30,7 @@ from .options import (
 from .output import Progress, emit_json
 from .render import render_series, render_versus
 from .report_cmds import Html, write_html
-from .scoring_cmds import scoring
+from .scoring_cmds import scoring, warn_empty_prompt
 
 MAX_PROBLEM_LINES = 20
 
@@ -177,6 +177,7 @@ def _line_up(sides: list[str], prompt, prompts, prompt_from, pairing: Pairing, d
                                ("--prompt-from", prompt_from is not None)) if on]
     if len(sources) > 1:
         raise fail(f"choose one prompt source, not {' and '.join(sources)}", Exit.USAGE)
+    warn_empty_prompt(prompt)
     try:
         keyed_conditions(models, dims, condition)
         read = [read_side(s) for s in sides]
