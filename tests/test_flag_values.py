@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import typer.main
-from conftest import run_cli, run_mps
+from conftest import IMAGES, WEIGHTS, run_cli, run_mps
 
 from mps_cli.cli import app
 
@@ -124,7 +124,10 @@ def test_a_bad_argument_value_names_the_argument():
      "(see 'mps score --help')"),
     (["score", "x.png", "-p", "p", "--reward", "overall+"],
      "mps: error: --reward: cannot read the reward 'overall+': it ends where a number or a name should come "
-     "(position 8) (see 'mps score --help')"),
+     "(position 8)"),
+    (["score", str(IMAGES / "gray.png"), "-p", "p", "--reward", "overal", "-w", str(WEIGHTS)],
+     "mps: error: --reward: unknown reward term 'overal' in 'overal': expected a dimension (overall, aesthetics, "
+     "detail, alignment), custom, mps.<dimension> or a model (hpsv2.1, pickscore, clipscore)"),
     (["score", "x.png", "-p", "p", "--html", "/nonexistent-dir/r.html"],
      "mps: error: --html: /nonexistent-dir does not exist (see 'mps score --help')"),
     (["score", "x.png", "--bogus"], "mps: error: No such option: --bogus (see 'mps score --help')"),

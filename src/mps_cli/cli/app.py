@@ -223,7 +223,6 @@ FLAG_HINTS = {
     "offline-or-weights": ", use --offline with cached weights, or pass {weights}",
     "cache": "; delete it or pass another --cache (or --no-cache)",
     "cache-locked": ": try again when it is done, or pass another --cache (or --no-cache)",
-    "reward": " (--reward)",
     "model": " (add them with --model)",
     "condition": " (give one with --condition)",
     "dim": " (--dim)",
@@ -242,6 +241,10 @@ FLAG_HINTS = {
 }
 
 
+#: Library errors whose culprit is one flag's whole value: said ``--FLAG: MESSAGE``, wherever they are found.
+FLAG_PREFIXES = {"reward": "--reward"}
+
+
 def describe(exc: BaseException) -> str:
     """The library's message with this command line's remedy for its kind of error.
 
@@ -250,6 +253,8 @@ def describe(exc: BaseException) -> str:
     """
     message = str(exc)
     key = getattr(exc, "hint", None) or ""
+    if key in FLAG_PREFIXES:
+        return f"{FLAG_PREFIXES[key]}: {message}"
     if key in FLAG_HINTS:
         model = getattr(exc, "model", None)
         weights = f"--model {model}=PATH" if model else "--weights PATH"  # a judge's weights are given so

@@ -145,8 +145,8 @@ def _check_reward(value: str | None) -> str | None:
 
     try:
         parse_composite(value)
-    except CompositeError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except CompositeError as exc:  # said as the reward's later errors are (unknown names), not as Typer's
+        raise fail(describe(exc), Exit.USAGE) from None
     return value
 
 
