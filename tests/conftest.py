@@ -31,6 +31,18 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+#: Modules whose shared fixtures cost seconds per process (the judges' reference models: open_clip and transformers,
+#: ~3.5 CPU-s to import; a local Ray instance, ~7 CPU-s to start): collected first, so xdist's work-stealing
+#: scheduler (which hands each worker a contiguous share and steals from the tail) runs them all on one worker.
+SHARED_SETUP_FIRST = ("test_judges.py", "test_judges_cli.py", "test_reference.py", "test_composite.py",
+                      "test_dataset.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SHARED_SETUP_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
 def pytest_configure(config):
     if not WEIGHTS.is_file():
         raise pytest.UsageError(f"golden fixture not found at {FIXTURE}; set MPS_SHARED to the shared/ folder")

@@ -284,6 +284,51 @@ def test_ray_scores_a_panel_of_models_as_the_local_engine_does(local_ray, data, 
         r["error"] for r in outs["local"].values() if r["error"]]
 
 
+#: A Ray CPU task's view: ``_decode`` on encoded fixture images (and one broken one), alone in a process that never
+#: imports torch; prints whether torch got imported and the pixels it made.
+DECODE_TASK = """
+import json, sys
+import numpy as np
+from mps_cli.ray_engine import _decode
+names, size = json.loads(sys.argv[1]), int(sys.argv[2])
+data = [open(n, "rb").read() for n in names] + [b"not an image"]
+n = len(data)
+batch = {"index": np.arange(n), "error": np.array([""] * n, dtype=object),
+         "shard_error": np.array([""] * n, dtype=object), "image": np.array(data, dtype=object),
+         "label": np.array([*names, "broken.png"], dtype=object)}
+one = _decode(batch, size)
+panel = _decode(batch, size, ("clip", "open_clip", "letterbox"))
+np.savez(sys.argv[3], one=one["pixels"], clip=panel["pixels:clip"], open_clip=panel["pixels:open_clip"],
+         letterbox=np.array(panel["pixels:letterbox"][0]))
+print(json.dumps({"torch": "torch" in sys.modules, "errors": [str(e) for e in one["error"]]}))
+"""
+
+
+def test_ray_decode_tasks_make_the_scorers_pixels_without_importing_torch(tmp_path):
+    """The decode stage runs on CPU task workers that hold no model: they never import torch (1.5 s of start-up
+    and 300 MB each), yet make the very pixels the scorer and a panel's rules make from the same files."""
+    import numpy as np
+
+    from mps_cli.engine.pixel_rules import pixels_by_rule
+    from mps_cli.engine.preprocess import load_pixels, open_image
+
+    names = [str(IMAGES / n) for n in ("sunset.png", "alpha.png", "portrait.jpg")]
+    size = 32
+    proc = subprocess.run([sys.executable, "-c", DECODE_TASK, json.dumps(names), str(size), str(tmp_path / "px.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["torch"] is False
+    assert report["errors"][:3] == ["", "", ""] and "broken.png" in report["errors"][3], report["errors"]
+    got = np.load(tmp_path / "px.npz")
+    for i, name in enumerate(names):
+        assert np.array_equal(got["one"][i], load_pixels(name, size).numpy()), name
+    rules = pixels_by_rule(open_image(names[0], keep_mode=True), size, ("clip", "open_clip", "letterbox"))
+    assert np.array_equal(got["clip"][0], rules["clip"].numpy()) and np.array_equal(got["clip"][0], got["one"][0])
+    assert np.array_equal(got["open_clip"][0], rules["open_clip"].numpy())
+    assert np.array_equal(got["letterbox"], rules["letterbox"])
+
+
 def test_scoring_actor_copies_the_read_only_pixels_ray_hands_it():
     """Ray passes batches zero-copy from its object store, read-only; a tensor sharing that memory would be
     undefined behaviour (torch warns once per process, so the warning is no test: the memory is)."""

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..constants import IMAGE_MEAN, IMAGE_STD
-from .preprocess import crop_offsets, normalized_tensor, resized_size
+from .preprocess import crop_offsets, normalized_array, normalized_tensor, resized_size
 
 CLIP = "clip"
 OPEN_CLIP = "open_clip"
@@ -53,6 +53,15 @@ def pixels_by_rule(img: Image.Image, size: int, rules: Iterable[str]) -> dict:
 
     ``img`` comes from :func:`~mps_cli.engine.preprocess.open_image` with ``keep_mode=True``.
     """
+    return _by_rule(img, size, rules, normalized_tensor)
+
+
+def arrays_by_rule(img: Image.Image, size: int, rules: Iterable[str]) -> dict:
+    """:func:`pixels_by_rule` as numpy arrays, for processes that decode and never import torch."""
+    return _by_rule(img, size, rules, normalized_array)
+
+
+def _by_rule(img: Image.Image, size: int, rules: Iterable[str], normalized) -> dict:
     rules = list(dict.fromkeys(rules))
     unknown = [r for r in rules if r not in RULES]
     if unknown:
@@ -64,13 +73,13 @@ def pixels_by_rule(img: Image.Image, size: int, rules: Iterable[str]) -> dict:
         if resized is None and (rule == CLIP or (rule == OPEN_CLIP and img.mode == "RGB")):
             resized = _resize(rgb, size)
         if rule == CLIP:
-            out[rule] = normalized_tensor(_crop(resized, *crop_offsets(*resized.size, size), size))
+            out[rule] = normalized(_crop(resized, *crop_offsets(*resized.size, size), size))
         elif rule == OPEN_CLIP:
             # open_clip resizes the image as decoded and converts to RGB last: for RGBA (premultiplied by
             # PIL's resize) and palette images (which PIL resizes nearest) that is another picture.
             r = resized if img.mode == "RGB" else _resize(img, size)
             r = _crop(r, *rounded_crop_offsets(*r.size, size), size)
-            out[rule] = normalized_tensor(r if r.mode == "RGB" else r.convert("RGB"))
+            out[rule] = normalized(r if r.mode == "RGB" else r.convert("RGB"))
         else:
             # Finished per batch by letterbox_batch, in the model's thread.
             out[rule] = np.array(rgb)  # a writable copy: torch.from_numpy takes it as is
@@ -118,5 +127,5 @@ def letterbox_batch(arrays, size: int, device=None):
     return torch.cat(out)
 
 
-__all__ = ["CLIP", "LETTERBOX", "OPEN_CLIP", "RULES", "letterbox_batch", "letterbox_images", "pixels_by_rule",
-           "rounded_crop_offsets"]
+__all__ = ["CLIP", "LETTERBOX", "OPEN_CLIP", "RULES", "arrays_by_rule", "letterbox_batch", "letterbox_images",
+           "pixels_by_rule", "rounded_crop_offsets"]
