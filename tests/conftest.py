@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # One intra-op thread for torch, here and in every CLI subprocess (they inherit the environment). On a small
@@ -123,35 +125,77 @@ def mps_executable() -> list[str]:
 
 
 _fork_shim: list[str] = []
+_fork_owner: list = []  # this process's registration with the fork server: held open until it exits
 
 
 def forked_mps() -> list[str]:
     """``mps`` as a fresh fork of a process that imported torch and the CLI once (tests/forkserver.py), for
     tests of what a command does in a process of its own (its environment, files, exit status, streams) where
-    starting the interpreter is not what is tested: 0.4 s a command instead of 2. One server per test process,
-    started on first use; tests/test_docs.py holds it to the console script."""
+    starting the interpreter is not what is tested: 0.3 s a command instead of 2. One server for the run's test
+    processes (xdist's workers), started by the first that needs it; tests/test_docs.py holds it to the console
+    script. :func:`kill_hard` SIGKILLs such a command."""
     if not _fork_shim:
-        import atexit
+        import fcntl
+        import json
         import tempfile
 
-        from forkserver import write_shims
+        from forkserver import register, write_shims
 
-        folder = tempfile.mkdtemp(prefix="mps-fork-")  # short: Unix socket paths have a ~100-byte limit
-        sock = os.path.join(folder, "fork.sock")
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), sock],
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=folder, stdout=subprocess.PIPE,
-                                text=True)
-        assert proc.stdout.readline().strip() == "ready", "the fork server did not start"
-
-        def stop() -> None:
-            proc.kill()
-            proc.wait(timeout=30)
-            shutil.rmtree(folder, ignore_errors=True)
-
-        atexit.register(stop)
-        write_shims(Path(folder) / "bin", sock)
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")[:16]
+        base = Path(tempfile.gettempdir()) / f"mps-fork-{run}"  # short: Unix socket paths have a ~100-byte limit
+        pointer = Path(f"{base}.json")
+        with open(f"{base}.lock", "w") as lock:  # both removed by the server when it ends
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            folder = json.loads(pointer.read_text())["folder"] if pointer.is_file() else None
+            owner = register(os.path.join(folder, "fork.sock")) if folder else None
+            if owner is None:  # the first, or the server ended with the processes it served
+                folder = tempfile.mkdtemp(prefix="mps-fork-")
+                sock = os.path.join(folder, "fork.sock")
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkserver.py")), sock,
+                                         str(pointer)],
+                                        env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=folder,
+                                        stdout=subprocess.PIPE, text=True)
+                assert proc.stdout.readline().strip() == "ready", "the fork server did not start"
+                proc.stdout.close()
+                write_shims(Path(folder) / "bin", sock)
+                owner = register(sock)
+                assert owner is not None, "the fork server does not answer"
+                pointer.write_text(json.dumps({"folder": folder}))
+        _fork_owner.append(owner)
         _fork_shim.append(str(Path(folder) / "bin" / "mps"))
     return list(_fork_shim)
+
+
+def forked_python() -> list[str]:
+    """``python`` for ``-c CODE`` (with its arguments after it), as a fork of :func:`forked_mps`'s server."""
+    return [str(Path(forked_mps()[0]).with_name("mps-python"))]
+
+
+def kill_hard(proc: subprocess.Popen) -> None:
+    """SIGKILL a command started as :func:`mps_executable` or :func:`forked_mps`, and return once it is gone:
+    for a fork, its shim and the forked process both (a shim cannot pass SIGKILL on)."""
+    import select
+
+    child, pidfd = None, None
+    if _fork_shim and str(proc.args[0]) in (_fork_shim[0], forked_python()[0]):
+        pidfile = Path(_fork_shim[0]).parent.parent / "pids" / str(proc.pid)
+        deadline = time.monotonic() + 30
+        while not pidfile.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        child = int(pidfile.read_text()) if pidfile.is_file() else None
+        try:
+            pidfd = os.pidfd_open(child) if child else None
+        except ProcessLookupError:
+            pidfd = None  # it has ended already
+    proc.kill()
+    proc.wait(timeout=30)
+    if pidfd is not None:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        select.select([pidfd], [], [], 30)
+        os.close(pidfd)
 
 
 def mps_env(env: dict | None = None) -> dict:

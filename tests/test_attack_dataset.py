@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import WEIGHTS, forked_mps, mps_executable, run_cli
+from conftest import WEIGHTS, forked_mps, kill_hard, run_cli
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -383,11 +383,11 @@ def test_the_settings_error_names_only_what_differs(written):
 # --------------------------------------------------------------------------- the process attacked
 
 
-def _popen(*args: str, fork: bool = False) -> subprocess.Popen:
-    """``mps dataset`` in a process of its own; ``fork``: a fork of :func:`forked_mps`, where only being another
-    process counts (its locks, its files), not how it starts or dies (the kill -9 test kills the real one)."""
+def _popen(*args: str) -> subprocess.Popen:
+    """``mps dataset`` in a process of its own, a fork of :func:`forked_mps`: what counts is being another
+    process (its locks, its files, dying by SIGKILL: conftest ``kill_hard``), not how the interpreter starts."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([*(forked_mps() if fork else mps_executable()), "dataset", *args, *MODEL],
+    return subprocess.Popen([*forked_mps(), "dataset", *args, *MODEL],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -413,7 +413,7 @@ def test_two_runs_into_one_out_at_once_split_the_work(tmp_path, scorer):
     other = open_output(plan, ModelSpec.from_scorer(scorer))
     held = {s.name: s for s in plan.shards if s.name in ("1", "2")}
     assert all(other.claim(s) for s in held.values())
-    proc = _popen(str(src), "--out", str(out), fork=True)
+    proc = _popen(str(src), "--out", str(out))
     try:
         deadline = time.monotonic() + 90
         while {p.name for p in out.glob("*.parquet")} != {"0.parquet", "3.parquet"}:
@@ -449,9 +449,9 @@ def test_kill_9_mid_shard_then_resume_equals_a_clean_run_and_ends_the_same(tmp_p
         deadline = time.monotonic() + 90
         while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        assert proc.poll() is None, "the run finished before it could be killed"
     finally:
-        proc.wait(timeout=30)
+        kill_hard(proc)
     assert proc.returncode == -signal.SIGKILL
     assert 1 <= len(list(out.glob("*.parquet"))) < 3
     resumed = dataset(str(src), "--out", str(out), "--batch-size", "2")

@@ -675,8 +675,9 @@ def test_the_batch_route_keeps_the_rules_and_refuses_crafted_arrays_and_rewards(
 
 @pytest.fixture
 def own_server(tmp_path):
-    """A real console-script `mps serve` of the test's own, for a test of how the process stops."""
-    srv = Server(tmp_path)
+    """An `mps serve` of the test's own, for a test of how the process stops: a fork (conftest forked_mps,
+    whose shim passes SIGTERM on); tests/test_serve.py stops the real console script the same way."""
+    srv = Server(tmp_path, fork=True)
     yield srv
     srv.stop()
 

@@ -9,7 +9,6 @@ import base64
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import IMAGES
+from conftest import IMAGES, kill_hard
 from PIL import Image
 from test_serve import TOKEN, ServerProcess, call, free_port
 
@@ -31,7 +30,7 @@ NAMES = ["crop.png", "portrait.jpg", "sunset.png", "wide.webp"]
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("batch"))
+    srv = ServerProcess(tmp_path_factory.mktemp("batch"), fork=True)
     srv.start()
     yield srv
     srv.stop()
@@ -332,7 +331,7 @@ def test_a_server_killed_mid_run_is_a_server_error_for_async_and_submitted_calls
             assert (await client.score(big[:2], PROMPT))[0].ok
             tasks = [asyncio.create_task(client.score(big, PROMPT, dims=["all"])) for _ in range(6)]
             await asyncio.sleep(0.2)
-            srv.proc.send_signal(signal.SIGKILL)
+            kill_hard(srv.proc)  # the forked server itself, not only its shim
             results = await asyncio.gather(*tasks, return_exceptions=True)
             with pytest.raises(ServerError, match="cannot reach the scoring server"):
                 await client.score(big[:1], PROMPT)

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ from typer.testing import CliRunner
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from conftest import IMAGES, WEIGHTS, mps_executable  # noqa: E402
+from conftest import IMAGES, WEIGHTS, forked_mps, kill_hard, mps_executable  # noqa: E402
 
 from mps_cli.cli import app  # noqa: E402
 from mps_cli.dataset import MANIFEST, DatasetJob, ModelSpec, plan_dataset, score_dataset  # noqa: E402
@@ -196,24 +195,59 @@ def test_ray_decodes_on_cpu_tasks_beside_the_scoring_actors(local_ray, data, tmp
         assert "ActorPoolMapOperator[MapBatches(_ScoreActor)]" in optimized, shown.getvalue()
 
 
-def test_ray_engine_matches_mps_score_and_prints_what_a_local_run_prints(local_ray, data, reference, tmp_path):
-    """The console script as a Ray driver of its own (joining this process's instance, which saves starting one):
-    the rows are mps score's, stdout is the summary, stderr only the job's own progress lines, as for --engine
-    local; no Ray log lines, deprecations or worker warnings."""
-    root, _ = data
-    out = tmp_path / "ray-out"
+def test_ray_engine_writes_and_prints_what_the_local_engine_does_for_a_panel(local_ray, data, judges, tmp_path):
+    """The console script as a Ray driver of its own (joining this process's instance, which saves starting one),
+    for a panel (--model: MPS and the three judges, whose preprocessing needs all three rules, so each image is
+    decoded once on the CPU tasks into a column per rule), over tars, parquet files and a tar holding a broken
+    image: the rows are the local engine's (which test_webdataset_and_parquet_match_mps_score holds to mps score,
+    and tests/test_judges_cli.py to each model scored alone), the broken image one error row; stdout is the
+    local run's summary, stderr its lines (the error count) and the job's own progress lines: no Ray log lines,
+    deprecations or worker warnings."""
+    from mps_cli.dataset import resolve_model
+    from mps_cli.engine.options import ModelOptions
+    from mps_cli.engine.panel import load_scorer
+
+    root, rows = data
+    bad = tmp_path / "bad" / "broken.tar"
+    bad.parent.mkdir()
+    with tarfile.open(bad, "w") as tar:
+        for name, payload in (("b0.jpg", b"\xff\xd8 not a jpeg"), ("b0.txt", b"a red fox")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    models = "mps," + ",".join(f"{name}={path}" for name, (path, _) in sorted(judges.items()))
+    options = ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32", model=models)
+    spec = resolve_model(options, device_kind="cpu")  # what the driver plans with
+    assert set(spec.rules) == {"clip", "open_clip", "letterbox"} and spec.identity == load_scorer(options).identity
+    args = ["dataset", str(root / "wds"), str(root / "pq"), str(bad), "--model", models, "--dim", "all",
+            "--batch-size", "2", *MODEL]
+    local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RAY_BACKEND_LOG_LEVEL")}
-    proc = subprocess.run([*mps_executable(), "dataset", str(root / "wds"), str(root / "pq"), "--out", str(out),
-                           "--dim", "all", "--engine", "ray", "--batch-size", "2", *MODEL,
+    proc = subprocess.run([*mps_executable(), *args, "--out", str(tmp_path / "ray"), "--engine", "ray",
                            "--ray-address", local_ray.get_runtime_context().gcs_address],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert_matches(out, data, reference)
-    assert proc.stdout.startswith("5 shards (5 written, 0 failed), 14 images scored, 0 errors"), proc.stdout
+    assert proc.returncode == local.exit_code == 1, proc.stderr  # 1: a row failed
+
+    def timeless(summary: str) -> str:
+        return re.sub(r", [\d.]+ s \([\d.]+ images/s\) -> .*", "", summary)
+
+    assert timeless(proc.stdout) == timeless(local.stdout)
+    assert proc.stdout.startswith("6 shards (6 written, 0 failed), 14 images scored, 1 error"), proc.stdout
+    progress = re.compile(r"mps: dataset: \d/6 shards, \d+ images?, [\d.]+ images/s(, ETA [\dhms]+)?")
     lines = proc.stderr.splitlines()
-    assert lines and all(re.fullmatch(r"mps: dataset: \d/5 shards, \d+ images?, [\d.]+ images/s(, ETA [\dhms]+)?", line)
-                         for line in lines), proc.stderr
-    assert lines[-1].startswith("mps: dataset: 5/5 shards, 14 images")
+    assert [line for line in lines if not progress.fullmatch(line)] == [
+        line for line in local.stderr.splitlines() if not progress.fullmatch(line)], proc.stderr
+    assert [line for line in lines if progress.fullmatch(line)][-1].startswith("mps: dataset: 6/6 shards, 15 images")
+    outs = {engine: read_out(tmp_path / engine) for engine in ("local", "ray")}
+    keys = [f"mps.{dim}" for dim in DIMS] + sorted(judges)
+    assert set(outs["ray"]) == set(outs["local"]) and len(outs["ray"]) == len(rows) + 1
+    for where, row in outs["ray"].items():
+        want = outs["local"][where]
+        assert row["error"] == want["error"], where
+        for key in keys if want["error"] is None else ():
+            assert row[key] == pytest.approx(want[key], abs=1e-5), (where, key)
+    assert [r["error"] for r in outs["ray"].values() if r["error"]] == [
+        r["error"] for r in outs["local"].values() if r["error"]] != []
 
 
 def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(local_ray, data, tmp_path, capfd):
@@ -238,50 +272,6 @@ def test_worker_that_cannot_load_the_model_fails_the_job_at_once_with_its_error(
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, out + err
     assert not list((tmp_path / "out").glob("*.parquet"))
-
-
-def test_ray_scores_a_panel_of_models_as_the_local_engine_does(local_ray, data, judges, tmp_path):
-    """--model on Ray: each image decoded once on the CPU tasks into one column per preprocessing rule (the
-    three judges need all three rules), every model scored on the actors; rows equal the local engine's,
-    which tests/test_judges_cli.py holds to each model scored alone. A broken image stays one error row."""
-    from mps_cli.dataset import open_output, resolve_model
-    from mps_cli.engine.options import ModelOptions
-    from mps_cli.engine.panel import load_scorer
-    from mps_cli.ray_engine import score_dataset_ray
-
-    root, rows = data
-    bad = tmp_path / "bad" / "broken.tar"
-    bad.parent.mkdir()
-    with tarfile.open(bad, "w") as tar:
-        for name, payload in (("b0.jpg", b"\xff\xd8 not a jpeg"), ("b0.txt", b"a red fox")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    models = "mps," + ",".join(f"{name}={path}" for name, (path, _) in sorted(judges.items()))
-    options = ModelOptions(weights=str(WEIGHTS), device="cpu", dtype="fp32", model=models)
-    sources = (str(root / "wds"), str(root / "pq"), str(bad))
-    outs = {}
-    for engine in ("local", "ray"):
-        plan = plan_dataset(DatasetJob(sources, tmp_path / engine, dims=("overall", "detail"), models=models))
-        if engine == "local":
-            panel = load_scorer(options)
-            summary = score_dataset(plan, panel, output=open_output(plan, ModelSpec.from_scorer(panel)))
-        else:
-            spec = resolve_model(options, device_kind="cpu")
-            assert set(spec.rules) == {"clip", "open_clip", "letterbox"}
-            assert spec.identity == panel.identity
-            summary = score_dataset_ray(plan, spec)
-        assert (summary.images, summary.errors) == (len(rows), 1), summary
-        outs[engine] = read_out(tmp_path / engine)
-    keys = ["mps.overall", "mps.detail", *sorted(judges)]
-    assert set(outs["ray"]) == set(outs["local"]) and len(outs["ray"]) == len(rows) + 1
-    for where, row in outs["ray"].items():
-        want = outs["local"][where]
-        assert row["error"] == want["error"], where
-        for key in keys if want["error"] is None else ():
-            assert row[key] == pytest.approx(want[key], abs=1e-5), (where, key)
-    assert [r["error"] for r in outs["ray"].values() if r["error"]] == [
-        r["error"] for r in outs["local"].values() if r["error"]]
 
 
 #: A Ray CPU task's view: ``_decode`` on encoded fixture images (and one broken one), alone in a process that never
@@ -470,15 +460,15 @@ def test_killed_run_resumes_without_scoring_anything_twice(scorer, expected, tmp
                                         for i in range(10)], extra=False)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([*mps_executable(), "dataset", str(src), "--out", str(out), "--batch-size", "2",
+    # A fork (conftest forked_mps) that kill_hard SIGKILLs: being killed is what counts, not starting.
+    proc = subprocess.Popen([*forked_mps(), "dataset", str(src), "--out", str(out), "--batch-size", "2",
                              *MODEL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
     finally:
-        proc.wait(timeout=30)
+        kill_hard(proc)
     written = sorted(p.name for p in out.glob("*.parquet"))
     assert 1 <= len(written) < 3, written  # killed after its first shard, before its last
     for f in written:  # only whole files under the final names
