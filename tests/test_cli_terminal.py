@@ -82,8 +82,10 @@ def _on_pty(argv: list[str], cwd, *, stdout_file=None, shell: str | None = None)
 
 
 def _screen(tty: bytes) -> list[str]:
-    """The terminal's final lines, as a user sees them (a tall screen, so nothing scrolls away)."""
-    screen = pyte.Screen(1000, 1000)
+    """The terminal's final lines, as a user sees them: on a screen taller than all that was written and wider than
+    its longest line, so nothing scrolls away or wraps (and no larger: rendering costs its area)."""
+    lines = tty.split(b"\n")
+    screen = pyte.Screen(max(len(line) for line in lines) + 10, len(lines) + 10)
     stream = pyte.ByteStream(screen)
     stream.feed(tty)
     return [line.rstrip() for line in screen.display][:screen.cursor.y + 1]
