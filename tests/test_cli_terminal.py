@@ -17,7 +17,7 @@ import zlib
 
 import pyte
 import pytest
-from conftest import IMAGES, WEIGHTS, forked_python, messages, mps_executable, run_cli, run_mps, summary
+from conftest import IMAGES, WEIGHTS, forked_mps, forked_python, messages, mps_executable, run_cli, run_mps, summary
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -191,8 +191,8 @@ def test_no_bar_is_left_glued_to_what_head_prints(tmp_path):
     at exit, and no error for the missing path at the end, which it would reach if it went on)."""
     gallery_dir = IMAGES
     names = [*sorted(n for n in os.listdir(gallery_dir) if n.endswith(".png"))[:4] * 2, "zz_missing.png"]
-    mps = mps_executable()[0]
-    for fmt, lines in (("--jsonl", 3), ("--csv", 4)):
+    # The console script for JSON lines; a fork of conftest's fork server, on the same terminal, for CSV.
+    for fmt, lines, mps in (("--jsonl", 3, mps_executable()[0]), ("--csv", 4, forked_mps()[0])):
         rc = tmp_path / f"rc{fmt}"
         line = (f"'{mps}' score {' '.join(names)} --prompt 'a fox' {fmt} --batch-size 2 -w '{WEIGHTS}' "
                 f"| head -n {lines}; echo ${{PIPESTATUS[0]}} > '{rc}'")
