@@ -13,12 +13,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import IMAGES, REPO, WEIGHTS, forked_mps, mps_executable
+from conftest import IMAGES, REPO, WEIGHTS, forked_mps, forked_python, kill_hard, mps_executable
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(bash|sh|console|shell|python)\s*$")
@@ -213,3 +214,18 @@ def test_the_fork_server_runs_mps_as_the_console_script_does(workspace, forks):
                   for exe in (forked_mps()[0], mps_executable()[0]))
     assert real.returncode == 1 and "missing.png" in real.stderr
     assert (shim.returncode, shim.stdout, shim.stderr) == (real.returncode, real.stdout, real.stderr)
+
+
+def test_kill_hard_kills_the_forked_process_not_only_its_shim():
+    """A shim cannot pass SIGKILL on: conftest's kill_hard kills the fork itself and returns once it is gone, with
+    the shim's status the real process's would be (the kill -9 and resume tests rely on both)."""
+    proc = subprocess.Popen([*forked_python(), "-c", "import time; print('up', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    child = int((Path(forked_mps()[0]).parent.parent / "pids" / str(proc.pid)).read_text())
+    assert child != proc.pid
+    os.kill(child, 0)  # running
+    kill_hard(proc)
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
