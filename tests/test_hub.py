@@ -33,11 +33,14 @@ FIXTURE_SHA256 = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
 FIXTURE_SIZE = WEIGHTS.stat().st_size
 
 
+#: The caller's own Hub settings, which must not leak into the subprocesses.
+CALLERS_HUB_ENV = ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                   "HF_ENDPOINT", "HF_HOME", "MPS_WEIGHTS", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+
 @pytest.fixture(autouse=True)
 def clean_hub_env(monkeypatch):
-    """The caller's own Hub settings must not leak into the subprocesses."""
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                "HF_ENDPOINT", "HF_HOME", "MPS_WEIGHTS", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+    for var in CALLERS_HUB_ENV:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -232,9 +235,30 @@ def test_a_body_shorter_than_announced_leaves_nothing_and_the_next_run_downloads
     assert json.loads(again.stdout)["sha256"] == FIXTURE_SHA256
 
 
-def test_a_connection_that_keeps_dropping_fails_cleanly(hub, tmp_path):
-    hub.cut(FILE, after=FIXTURE_SIZE // 2, times=None)
-    result = run_mps("download", URI, env=env_for(hub.url, tmp_path), timeout=120)
+@pytest.fixture(scope="module", autouse=True)
+def dropping(tmp_path_factory):
+    """A download from a server that cuts every transfer halfway, started with the module: the Hub client waits
+    1 s before each of its five retries, so it runs while the module's other tests do."""
+    server = HubServer()
+    server.add_file(REPO, FILE, WEIGHTS)
+    server.cut(FILE, after=FIXTURE_SIZE // 2, times=None)
+    tmp = tmp_path_factory.mktemp("dropping")
+    env = {k: v for k, v in mps_env().items() if k not in CALLERS_HUB_ENV}  # as clean_hub_env leaves it
+    with server:
+        proc = subprocess.Popen([*forked_mps(), "download", URI], env={**env, **env_for(server.url, tmp)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            yield proc, tmp
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=120)
+
+
+def test_a_connection_that_keeps_dropping_fails_cleanly(dropping):
+    proc, tmp_path = dropping
+    stdout, stderr = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert_one_line_error(result, 4, URI, "cut short", f"of {FIXTURE_SIZE:,} bytes")
     assert [p for p in blobs(tmp_path) if p.stat().st_size > 10_000] == []
 
