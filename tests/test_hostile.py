@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE, IMAGES, WEIGHTS
+from conftest import FIXTURE, IMAGES, WEIGHTS, forked_python
 from typer.testing import CliRunner
 
 from mps_cli import load_scorer
@@ -258,8 +258,9 @@ def test_hostile_pickle_is_refused_in_one_line_without_output(inputs, tmp_path, 
 def test_bombs_stay_small_in_a_real_process(inputs):
     """Peak RSS of one process reading every bomb (the kernel's account), and the refused global imports nothing.
 
-    The peak is the new program's own high-water mark (VmHWM, per address space): ``ru_maxrss`` would also
-    count the pytest worker the child was forked from, since Linux carries it across exec.
+    The process is a fork of conftest's fork server (torch imported, torch._dynamo not): its high-water mark
+    (VmHWM, per address space) starts at the server's ~350 MB, as a fresh interpreter's would after
+    ``import torch``; ``ru_maxrss`` would count the pytest worker too.
     """
     names = ["dynamo", "inflate_bomb", "claims_bomb", "expanded", "dag", "chain"]
     script = (
@@ -277,7 +278,7 @@ def test_bombs_stay_small_in_a_real_process(inputs):
         "out['peak_kib'] = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps({n: str(inputs[n]) for n in names})],
+    proc = subprocess.run([*forked_python(), "-c", script, json.dumps({n: str(inputs[n]) for n in names})],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
