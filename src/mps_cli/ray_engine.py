@@ -76,8 +76,8 @@ def _scorable(batch: dict, i: int) -> bool:
 
 def _decode(batch: dict, image_size: int, rules: tuple[str, ...] | None = None) -> dict:
     """map_batches on CPU tasks: image bytes into normalised pixels, exactly as for image files; for a panel
-    (``rules``), decoded once and prepared by each rule, one column per rule. numpy only: a task worker that
-    imported torch would spend 1.5 s and 300 MB on it."""
+    (``rules``), decoded once and prepared by each rule, one column per rule; numpy only, so that the task
+    workers never import torch (:func:`~mps_cli.engine.preprocess.pixel_array`)."""
     import numpy as np
 
     from .engine.preprocess import EncodedImage, open_image, pixel_array
